@@ -1,0 +1,61 @@
+"""The exception tree for runtime faults and the process exit codes that launchers act on.
+
+Misuse raises ``ValueError``/``TypeError``; faults found while training raise an ``ArcError``.
+Each ``ArcError`` carries the exit code a process should end with when it escapes, so the
+launcher (and a scheduler above it) can tell "retrying cannot help" from "restart me".
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of worker processes and of ``python -m arc_dist.launch``.
+
+    Schedulers key retry policies on these (see ``k8s/``): RETRY means restart the job
+    (possibly elsewhere), UNRECOVERABLE means a restart would fail the same way.
+    """
+
+    OK = 0
+    #: crash, hang, lost peer or preemption: restarting from the last checkpoint can help.
+    RETRY = 10
+    #: numeric failure that rollbacks could not fix, or bad configuration: do not retry.
+    UNRECOVERABLE = 11
+    #: a CUDA/NCCL device error: restart the group, preferably on another node.
+    HARDWARE = 12
+    #: the node failed its health check (or keeps failing): do not retry on this node.
+    BAD_NODE = 13
+
+
+class ArcError(RuntimeError):
+    """Base of arc-dist's runtime faults."""
+
+    exit_code: ExitCode = ExitCode.RETRY
+
+
+class UnrecoverableError(ArcError):
+    """Rollbacks (including to older snapshots) could not restore healthy training.
+
+    Raised on every rank with the same message; retrying the job cannot help.
+    """
+
+    exit_code = ExitCode.UNRECOVERABLE
+
+
+class CheckpointError(ArcError):
+    """No usable checkpoint: raised only after every older one was tried; says why each failed."""
+
+    exit_code = ExitCode.UNRECOVERABLE
+
+
+class HangError(ArcError):
+    """A rank made no progress within ``hang_timeout``."""
+
+    exit_code = ExitCode.RETRY
+
+
+class HardwareError(ArcError):
+    """The device cannot be trusted (CUDA/NCCL error, failed preflight check)."""
+
+    exit_code = ExitCode.HARDWARE
