@@ -1,0 +1,151 @@
+"""``ArcConfig``: every knob of the controller, validated at construction.
+
+Thresholds are relative to the run's own robust statistics (median and MAD over a window of
+healthy steps), so they carry over between models and loss scales; the defaults are chosen so
+that clean runs produce no non-healthy verdict (tested over several seeds, models and LRs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+def _check(cond: bool, name: str, value: object, fix: str) -> None:
+    if not cond:
+        raise ValueError(f"ArcConfig.{name}={value!r} is invalid: {fix}")
+
+
+@dataclass(kw_only=True, slots=True)
+class Thresholds:
+    """When a signal counts as a ``warning`` or a ``failure``.
+
+    Spike tests need both a robust z-score ``(x - median) / (1.4826 * MAD)`` above ``zscore_*``
+    and a ratio ``x / median`` above ``*_ratio_*``: the z-score alone fires on low-noise runs,
+    the ratio alone on noisy ones.
+    """
+
+    #: healthy steps observed before spike tests use the window statistics
+    warmup_steps: int = 20
+    #: healthy steps kept for the running median/MAD
+    window: int = 100
+    zscore_warn: float = 6.0
+    zscore_fail: float = 12.0
+    loss_ratio_warn: float = 1.25
+    loss_ratio_fail: float = 2.0
+    grad_ratio_warn: float = 5.0
+    grad_ratio_fail: float = 25.0
+    #: before warm-up ends, a grad norm this many times the median so far is a failure
+    grad_ratio_warmup: float = 1000.0
+    #: a learning rate this many times what the scheduler (or the previous step) set
+    lr_ratio_fail: float = 2.0
+    #: weight norm changed by more than this factor between two deep checks
+    weight_ratio_fail: float = 2.0
+    #: optimizer second-moment norm changed by more than this factor between deep checks
+    state_ratio_fail: float = 100.0
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 3, "thresholds.warmup_steps", self.warmup_steps, "use >= 3")
+        _check(
+            self.window >= self.warmup_steps,
+            "thresholds.window",
+            self.window,
+            f"use >= warmup_steps ({self.warmup_steps})",
+        )
+        for name in ("zscore_warn", "zscore_fail"):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v > 0, f"thresholds.{name}", v, "use a finite value > 0")
+        for name in (
+            "loss_ratio_warn",
+            "loss_ratio_fail",
+            "grad_ratio_warn",
+            "grad_ratio_fail",
+            "grad_ratio_warmup",
+            "lr_ratio_fail",
+            "weight_ratio_fail",
+            "state_ratio_fail",
+        ):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v > 1, f"thresholds.{name}", v, "use a finite value > 1")
+        _check(
+            self.zscore_fail >= self.zscore_warn,
+            "thresholds.zscore_fail",
+            self.zscore_fail,
+            f"use >= zscore_warn ({self.zscore_warn})",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class ArcConfig:
+    """Configuration of :class:`arc_dist.Arc`. Every field has a default."""
+
+    #: steps between in-memory snapshots (rollback targets); only healthy states are kept
+    snapshot_every: int = 50
+    #: snapshots kept in host memory; escalation rolls back to older ones
+    keep_snapshots: int = 2
+    #: steps between durable checkpoints to ``checkpoint_dir``; 0 = only on ``save()``
+    checkpoint_every: int = 0
+    #: durable checkpoints kept; the newest confirmed (healthy) one is never deleted
+    keep_checkpoints: int = 3
+    #: healthy steps after a checkpoint before it counts as confirmed healthy
+    confirm_after: int = 20
+    #: write periodic checkpoints in the background (``dcp.async_save``)
+    async_checkpoint: bool = True
+    #: factor applied to every param group's LR after a rollback (0 < f <= 1)
+    lr_backoff: float = 0.5
+    #: consecutive rollbacks without recovery before escalating to an older snapshot
+    max_rollbacks: int = 3
+    #: healthy steps after a rollback that count as recovered (resets the rollback count)
+    recovery_steps: int = 20
+    #: steps between the deeper checks of weights and optimizer state (1 = every step)
+    deep_check_every: int = 10
+    #: seconds without a ``step()`` before the process dumps stacks and exits; None disables
+    hang_timeout: float | None = None
+    #: extra seconds allowed for the first step and around checkpoint saves/loads
+    hang_grace: float = 600.0
+    #: detector thresholds
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "snapshot_every",
+            "keep_snapshots",
+            "max_rollbacks",
+            "recovery_steps",
+            "deep_check_every",
+        ):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, name, v, "use an integer >= 1")
+        for name in ("checkpoint_every", "confirm_after"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, name, v, "use an integer >= 0")
+        _check(
+            isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 1,
+            "keep_checkpoints",
+            self.keep_checkpoints,
+            "use an integer >= 1 (the newest healthy checkpoint is always kept)",
+        )
+        _check(
+            isinstance(self.lr_backoff, (int, float)) and 0 < self.lr_backoff <= 1,
+            "lr_backoff",
+            self.lr_backoff,
+            "use a factor in (0, 1]; 1 disables the backoff",
+        )
+        if self.hang_timeout is not None:
+            _check(
+                isinstance(self.hang_timeout, (int, float)) and self.hang_timeout > 0,
+                "hang_timeout",
+                self.hang_timeout,
+                "use seconds > 0, or None to disable the watchdog",
+            )
+        _check(self.hang_grace >= 0, "hang_grace", self.hang_grace, "use seconds >= 0")
+        if not isinstance(self.thresholds, Thresholds):
+            raise TypeError(
+                f"ArcConfig.thresholds must be an arc_dist.config.Thresholds, "
+                f"got {type(self.thresholds).__name__}"
+            )
+
+    def digest_fields(self) -> dict:
+        """A JSON-able view, used for the checkpoint manifest's config digest."""
+        return dataclasses.asdict(self)
