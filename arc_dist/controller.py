@@ -1,0 +1,423 @@
+"""``Arc``: the controller that wraps a training loop.
+
+One ``step()`` per optimizer step: read this rank's signals (signals.py), agree on them across
+ranks with one collective (agreement.py), judge them (policy.py), and act: continue, skip, roll
+every rank back to the newest healthy in-memory snapshot (snapshot.py) with an LR backoff, or
+give up with :class:`~arc_dist.UnrecoverableError`. Durable checkpoints, the hang watchdog and
+fault injection plug in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import chaos as chaos_mod
+from .agreement import Agreement, comm_device
+from .config import ArcConfig
+from .errors import UnrecoverableError
+from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
+from .signals import DDPLocalGradNorm, SignalCollector, layout_of
+from .snapshot import SnapshotStore
+
+log = logging.getLogger("arc_dist")
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What the training loop should do after ``Arc.step``; identical on every rank."""
+
+    step: int
+    status: str
+    should_skip: bool
+    rolled_back: bool
+    reason: str | None
+    bad_ranks: tuple[int, ...]
+    #: mean loss over ranks this step
+    loss: float = math.nan
+    #: global gradient norm this step (under DDP: RMS of the ranks' own, pre-average norms)
+    grad_norm: float = math.nan
+
+
+def _validate(model, optimizer, scheduler, config, process_group) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Arc(model=...) must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"Arc(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if scheduler is not None and not (hasattr(scheduler, "state_dict") and hasattr(scheduler, "step")):
+        raise TypeError(
+            f"Arc(scheduler=...) must be an LR scheduler (with step() and state_dict()) or None, "
+            f"got {type(scheduler).__name__}"
+        )
+    if config is not None and not isinstance(config, ArcConfig):
+        raise TypeError(f"Arc(config=...) must be an arc_dist.ArcConfig or None, got {type(config).__name__}")
+    model_params = {id(p) for p in model.parameters()}
+    foreign = sum(
+        1 for g in optimizer.param_groups for p in g["params"] if id(p) not in model_params
+    )
+    if foreign:
+        raise ValueError(
+            f"Arc: {foreign} of the optimizer's parameters are not parameters of the model; "
+            "build the optimizer from model.parameters() (after wrapping it in DDP/FSDP2)"
+        )
+    if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "Arc(process_group=...) was given but torch.distributed is not initialized; call "
+            "dist.init_process_group() first or pass process_group=None"
+        )
+
+
+class Arc:
+    """Protects a training loop; see ``shared/api.md`` for the contract."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        *,
+        checkpoint_dir: str | None = None,
+        config: ArcConfig | None = None,
+        process_group: Any = None,
+        scaler: Any = None,
+        storage_options: dict | None = None,
+        chaos: chaos_mod.Chaos | str | None = None,
+    ):
+        _validate(model, optimizer, scheduler, config, process_group)
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.config = config or ArcConfig()
+        if dist.is_available() and dist.is_initialized():
+            self.group = process_group or dist.group.WORLD
+            self.rank = dist.get_rank(self.group)
+            self.world_size = dist.get_world_size(self.group)
+        else:
+            self.group, self.rank, self.world_size = None, 0, 1
+        param = next(model.parameters(), None)
+        if param is None:
+            raise ValueError("Arc(model=...) has no parameters; there is nothing to protect")
+        self.device = param.device
+        self.layout = layout_of(model, self.world_size)
+        self._agree = Agreement(self.group, self.rank, self.world_size, comm_device(self.group, self.device))
+        self._signals = SignalCollector(model, optimizer, self._agree.device)
+        self._local_grads: DDPLocalGradNorm | None = None
+        if isinstance(model, nn.parallel.DistributedDataParallel) and self.world_size > 1:
+            try:
+                self._local_grads = DDPLocalGradNorm(model, model.process_group)
+            except RuntimeError as e:  # the job registered its own comm hook
+                log.info("arc_dist: keeping the job's DDP comm hook (%s); using reduced grad norms", e)
+        self._policy = HealthPolicy(self.config.thresholds, self.layout, self.world_size)
+        self._recovery = RecoveryPolicy(self.config)
+        self._snapshots = SnapshotStore(model, optimizer, scheduler, scaler, self.config.keep_snapshots)
+
+        self.global_step = 0
+        self._calls = 0  # step() calls, rollbacks included: decides deep-check steps
+        self._lr_scale = 1.0
+        self._expected_lrs: list[float] | None = None
+        self._last_step_end: float | None = None
+        self._preempt_requested = False
+        self._closed = False
+        self._stats = dict(
+            rollbacks=0, skips=0, failures=0, warnings=0, escalations=0, snapshots=0, checkpoints=0
+        )
+        self._last: Action | None = None
+
+        if isinstance(chaos, str):
+            chaos = chaos_mod.Chaos.from_spec(chaos)
+        elif chaos is None:
+            chaos = chaos_mod.Chaos.from_env()
+        self.chaos: chaos_mod.Chaos | None = chaos
+        if self.chaos is not None:
+            self.chaos.attach(self)
+
+        self.checkpoint_dir = checkpoint_dir
+        self._checkpoints = None
+        if checkpoint_dir is not None:
+            from .checkpoint import CheckpointManager
+
+            self._checkpoints = CheckpointManager(
+                checkpoint_dir,
+                storage_options=storage_options,
+                keep=self.config.keep_checkpoints,
+                confirm_after=self.config.confirm_after,
+                async_save=self.config.async_checkpoint,
+                process_group=self.group,
+                config_digest=_digest(self.config),
+            )
+        self._registered: dict[str, Any] = {}
+
+    # -- the step ----------------------------------------------------------------------
+    def step(self, loss: torch.Tensor) -> Action:
+        """Collective: judge this step on every rank and act on the shared verdict."""
+        if self._closed:
+            raise RuntimeError("Arc.step() called after close(); create a new Arc")
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"Arc.step(loss) needs the scalar loss tensor of this step, got {shape}; "
+                "reduce it first (e.g. loss.mean())"
+            )
+        start = time.monotonic()
+        if self.chaos is not None:
+            self.chaos.before_check()
+        grad_sq = self._local_grads.take() if self._local_grads is not None else None
+        if grad_sq is None and not any(p.grad is not None for p in self._signals.params):
+            raise ValueError(
+                f"Arc.step() at step {self.global_step} found no gradients: call loss.backward() "
+                "before arc.step(loss), and optimizer.zero_grad() after it"
+            )
+        if not self._snapshots.snapshots:
+            self._take_snapshot()  # the first rollback target: the state this run starts from
+        # snapshot steps always run the deep checks: only verified states become rollback targets
+        deep = (
+            self._calls % self.config.deep_check_every == 0
+            or self.global_step % self.config.snapshot_every == 0
+        )
+        self._calls += 1
+        row = self._signals.row(
+            loss,
+            deep=deep,
+            grad_sq=grad_sq,
+            lr_ratio=self._lr_ratio(),
+            step_time=(start - self._last_step_end) if self._last_step_end else 0.0,
+            preempt=self._preempt_requested,
+        )
+        m = self._agree.reduce(row)  # the step's one collective and one host sync
+        verdict = self._policy.judge(m, amp=self.scaler is not None)
+        decision = self._recovery.decide(verdict, len(self._snapshots))
+        self._recovery.record(decision, verdict)
+        action = self._act(m, verdict, decision)
+        self._last = action
+        self._last_step_end = time.monotonic()
+        return action
+
+    def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
+        base = dict(reason=verdict.reason, bad_ranks=verdict.bad_ranks, loss=verdict.loss, grad_norm=verdict.grad_norm)
+        if decision.kind == "continue":
+            self._policy.observe(m, verdict)
+            if verdict.status != HEALTHY:
+                self._stats["warnings"] += 1
+                self._log_verdict(verdict)
+            newest = self._snapshots.newest
+            if self.global_step % self.config.snapshot_every == 0 and newest.step != self.global_step:
+                self._take_snapshot()
+            if self._checkpoints is not None:
+                self._checkpoints.on_healthy_step(self.global_step)
+                every = self.config.checkpoint_every
+                if every and self.global_step > 0 and self.global_step % every == 0:
+                    self._save(blocking=not self.config.async_checkpoint)
+            self.global_step += 1
+            self._expected_lrs = self._lrs()
+            return Action(self.global_step, verdict.status, False, False, **base)
+        if decision.kind == "skip":
+            self._stats["skips"] += 1
+            self._log_verdict(verdict)
+            if self.scaler is not None:
+                # the update is skipped, so scaler.step/update are not called; lower the scale
+                # as GradScaler.update would after an overflow
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+            self.optimizer.zero_grad(set_to_none=True)
+            return Action(self.global_step, verdict.status, True, False, **base)
+        self._stats["failures"] += 1
+        if decision.kind == "raise":
+            self._log_verdict(verdict)
+            raise UnrecoverableError(
+                f"arc_dist: training cannot recover at step {self.global_step}: {verdict.reason} "
+                f"on ranks {list(verdict.bad_ranks)} after {self._stats['rollbacks']} rollbacks "
+                f"and {self._stats['escalations']} escalations; no healthy state is left to "
+                "restore. Lower the learning rate or inspect the data around this step."
+            )
+        self._rollback(verdict, decision.drop)
+        return Action(self.global_step, FAILURE, True, True, **base)
+
+    def _rollback(self, verdict: Verdict, drop: int) -> None:
+        failed_at = self.global_step
+        t0 = time.monotonic()
+        for _ in range(drop):
+            self._snapshots.drop_newest()
+        if drop:
+            self._stats["escalations"] += 1
+        snap = self._snapshots.newest
+        assert snap is not None, "RecoveryPolicy only rolls back when a snapshot exists"
+        self._snapshots.restore(snap, self._load_own_state)
+        self._policy.on_rollback()
+        self._signals.reset_expectations()
+        self._lr_scale *= self.config.lr_backoff
+        self._scale_lr(self._lr_scale / snap.extra["lr_scale"])
+        self._expected_lrs = self._lrs()
+        self.global_step = snap.step
+        self._stats["rollbacks"] += 1
+        if self._checkpoints is not None:
+            self._checkpoints.on_rollback(snap.step)
+        if self.rank == 0:
+            log.warning(
+                "arc_dist: failure at step %d (%s, ranks %s, loss=%.4g, grad_norm=%.4g)%s: rolled "
+                "back to step %d in %.3fs, lr x%.3g (cumulative %.3g)",
+                failed_at, verdict.reason, list(verdict.bad_ranks), verdict.loss, verdict.grad_norm,
+                " escalated to an older snapshot" if drop else "", snap.step,
+                time.monotonic() - t0, self.config.lr_backoff, self._lr_scale,
+            )
+
+    def _log_verdict(self, verdict: Verdict) -> None:
+        if self.rank == 0:
+            log.warning(
+                "arc_dist: %s at step %d: %s on ranks %s (loss=%.4g, grad_norm=%.4g) %s",
+                verdict.status, self.global_step, verdict.reason, list(verdict.bad_ranks),
+                verdict.loss, verdict.grad_norm, verdict.details or "",
+            )
+
+    # -- learning rate -----------------------------------------------------------------
+    def _lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _lr_ratio(self) -> float:
+        """How far the current LR exceeds what explains it (the scheduler, else the last step)."""
+        lrs = self._lrs()
+        expected = self._expected_lrs
+        if self.scheduler is not None and hasattr(self.scheduler, "get_last_lr"):
+            try:
+                expected = [float(x) for x in self.scheduler.get_last_lr()]
+            except (AttributeError, RuntimeError):
+                pass
+        if not expected or len(expected) != len(lrs):
+            return 1.0
+        ratios = [lr / e if e > 0 else (1.0 if lr <= 0 else math.inf) for lr, e in zip(lrs, expected)]
+        return max(ratios) if all(math.isfinite(r) for r in ratios) and all(math.isfinite(x) for x in lrs) else math.inf
+
+    def _scale_lr(self, factor: float) -> None:
+        """Scale every group's LR, and the scheduler's bases so its next step keeps the factor."""
+        if factor == 1.0:
+            return
+        for g in self.optimizer.param_groups:
+            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                if key in g and isinstance(g[key], (int, float)):
+                    g[key] = g[key] * factor
+        sched = self.scheduler
+        if sched is not None:
+            if hasattr(sched, "base_lrs"):
+                sched.base_lrs = [x * factor for x in sched.base_lrs]
+            if hasattr(sched, "_last_lr"):
+                sched._last_lr = [x * factor for x in sched._last_lr]
+
+    # -- snapshots and own state ---------------------------------------------------------
+    def _own_state(self) -> dict:
+        return {"global_step": self.global_step, "lr_scale": self._lr_scale}
+
+    def _load_own_state(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+
+    def _take_snapshot(self) -> None:
+        t0 = time.monotonic()
+        snap = self._snapshots.take(self.global_step, self._own_state())
+        self._stats["snapshots"] += 1
+        log.debug(
+            "[rank %d] arc_dist: snapshot at step %d (%.1f MB in %.3fs)",
+            self.rank, snap.step, snap.nbytes / 1e6, time.monotonic() - t0,
+        )
+
+    def state_dict(self) -> dict:
+        """The controller's own state (saved in checkpoints under the key ``"arc"``)."""
+        return {
+            "global_step": self.global_step,
+            "lr_scale": self._lr_scale,
+            "policy": self._policy.state_dict(),
+            "recovery": self._recovery.state_dict(),
+            "stats": dict(self._stats),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.global_step = int(sd["global_step"])
+        self._lr_scale = float(sd["lr_scale"])
+        self._policy.load_state_dict(sd["policy"])
+        self._recovery.load_state_dict(sd["recovery"])
+        for k, v in sd.get("stats", {}).items():
+            self._stats[k] = int(v)
+
+    # -- durability ----------------------------------------------------------------------
+    def register(self, name: str, obj: Any) -> None:
+        """Save and restore ``obj`` (with ``state_dict``/``load_state_dict``) in checkpoints."""
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(
+                f"Arc.register({name!r}, ...) needs an object with state_dict() and "
+                f"load_state_dict(), got {type(obj).__name__}"
+            )
+        if name in ("model", "optim", "arc") or name in self._registered:
+            raise ValueError(f"Arc.register: the name {name!r} is taken; choose another")
+        self._registered[name] = obj
+
+    def _app_state(self) -> dict:
+        from .checkpoint import TrainState
+
+        return {
+            "train": TrainState(self.model, self.optimizer, self.scheduler, self.scaler),
+            "arc": self,
+            **self._registered,
+        }
+
+    def _save(self, blocking: bool) -> None:
+        assert self._checkpoints is not None
+        verdict = {"status": self._last.status if self._last else HEALTHY, "step": self.global_step}
+        self._checkpoints.save(self.global_step, self._app_state(), verdict=verdict, blocking=blocking)
+        self._stats["checkpoints"] = self._checkpoints.stats().get("checkpoints", 0)
+
+    def save(self, blocking: bool = True) -> None:
+        """Collective: a durable checkpoint of the current state now."""
+        if self._checkpoints is None:
+            raise ValueError("Arc.save() needs Arc(checkpoint_dir=...); none was given")
+        self._save(blocking)
+
+    def resume(self) -> int:
+        """Collective: load the newest confirmed checkpoint, if any; returns ``global_step``."""
+        if self._checkpoints is None:
+            return self.global_step
+        step = self._checkpoints.load(self._app_state())
+        if step is not None:
+            self.global_step = step
+            self._snapshots.snapshots.clear()
+            self._policy.on_rollback()
+            self._signals.reset_expectations()
+            self._expected_lrs = self._lrs()
+        return self.global_step
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        out = dict(self._stats)
+        out.update(
+            steps=self.global_step,
+            collectives=self._agree.collectives,
+            host_syncs=self._agree.host_syncs,
+            lr_scale=self._lr_scale,
+        )
+        if self._checkpoints is not None:
+            out.update(self._checkpoints.stats())
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+        if self.chaos is not None:
+            self.chaos.detach()
+
+    def __enter__(self) -> Arc:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _digest(config: ArcConfig) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(config.digest_fields(), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,287 @@
+"""Decisions: pure functions of the agreed signal matrix and of history every rank shares.
+
+Every rank feeds the same ``[world_size, NUM_COLS]`` matrix (the result of one SUM all-reduce)
+into the same :class:`HealthPolicy`, whose history only ever changes as a function of those
+matrices, so every rank computes the same :class:`Verdict` bit for bit: no rank-local decision
+can desynchronise the replicas. Nothing here touches torch or the process group, so the logic
+is tested without processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ArcConfig, Thresholds
+from .signals import Col, StateFlag
+
+HEALTHY, WARNING, FAILURE = "healthy", "warning", "failure"
+
+#: MAD -> standard deviation for normally distributed data
+_MAD_SCALE = 1.4826
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    status: str
+    reason: str | None = None
+    bad_ranks: tuple[int, ...] = ()
+    #: mean loss over ranks (NaN when a rank's loss was not finite)
+    loss: float = math.nan
+    #: global gradient norm (see signals.py for how ranks combine)
+    grad_norm: float = math.nan
+    #: values behind the verdict, for logs and events
+    details: dict = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == HEALTHY
+
+
+class RobustWindow:
+    """Median and MAD over the last ``size`` values that were judged healthy."""
+
+    def __init__(self, size: int):
+        self.values: deque[float] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def add(self, x: float) -> None:
+        self.values.append(float(x))
+
+    def stats(self) -> tuple[float, float]:
+        a = np.fromiter(self.values, dtype=np.float64, count=len(self.values))
+        med = float(np.median(a))
+        return med, _MAD_SCALE * float(np.median(np.abs(a - med)))
+
+
+def _spike(x: float, window: RobustWindow, z_thr: float, ratio: float) -> tuple[bool, float]:
+    """(x spikes above the window, its z-score): both the z-score and ``x - med > (ratio-1)|med|``.
+
+    The MAD gets a floor of 1e-3 |median| so a near-constant series does not make every
+    wiggle infinitely significant.
+    """
+    med, mad = window.stats()
+    scale = max(mad, 1e-3 * abs(med), 1e-12)
+    z = (x - med) / scale
+    return (z > z_thr and x - med > (ratio - 1.0) * abs(med)), z
+
+
+def _standouts(values: np.ndarray) -> tuple[int, ...]:
+    """Ranks whose value is at least half way from the median to the maximum (one culprit in a
+    crowd is named alone; when all ranks agree, all are named)."""
+    med = float(np.median(values))
+    top = float(values.max())
+    if not math.isfinite(top) or top <= med:
+        return tuple(range(len(values)))
+    return tuple(int(r) for r in np.nonzero(values >= med + 0.5 * (top - med))[0])
+
+
+class HealthPolicy:
+    """Turns an agreed signal matrix into a verdict; owns the run's robust statistics.
+
+    ``judge`` is pure; ``observe`` updates the history and must be called with the verdict that
+    ``judge`` returned, on every rank, for every step (``commit=False`` for steps whose update
+    is not applied).
+    """
+
+    def __init__(self, thresholds: Thresholds, layout: str, world_size: int):
+        self.t = thresholds
+        self.layout = layout
+        self.world_size = world_size
+        self.loss = RobustWindow(thresholds.window)
+        self.grad = RobustWindow(thresholds.window)
+        self.healthy_seen = 0
+        # last deep-check values along the current trajectory (cleared on rollback)
+        self.last_weight: float | None = None
+        self.last_state: float | None = None
+        self.last_state_step: float | None = None
+
+    # -- pure ---------------------------------------------------------------------------
+    def combine_grad_sq(self, g: np.ndarray) -> float:
+        if self.layout == "sharded":
+            return float(g.sum())
+        if self.layout == "independent":
+            return float(g.max())
+        return float(g.mean())
+
+    def judge(self, m: np.ndarray, *, amp: bool = False) -> Verdict:
+        t = self.t
+        losses = m[:, Col.LOSS]
+        gsq = m[:, Col.GRAD_SQ]
+        grad_norm = math.sqrt(self.combine_grad_sq(gsq)) if np.isfinite(gsq).all() else math.nan
+        loss = float(losses.mean())
+        base = dict(loss=loss, grad_norm=grad_norm)
+
+        def fail(reason: str, ranks, status: str = FAILURE, **details) -> Verdict:
+            return Verdict(status, reason, tuple(int(r) for r in ranks), details=details, **base)
+
+        bad = np.nonzero(~np.isfinite(losses))[0]
+        if bad.size:
+            return fail("nonfinite_loss", bad, losses=losses.tolist())
+        bad = np.nonzero(~np.isfinite(gsq))[0]
+        if bad.size:
+            if amp:  # the GradScaler skips this update and lowers its scale: not a fault
+                return fail("amp_overflow", (), status=WARNING)
+            return fail("nonfinite_grad", bad)
+        lr = m[:, Col.LR_RATIO]
+        bad = np.nonzero(~(lr <= t.lr_ratio_fail))[0]
+        if bad.size:
+            return fail("lr_spike", bad, lr_ratio=lr.tolist())
+
+        if m[0, Col.DEEP]:
+            v = self._judge_deep(m, base)
+            if v is not None:
+                return v
+
+        warm = self.healthy_seen >= t.warmup_steps
+        if warm:
+            is_fail, z = _spike(loss, self.loss, t.zscore_fail, t.loss_ratio_fail)
+            if is_fail:
+                return fail("loss_spike", _standouts(losses), zscore=z, median=self.loss.stats()[0])
+            is_fail, gz = _spike(grad_norm, self.grad, t.zscore_fail, t.grad_ratio_fail)
+            if is_fail:
+                return fail("grad_explosion", _standouts(gsq), zscore=gz, median=self.grad.stats()[0])
+            is_warn, z = _spike(loss, self.loss, t.zscore_warn, t.loss_ratio_warn)
+            if is_warn:
+                return fail("loss_spike", _standouts(losses), status=WARNING, zscore=z)
+            is_warn, gz = _spike(grad_norm, self.grad, t.zscore_warn, t.grad_ratio_warn)
+            if is_warn:
+                return fail("grad_explosion", _standouts(gsq), status=WARNING, zscore=gz)
+        elif len(self.grad) >= 3:
+            med = self.grad.stats()[0]
+            if med > 0 and grad_norm > t.grad_ratio_warmup * med:
+                return fail("grad_explosion", _standouts(gsq), median=med)
+        return Verdict(HEALTHY, **base)
+
+    def _judge_deep(self, m: np.ndarray, base: dict) -> Verdict | None:
+        t = self.t
+        wsq, ssq = m[:, Col.WEIGHT_SQ], m[:, Col.STATE_SQ]
+        flags, steps = m[:, Col.STATE_FLAGS], m[:, Col.STATE_STEP]
+
+        def fail(reason, ranks, **details) -> Verdict:
+            return Verdict(FAILURE, reason, tuple(int(r) for r in ranks), details=details, **base)
+
+        bad = np.nonzero(~np.isfinite(wsq))[0]
+        if bad.size:
+            return fail("nonfinite_weights", bad)
+        bad = np.nonzero(~np.isfinite(ssq) | (flags != 0))[0]
+        if bad.size:
+            names = [f.name for f in StateFlag if int(flags[bad[0]]) & f]
+            return fail("optimizer_state", bad, flags=names or ["nonfinite"])
+        # a rank whose replicated value differs from the others' is the culprit; for sharded
+        # layouts each rank's share differs anyway, so the total decides and all ranks are named
+        weight = math.sqrt(self.combine_grad_sq(wsq))
+        warm = self.healthy_seen >= t.warmup_steps
+        if warm and self.last_weight:
+            ratio = weight / self.last_weight
+            if not (1 / t.weight_ratio_fail <= ratio <= t.weight_ratio_fail):
+                return fail("weight_corruption", self._odd_ranks(wsq), ratio=ratio)
+        state = math.sqrt(self.combine_grad_sq(ssq))
+        if warm and self.last_state:
+            ratio = state / self.last_state
+            if not (1 / t.state_ratio_fail <= ratio <= t.state_ratio_fail):
+                return fail("optimizer_state", self._odd_ranks(ssq), ratio=ratio)
+        step = float(steps.max())
+        if self.last_state_step is not None and 0 <= step < self.last_state_step:
+            return fail("optimizer_state", np.nonzero(steps < self.last_state_step)[0], reset=True)
+        return None
+
+    def _odd_ranks(self, values: np.ndarray) -> tuple[int, ...]:
+        if self.layout == "sharded" or len(values) == 1:
+            return tuple(range(len(values)))
+        med = float(np.median(values))
+        odd = np.nonzero(values != med)[0]
+        return tuple(int(r) for r in odd) if 0 < odd.size < len(values) else tuple(range(len(values)))
+
+    # -- history ------------------------------------------------------------------------
+    def observe(self, m: np.ndarray, verdict: Verdict) -> None:
+        """Learn from a step whose update is applied (healthy or warning)."""
+        if verdict.status == HEALTHY:
+            self.loss.add(verdict.loss)
+            self.grad.add(verdict.grad_norm)
+            self.healthy_seen += 1
+        if m[0, Col.DEEP]:
+            self.last_weight = math.sqrt(self.combine_grad_sq(m[:, Col.WEIGHT_SQ])) or None
+            self.last_state = math.sqrt(self.combine_grad_sq(m[:, Col.STATE_SQ])) or None
+            step = float(m[:, Col.STATE_STEP].max())
+            self.last_state_step = step if step >= 0 else None
+
+    def on_rollback(self) -> None:
+        """The trajectory changed: deep-check baselines no longer apply."""
+        self.last_weight = self.last_state = self.last_state_step = None
+
+    def state_dict(self) -> dict:
+        return {
+            "loss": list(self.loss.values),
+            "grad": list(self.grad.values),
+            "healthy_seen": self.healthy_seen,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.loss.values.clear()
+        self.loss.values.extend(float(x) for x in sd["loss"])
+        self.grad.values.clear()
+        self.grad.values.extend(float(x) for x in sd["grad"])
+        self.healthy_seen = int(sd["healthy_seen"])
+        self.on_rollback()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the controller does about a verdict."""
+
+    kind: str  # "continue" | "skip" | "rollback" | "raise"
+    #: for rollback: how many newest snapshots to discard first (0 = the newest)
+    drop: int = 0
+
+
+class RecoveryPolicy:
+    """Escalation as a small state machine, shared by all ranks.
+
+    ``max_rollbacks`` consecutive rollbacks without ``recovery_steps`` healthy steps in between
+    escalate: the newest snapshot is discarded (it may sit on a doomed trajectory) and the next
+    older one is restored. With nothing older left, the run is unrecoverable.
+    """
+
+    def __init__(self, config: ArcConfig):
+        self.max_rollbacks = config.max_rollbacks
+        self.recovery_steps = config.recovery_steps
+        self.consecutive = 0
+        self.healthy_since = 0
+        self.escalations = 0
+
+    def decide(self, verdict: Verdict, snapshots: int) -> Decision:
+        if verdict.status == HEALTHY:
+            return Decision("continue")
+        if verdict.status == WARNING:
+            return Decision("skip" if verdict.reason == "amp_overflow" else "continue")
+        if self.consecutive < self.max_rollbacks and snapshots >= 1:
+            return Decision("rollback")
+        if snapshots >= 2:
+            return Decision("rollback", drop=1)
+        return Decision("raise")
+
+    def record(self, decision: Decision, verdict: Verdict) -> None:
+        if decision.kind == "rollback":
+            if decision.drop:
+                self.escalations += 1
+                self.consecutive = 1
+            else:
+                self.consecutive += 1
+            self.healthy_since = 0
+        elif verdict.status != FAILURE:
+            self.healthy_since += 1
+            if self.healthy_since >= self.recovery_steps:
+                self.consecutive = 0
+
+    def state_dict(self) -> dict:
+        return {"consecutive": self.consecutive, "healthy_since": self.healthy_since}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.consecutive = int(sd["consecutive"])
+        self.healthy_since = int(sd["healthy_since"])

@@ -1,0 +1,213 @@
+"""In-memory snapshots: the rollback targets, kept in host memory.
+
+A snapshot holds what a rollback must restore: the model's local tensors (parameters and
+buffers; the local shards under FSDP2), the optimizer state, the scheduler and GradScaler state,
+the RNG states and the controller's own state. Host buffers are allocated once per slot and
+reused, and the copies are one ``torch._foreach_copy_`` per slot (non-blocking into pinned
+memory on CUDA), so a snapshot costs about one memcpy of the state.
+
+Model tensors are restored in place, so references held by the optimizer, DDP's buckets or the
+user stay valid. The optimizer is restored through ``load_state_dict`` because its state may
+have been replaced or cleared since.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .signals import DTensor, _local
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _host_like(t: torch.Tensor) -> torch.Tensor:
+    pin = t.is_cuda and torch.cuda.is_available()
+    return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    step: int
+    model: list[torch.Tensor]
+    optim_tensors: list[torch.Tensor]
+    optim_skeleton: Any = None  # optimizer.state_dict() with tensors replaced by indices
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    rng: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # the controller's own state
+    nbytes: int = 0
+
+
+class _TensorRef:
+    """Placeholder for a tensor in the optimizer-state skeleton (index into optim_tensors)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def _strip(obj: Any, out: list[torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return _TensorRef(len(out) - 1)
+    if isinstance(obj, dict):
+        return {k: _strip(v, out) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strip(v, out) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_strip(v, out) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _fill(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, _TensorRef):
+        return tensors[obj.index].clone()
+    if isinstance(obj, dict):
+        return {k: _fill(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fill(v, tensors) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_fill(v, tensors) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class SnapshotStore:
+    """A ring of ``keep`` snapshots, oldest first; buffers of a dropped slot are reused."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        scaler: Any = None,
+        keep: int = 2,
+    ):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.keep = keep
+        self.snapshots: list[Snapshot] = []
+        self._spare: list[Snapshot] = []
+
+    def __len__(self) -> int:
+        return len(self.snapshots)
+
+    @property
+    def newest(self) -> Snapshot | None:
+        return self.snapshots[-1] if self.snapshots else None
+
+    def _model_tensors(self) -> list[torch.Tensor]:
+        # state_dict(keep_vars=True) lists parameters and persistent buffers once each, also
+        # when modules share them; _local() maps FSDP2's DTensors to this rank's shard
+        return [_local(t.detach()) for t in self.model.state_dict(keep_vars=True).values()]
+
+    def take(self, step: int, extra: dict) -> Snapshot:
+        """Copy the live state into a snapshot slot (reusing the oldest buffers when full)."""
+        # a rollback abandoned the trajectory of any snapshot at or after ``step``
+        while self.snapshots and self.snapshots[-1].step >= step:
+            self._spare.append(self.snapshots.pop())
+        if len(self.snapshots) >= self.keep:
+            self._spare.append(self.snapshots.pop(0))
+        live = self._model_tensors()
+        optim_live: list[torch.Tensor] = []
+        skeleton = _strip(self.optimizer.state_dict(), optim_live)
+        snap = self._slot(live, optim_live)
+        with torch.no_grad():
+            torch._foreach_copy_(snap.model, live, non_blocking=True)
+            if optim_live:
+                torch._foreach_copy_(snap.optim_tensors, [_local(t) for t in optim_live], non_blocking=True)
+        snap.step = step
+        snap.optim_skeleton = skeleton
+        snap.scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler else None
+        snap.scaler = copy.deepcopy(self.scaler.state_dict()) if self.scaler else None
+        snap.rng = _rng_state()
+        snap.extra = copy.deepcopy(extra)
+        if any(t.is_cuda for t in live[:1]):
+            torch.cuda.current_stream().synchronize()  # the copies must land before we mutate
+        self.snapshots.append(snap)
+        return snap
+
+    def _slot(self, live: list[torch.Tensor], optim_live: list[torch.Tensor]) -> Snapshot:
+        """A snapshot whose buffers match the live shapes, recycled when possible."""
+        def fits(bufs: list[torch.Tensor], ts: list[torch.Tensor]) -> bool:
+            return len(bufs) == len(ts) and all(
+                b.shape == t.shape and b.dtype == t.dtype for b, t in zip(bufs, ts)
+            )
+
+        snap = self._spare.pop() if self._spare else None
+        if snap is None:
+            snap = Snapshot(step=-1, model=[], optim_tensors=[])
+        if not fits(snap.model, live):
+            snap.model = [_host_like(t) for t in live]
+        if not fits(snap.optim_tensors, optim_live):
+            # optimizer state appears after the first step: allocate once it exists
+            snap.optim_tensors = [_host_like(_local(t)) for t in optim_live]
+        snap.nbytes = sum(t.numel() * t.element_size() for t in snap.model + snap.optim_tensors)
+        return snap
+
+    def drop_newest(self) -> None:
+        self._spare.append(self.snapshots.pop())
+
+    def restore(self, snap: Snapshot, set_extra: Callable[[dict], None]) -> None:
+        """Put the live state back to ``snap``: model in place, optimizer, scheduler, RNG."""
+        live = self._model_tensors()
+        with torch.no_grad():
+            torch._foreach_copy_(live, snap.model, non_blocking=True)
+        optim_sd = _fill(snap.optim_skeleton, snap.optim_tensors)
+        self._restore_optimizer(optim_sd)
+        if self.scheduler is not None and snap.scheduler is not None:
+            self.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
+        if self.scaler is not None and snap.scaler is not None:
+            self.scaler.load_state_dict(copy.deepcopy(snap.scaler))
+        _set_rng_state(snap.rng)
+        set_extra(copy.deepcopy(snap.extra))
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _restore_optimizer(self, sd: dict) -> None:
+        # FSDP2 optimizer state holds DTensors; load_state_dict would replace them with the
+        # plain local tensors we kept, so copy into the live DTensors' shards where they exist.
+        live_state = self.optimizer.state
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if any(isinstance(p, DTensor) for p in params):
+            dst, src = [], []
+            for i, p in enumerate(params):
+                saved = sd["state"].get(i, {})
+                cur = live_state.get(p)
+                if set(saved) != set(cur or {}):
+                    raise RuntimeError(
+                        "the optimizer state of a sharded (FSDP2) parameter changed structure "
+                        "since the snapshot; it can only be restored in place"
+                    )
+                for k, v in saved.items():
+                    if isinstance(v, torch.Tensor):
+                        dst.append(_local(cur[k]))
+                        src.append(v)
+                    else:
+                        cur[k] = v
+            with torch.no_grad():
+                if dst:
+                    torch._foreach_copy_(dst, src)
+            for g, sg in zip(self.optimizer.param_groups, sd["param_groups"]):
+                g.update({k: v for k, v in sg.items() if k != "params"})
+            return
+        self.optimizer.load_state_dict(sd)
