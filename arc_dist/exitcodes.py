@@ -1,0 +1,303 @@
+"""Why a worker ended, written down by the worker and read back by the launcher.
+
+A worker that ends on purpose (``UnrecoverableError``, a hang caught by the watchdog, a device
+error, a failed preflight check) writes a torchelastic error file (the JSON format of
+``torch.distributed.elastic.multiprocessing.errors.record``, path from
+``TORCHELASTIC_ERROR_FILE``) with one extra ``"arc"`` object carrying the exit code it chose,
+its host and rank. torchrun itself exits 1 whatever its workers did, so
+``python -m arc_dist.launch`` reads these files (``<log_dir>/<run>/attempt_N/<local_rank>/
+error.json``) and :func:`decide` turns them into one :class:`~arc_dist.errors.ExitCode`.
+
+This module owns the file format and that decision. It imports neither torch nor anything that
+does, so the watchdog can call :func:`write_error_file` from a dying process and the launcher
+stays fast to start; :func:`decide` is a pure function, tested without processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import ExitCode
+
+#: exception class names that mean "retrying cannot help", for error files written by plain
+#: ``@record`` (without the ``"arc"`` object): the class name is all torch keeps.
+_NAME_CODES = {
+    "UnrecoverableError": ExitCode.UNRECOVERABLE,
+    "CheckpointError": ExitCode.UNRECOVERABLE,
+    "HardwareError": ExitCode.HARDWARE,
+}
+
+#: codes that end the job at once: torchrun's own restart would fail the same way.
+STOP_CODES = frozenset({ExitCode.UNRECOVERABLE, ExitCode.BAD_NODE})
+
+_ATTEMPT_RE = re.compile(r"attempt_(\d+)$")
+
+
+def write_error_file(
+    error: BaseException | str,
+    exit_code: int,
+    *,
+    path: str | None = None,
+    stack: str | None = None,
+) -> str | None:
+    """Record why this process is about to exit with ``exit_code``; returns the path written.
+
+    ``path`` defaults to ``$TORCHELASTIC_ERROR_FILE`` (set by torchrun for each worker); without
+    either nothing is written and None is returned. ``error`` is the exception (its traceback is
+    recorded when it is the one being handled) or a message; ``stack`` overrides the recorded
+    stack text (the watchdog passes every thread's stack). Never raises: this runs on the way
+    out of a failing process.
+    """
+    path = path or os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return None
+    if isinstance(error, BaseException):
+        message = f"{type(error).__name__}: {error}"
+        error_type = type(error).__name__
+        if stack is None:
+            stack = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    else:
+        message, error_type = str(error), None
+    now = time.time()
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {"py_callstack": stack or "", "timestamp": str(int(now))},
+            "arc": {
+                "exitCode": int(exit_code),
+                "errorType": error_type,
+                "host": socket.gethostname(),
+                "rank": _int_env("RANK"),
+                "localRank": _int_env("LOCAL_RANK"),
+                "restartCount": _int_env("TORCHELASTIC_RESTART_COUNT"),
+                "pid": os.getpid(),
+                "time": now,
+            },
+        }
+    }
+    try:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fp:
+            json.dump(data, fp)
+        os.replace(tmp, path)  # a reader polling the folder never sees half a file
+    except OSError:
+        return None
+    return path
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailure:
+    """One worker's error file, classified."""
+
+    attempt: int
+    local_rank: int
+    exit_code: ExitCode
+    message: str
+    #: seconds since the epoch (sub-second when arc wrote the file)
+    time: float
+    host: str | None
+    rank: int | None
+    path: str
+
+    def describe(self) -> str:
+        who = f"rank {self.rank}" if self.rank is not None else f"local rank {self.local_rank}"
+        where = f" on {self.host}" if self.host else ""
+        return (
+            f"{who}{where}, attempt {self.attempt}: {self.message} "
+            f"-> exit {int(self.exit_code)} ({self.exit_code.name})"
+        )
+
+
+def classify_error_data(data: dict) -> ExitCode:
+    """The exit code an error file's contents stand for (see the module docstring)."""
+    msg = data.get("message")
+    if isinstance(msg, dict):
+        arc = msg.get("arc")
+        if isinstance(arc, dict):
+            try:
+                return ExitCode(int(arc.get("exitCode")))
+            except (TypeError, ValueError):
+                pass
+        text = msg.get("message")
+        if isinstance(text, str):
+            name = text.split(":", 1)[0].strip().rsplit(".", 1)[-1]
+            if name in _NAME_CODES:
+                return _NAME_CODES[name]
+        # torchrun's agent copies the root cause's file and adds the worker's exit status
+        try:
+            return ExitCode(int(msg.get("errorCode")))
+        except (TypeError, ValueError):
+            pass
+    return ExitCode.RETRY
+
+
+def read_error_file(path: str, attempt: int = -1, local_rank: int = -1) -> WorkerFailure | None:
+    """Parse one error file; None when it is missing or not JSON (e.g. still being written)."""
+    try:
+        with open(path) as fp:
+            data = json.load(fp)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    msg = data.get("message")
+    arc: dict = {}
+    text, stamp = str(msg), 0.0
+    if isinstance(msg, dict):
+        arc = msg.get("arc") if isinstance(msg.get("arc"), dict) else {}
+        text = str(msg.get("message", ""))
+        try:
+            stamp = float(msg.get("extraInfo", {}).get("timestamp", 0))
+        except (TypeError, ValueError, AttributeError):
+            stamp = 0.0
+    try:
+        stamp = float(arc.get("time", stamp))
+    except (TypeError, ValueError):
+        pass
+    return WorkerFailure(
+        attempt=attempt,
+        local_rank=local_rank,
+        exit_code=classify_error_data(data),
+        message=text.strip().splitlines()[0] if text.strip() else "(no message)",
+        time=stamp,
+        host=arc.get("host"),
+        rank=arc.get("rank"),
+        path=path,
+    )
+
+
+def scan_run_dirs(run_dirs: Iterable[str]) -> tuple[int, list[WorkerFailure]]:
+    """Every worker error file under torchrun run folders (``<run>/attempt_N/<local_rank>/``).
+
+    Returns the highest attempt number seen (-1 when none started) and the failures, sorted by
+    attempt then time.
+    """
+    last_attempt = -1
+    failures: list[WorkerFailure] = []
+    for run_dir in run_dirs:
+        try:
+            entries = os.listdir(run_dir)
+        except OSError:
+            continue
+        for entry in entries:
+            m = _ATTEMPT_RE.match(entry)
+            if not m:
+                continue
+            attempt = int(m.group(1))
+            last_attempt = max(last_attempt, attempt)
+            attempt_dir = os.path.join(run_dir, entry)
+            try:
+                ranks = os.listdir(attempt_dir)
+            except OSError:
+                continue
+            for rank_dir in ranks:
+                if not rank_dir.isdigit():
+                    continue
+                f = read_error_file(
+                    os.path.join(attempt_dir, rank_dir, "error.json"), attempt, int(rank_dir)
+                )
+                if f is not None:
+                    failures.append(f)
+    failures.sort(key=lambda f: (f.attempt, f.time, f.local_rank))
+    return last_attempt, failures
+
+
+def root_cause(failures: Sequence[WorkerFailure]) -> WorkerFailure | None:
+    """The failure that explains an attempt (all ``failures`` from the same attempt).
+
+    A code other than RETRY is always deliberate (Arc raises ``UnrecoverableError`` on every
+    rank; a device error names its own device), while the other ranks' generic errors
+    ("connection reset", collective timeouts) are usually its consequences: so the earliest
+    deliberate failure wins, else the earliest failure.
+    """
+    if not failures:
+        return None
+    deliberate = [f for f in failures if f.exit_code != ExitCode.RETRY]
+    return min(deliberate or failures, key=lambda f: (f.time, f.local_rank))
+
+
+def hardware_streak(failures: Sequence[WorkerFailure], last_attempt: int) -> int:
+    """How many attempts in a row, ending with ``last_attempt``, failed on a device error here."""
+    streak = 0
+    for attempt in range(last_attempt, -1, -1):
+        cause = root_cause([f for f in failures if f.attempt == attempt])
+        if cause is None or cause.exit_code != ExitCode.HARDWARE:
+            break
+        streak += 1
+    return streak
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the launcher exits with, and why (one line for the log)."""
+
+    exit_code: ExitCode
+    reason: str
+    cause: WorkerFailure | None = None
+
+
+def decide(
+    torchrun_rc: int | None,
+    failures: Sequence[WorkerFailure],
+    last_attempt: int,
+    *,
+    signalled: str | None = None,
+    agent_message: str | None = None,
+    bad_node_after: int = 0,
+) -> Outcome:
+    """Map torchrun's end to one exit code.
+
+    ``torchrun_rc``: torchrun's exit status (None if still running when the launcher stopped
+    it); ``failures``/``last_attempt``: from :func:`scan_run_dirs`; ``signalled``: the signal
+    the launcher forwarded (preemption), if any; ``agent_message``: the agent's own recorded
+    error, for the reason text; ``bad_node_after``: with N > 0, N attempts in a row ending in a
+    device error on this host mean BAD_NODE.
+
+    Order: a stop code (UNRECOVERABLE, BAD_NODE) in any attempt ends the job with it, because
+    the launcher stops torchrun as soon as it sees one; then preemption -> RETRY; then success
+    -> OK; then the root cause of the last attempt; no error file -> RETRY (a signal, the OOM
+    killer, or a rendezvous failure: a restart can help).
+    """
+    stops = [f for f in failures if f.exit_code in STOP_CODES]
+    if stops:
+        cause = min(stops, key=lambda f: (f.attempt, f.time))
+        return Outcome(cause.exit_code, f"do not retry: {cause.describe()}", cause)
+    if bad_node_after > 0 and hardware_streak(failures, last_attempt) >= bad_node_after:
+        cause = root_cause([f for f in failures if f.attempt == last_attempt])
+        return Outcome(
+            ExitCode.BAD_NODE,
+            f"{bad_node_after} attempts in a row failed on a device error on this host; "
+            f"replace the node. Last: {cause.describe() if cause else '?'}",
+            cause,
+        )
+    if signalled:
+        return Outcome(ExitCode.RETRY, f"preempted: forwarded {signalled} to torchrun")
+    if torchrun_rc == 0:
+        return Outcome(ExitCode.OK, "training finished")
+    cause = root_cause([f for f in failures if f.attempt == last_attempt])
+    if cause is not None:
+        return Outcome(
+            cause.exit_code, f"restarts exhausted; root cause: {cause.describe()}", cause
+        )
+    how = f"torchrun exited {torchrun_rc}" if torchrun_rc is not None else "torchrun stopped"
+    extra = f"; agent: {agent_message}" if agent_message else ""
+    return Outcome(
+        ExitCode.RETRY,
+        f"{how}; attempt {last_attempt} left no error file (killed by a signal or the OOM "
+        f"killer, or a rendezvous failure){extra}",
+    )

@@ -1,0 +1,572 @@
+"""``python -m arc_dist.launch``: torchrun with elastic settings and exit codes a scheduler can use.
+
+Two halves:
+
+* **The launcher** (:func:`main`) builds a ``torchrun`` command from flags or ``ARC_*``
+  environment variables (``PET_*``, as set by Kubeflow's PyTorchJob, are read as a fallback),
+  always sets ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (without it, restarted groups often
+  fail to connect or hang), prints the command, runs it, and maps the outcome to an
+  :class:`~arc_dist.errors.ExitCode`. torchrun exits 1 whatever went wrong, so the launcher
+  reads the workers' torchelastic error files (see :mod:`arc_dist.exitcodes`) while torchrun
+  runs and after it ends: a "do not retry" cause (``UnrecoverableError``, ``CheckpointError``,
+  a bad node) stops torchrun at once instead of letting it burn its restarts, a device error
+  that repeats on this host becomes BAD_NODE, a forwarded SIGTERM (preemption) becomes RETRY.
+* **The worker side** (:func:`main_entry`): decorate a training script's ``main`` with it. It
+  wraps torch's ``@record`` and turns an escaping :class:`~arc_dist.errors.ArcError` into an
+  error file that names its exit code, then ``sys.exit(err.exit_code)``.
+
+Exit codes and the timeout hierarchy are documented in docs/elastic.md. This module imports
+torch only inside :func:`main_entry`, so the launcher itself starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import ArcError, ExitCode
+from .exitcodes import (
+    STOP_CODES,
+    Outcome,
+    decide,
+    hardware_streak,
+    read_error_file,
+    scan_run_dirs,
+)
+from .exitcodes import write_error_file as _write_error_file
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: environment every torchrun we start gets (see the module docstring and docs/PITFALLS)
+FIXED_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+_PREFIX = "[arc-launch]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+
+
+def main_entry(fn: _F) -> _F:
+    """Decorator for a training script's entry point run under torchrun (or alone).
+
+    Records any escaping exception in ``$TORCHELASTIC_ERROR_FILE`` (torch's ``@record``); an
+    :class:`~arc_dist.errors.ArcError` is recorded with its exit code and the process exits
+    with ``err.exit_code`` (11 for ``UnrecoverableError``, 12 for ``HardwareError``, ...), and a
+    ``sys.exit(12)``/``sys.exit(13)`` of the script's own is recorded too, so the launcher can
+    tell "do not retry" from "restart". Other exceptions end the process with status 1 (RETRY).
+
+    Example::
+
+        from arc_dist.launch import main_entry
+
+        @main_entry
+        def main():
+            ...
+
+        if __name__ == "__main__":
+            main()
+    """
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @functools.wraps(fn)
+    def arc_wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ArcError as err:
+            code = int(err.exit_code)
+            _write_error_file(err, code)
+            rank = os.environ.get("RANK", "0")
+            sys.stderr.write(
+                f"[arc] rank {rank}: {type(err).__name__}: {err} -> exit {code} "
+                f"({ExitCode(code).name})\n"
+            )
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            sys.exit(code)
+        except SystemExit as se:
+            code = se.code if isinstance(se.code, int) else None
+            if code in (ExitCode.HARDWARE, ExitCode.BAD_NODE) and not _error_file_written():
+                _write_error_file(f"SystemExit: {code}", code)
+            raise
+        except Exception:
+            raise  # @record writes the error file; the process exits 1 (RETRY)
+        except BaseException as err:
+            # e.g. torch.distributed.checkpoint's CheckpointException derives from
+            # BaseException, which @record does not see
+            if not isinstance(err, KeyboardInterrupt):
+                _write_error_file(err, 1)
+            raise
+
+    return record(arc_wrapper)  # type: ignore[return-value]
+
+
+def _error_file_written() -> bool:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    return bool(path) and os.path.isfile(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LaunchSpec:
+    """Everything the launcher needs, after flags and environment are merged."""
+
+    script: str
+    script_args: list[str]
+    nnodes: str = "1"
+    nproc_per_node: str = "1"
+    max_restarts: int = 3
+    rdzv_backend: str = "c10d"
+    rdzv_endpoint: str = ""
+    rdzv_id: str = ""
+    rdzv_conf: str = ""
+    monitor_interval: float = 0.5
+    log_dir: str = ""
+    module: bool = False
+    bad_node_after: int = 2
+    shutdown_timeout: float = 30.0
+    torchrun_args: list[str] = field(default_factory=list)
+
+    @property
+    def max_nodes(self) -> int:
+        return int(self.nnodes.split(":")[-1])
+
+
+def _env_default(name: str, default: Any) -> Any:
+    for prefix in ("ARC_", "PET_"):
+        v = os.environ.get(prefix + name)
+        if v not in (None, ""):
+            return v
+    return default
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit UNRECOVERABLE: a misconfigured job fails the same way when retried."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(int(ExitCode.UNRECOVERABLE))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m arc_dist.launch",
+        description=(
+            "Start torchrun with elastic settings and exit with a code a scheduler can act "
+            "on: 0 done, 10 retry, 11 do not retry, 12 device error, 13 bad node. Every flag "
+            "also reads ARC_<NAME> (then PET_<NAME>) from the environment as its default."
+        ),
+    )
+    a = p.add_argument
+    a(
+        "--nnodes",
+        default=_env_default("NNODES", "1"),
+        help="nodes, or MIN:MAX for an elastic job (ARC_NNODES; default 1)",
+    )
+    a(
+        "--nproc-per-node",
+        "--nproc_per_node",
+        default=_env_default("NPROC_PER_NODE", "1"),
+        help="workers per node: an int, or auto/gpu/cpu (ARC_NPROC_PER_NODE; default 1)",
+    )
+    a(
+        "--max-restarts",
+        "--max_restarts",
+        type=int,
+        default=int(_env_default("MAX_RESTARTS", 3)),
+        help="group restarts before giving up (ARC_MAX_RESTARTS; default 3)",
+    )
+    a(
+        "--rdzv-backend",
+        "--rdzv_backend",
+        default=_env_default("RDZV_BACKEND", "c10d"),
+        help="rendezvous backend (ARC_RDZV_BACKEND; default c10d)",
+    )
+    a(
+        "--rdzv-endpoint",
+        "--rdzv_endpoint",
+        default=_env_default("RDZV_ENDPOINT", ""),
+        help="HOST:PORT of the rendezvous store, the same on every node; required with more "
+        "than one node (ARC_RDZV_ENDPOINT; default localhost:0 = a free port, single node)",
+    )
+    a(
+        "--rdzv-id",
+        "--rdzv_id",
+        default=_env_default("RDZV_ID", ""),
+        help="job id shared by every node; required with more than one node (ARC_RDZV_ID; "
+        "default a random id on a single node)",
+    )
+    a(
+        "--rdzv-conf",
+        "--rdzv_conf",
+        default=_env_default("RDZV_CONF", ""),
+        help="extra rendezvous settings, e.g. join_timeout=900,last_call_timeout=30 "
+        "(ARC_RDZV_CONF)",
+    )
+    a(
+        "--monitor-interval",
+        "--monitor_interval",
+        type=float,
+        default=float(_env_default("MONITOR_INTERVAL", 0.5)),
+        help="seconds between the agent's checks of its workers (ARC_MONITOR_INTERVAL; "
+        "default 0.5)",
+    )
+    a(
+        "--log-dir",
+        "--log_dir",
+        default=_env_default("LOG_DIR", ""),
+        help="torchrun's log folder, where workers' error files land (ARC_LOG_DIR; default a "
+        "new temporary folder under $TMPDIR)",
+    )
+    a(
+        "--bad-node-after",
+        type=int,
+        default=int(_env_default("BAD_NODE_AFTER", 2)),
+        help="attempts in a row ending in a device error on this host before exiting "
+        "BAD_NODE (13); 0 disables (ARC_BAD_NODE_AFTER; default 2)",
+    )
+    a(
+        "--shutdown-timeout",
+        type=float,
+        default=float(_env_default("SHUTDOWN_TIMEOUT", 30)),
+        help="seconds to wait for torchrun after asking it to stop, before SIGKILL "
+        "(ARC_SHUTDOWN_TIMEOUT; default 30)",
+    )
+    a(
+        "--torchrun-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra torchrun argument, passed verbatim; repeat for several "
+        "(e.g. --torchrun-arg=--tee=3)",
+    )
+    a(
+        "-m",
+        "--module",
+        action="store_true",
+        help="SCRIPT is a module name, run as python -m SCRIPT",
+    )
+    a("--dry-run", action="store_true", help="print the torchrun command and exit 0")
+    a("script", help="training script (or module with -m)")
+    a("script_args", nargs=argparse.REMAINDER, help="arguments for the training script")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[LaunchSpec, bool]:
+    """Flags (and ARC_*/PET_* environment defaults) -> a validated :class:`LaunchSpec`.
+
+    Returns the spec and the ``--dry-run`` flag. Bad values exit with UNRECOVERABLE (11)
+    and a message that names the flag and the fix.
+    """
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        spec = LaunchSpec(
+            script=ns.script,
+            script_args=list(ns.script_args),
+            nnodes=str(ns.nnodes),
+            nproc_per_node=str(ns.nproc_per_node),
+            max_restarts=ns.max_restarts,
+            rdzv_backend=ns.rdzv_backend,
+            rdzv_endpoint=ns.rdzv_endpoint,
+            rdzv_id=ns.rdzv_id,
+            rdzv_conf=ns.rdzv_conf,
+            monitor_interval=ns.monitor_interval,
+            log_dir=ns.log_dir,
+            module=ns.module,
+            bad_node_after=ns.bad_node_after,
+            shutdown_timeout=ns.shutdown_timeout,
+            torchrun_args=list(ns.torchrun_arg),
+        )
+        validate(spec)
+    except ValueError as e:
+        parser.error(str(e))
+    return spec, ns.dry_run
+
+
+def validate(spec: LaunchSpec) -> None:
+    """Raise ``ValueError`` naming the flag, the value and the fix; fill single-node defaults."""
+    parts = spec.nnodes.split(":")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1]))
+        ok = len(parts) <= 2 and 1 <= lo <= hi
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"--nnodes={spec.nnodes!r} is invalid: use N or MIN:MAX with 1 <= MIN <= MAX"
+        )
+    if not (spec.nproc_per_node.isdigit() and int(spec.nproc_per_node) >= 1) and (
+        spec.nproc_per_node not in ("auto", "gpu", "cpu", "xpu")
+    ):
+        raise ValueError(
+            f"--nproc-per-node={spec.nproc_per_node!r} is invalid: use an integer >= 1, or "
+            "auto/gpu/cpu"
+        )
+    if spec.max_restarts < 0:
+        raise ValueError(f"--max-restarts={spec.max_restarts} is invalid: use an integer >= 0")
+    if not spec.monitor_interval > 0:
+        raise ValueError(f"--monitor-interval={spec.monitor_interval} is invalid: use seconds > 0")
+    if spec.bad_node_after < 0:
+        raise ValueError(f"--bad-node-after={spec.bad_node_after} is invalid: use >= 0")
+    if not spec.shutdown_timeout > 0:
+        raise ValueError(f"--shutdown-timeout={spec.shutdown_timeout} is invalid: use seconds > 0")
+    if spec.max_nodes > 1:
+        if not spec.rdzv_endpoint:
+            raise ValueError(
+                f"--nnodes={spec.nnodes} needs --rdzv-endpoint HOST:PORT (or ARC_RDZV_ENDPOINT), "
+                "the same on every node, e.g. the first node's address and a free port"
+            )
+        if not spec.rdzv_id:
+            raise ValueError(
+                f"--nnodes={spec.nnodes} needs --rdzv-id (or ARC_RDZV_ID), the same on every "
+                "node of this job and new for each job, e.g. the job's name"
+            )
+    spec.rdzv_endpoint = spec.rdzv_endpoint or "localhost:0"
+    spec.rdzv_id = spec.rdzv_id or f"arc-{uuid.uuid4().hex[:8]}"
+    if not spec.module and not os.path.isfile(spec.script):
+        raise ValueError(
+            f"training script {spec.script!r} does not exist (cwd {os.getcwd()}); pass a path, "
+            "or -m for a module name"
+        )
+
+
+def build_command(spec: LaunchSpec, *, agent_error_file: str) -> tuple[list[str], dict[str, str]]:
+    """The torchrun command line and the environment variables the launcher adds to it."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nnodes={spec.nnodes}",
+        f"--nproc-per-node={spec.nproc_per_node}",
+        f"--max-restarts={spec.max_restarts}",
+        f"--rdzv-backend={spec.rdzv_backend}",
+        f"--rdzv-endpoint={spec.rdzv_endpoint}",
+        f"--rdzv-id={spec.rdzv_id}",
+        f"--monitor-interval={spec.monitor_interval:g}",
+        f"--log-dir={spec.log_dir}",
+    ]  # fmt: skip
+    if spec.rdzv_conf:
+        cmd.append(f"--rdzv-conf={spec.rdzv_conf}")
+    cmd += spec.torchrun_args
+    if spec.module:
+        cmd.append("-m")
+    cmd += [spec.script, *spec.script_args]
+    env = dict(FIXED_ENV)
+    # the agent's own record (its root-cause copy, or its own error such as a rendezvous
+    # timeout); workers get their own TORCHELASTIC_ERROR_FILE from the agent
+    env["TORCHELASTIC_ERROR_FILE"] = agent_error_file
+    return cmd, env
+
+
+def format_command(cmd: Sequence[str], env: dict[str, str]) -> str:
+    """The command as a shell line, environment first, ready to paste."""
+    return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.join(cmd)])
+
+
+def _say(msg: str) -> None:
+    sys.stderr.write(f"{_PREFIX} {msg}\n")
+    sys.stderr.flush()
+
+
+def _set_pdeathsig() -> None:
+    """In the child: get SIGTERM if the launcher dies (Linux), so torchrun never outlives it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort, not Linux
+        pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as fp:
+                ppid = int(fp.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class Launcher:
+    """Runs one torchrun and decides the exit code. Use :meth:`run` from the main thread."""
+
+    #: seconds between scans of the log folder for new error files
+    poll_interval = 0.2
+
+    def __init__(self, spec: LaunchSpec):
+        self.spec = spec
+        self.proc: subprocess.Popen | None = None
+        self.signalled: str | None = None
+        self._stopping_since: float | None = None
+        self._preexisting: set[str] = set()
+        self.agent_error_file = ""
+
+    # which torchrun run folders are ours: those created after we started
+    def _run_dirs(self) -> list[str]:
+        try:
+            names = os.listdir(self.spec.log_dir)
+        except OSError:
+            return []
+        return [
+            os.path.join(self.spec.log_dir, n)
+            for n in names
+            if n not in self._preexisting and os.path.isdir(os.path.join(self.spec.log_dir, n))
+        ]
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.signalled is None:
+            self.signalled = name
+            _say(
+                f"received {name}: forwarding it to torchrun (pid {self.proc.pid if self.proc else '?'})"
+            )
+        self._stop(signum)
+
+    def _stop(self, signum: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+            if self._stopping_since is None:
+                self._stopping_since = time.monotonic()
+
+    def _kill_all(self) -> None:
+        """torchrun did not stop in time: SIGKILL it and every worker (own process groups)."""
+        assert self.proc is not None
+        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def run(self) -> Outcome:
+        spec = self.spec
+        if not spec.log_dir:
+            spec.log_dir = tempfile.mkdtemp(prefix="arc-launch-")
+        os.makedirs(spec.log_dir, exist_ok=True)
+        self._preexisting = set(os.listdir(spec.log_dir))
+        self.agent_error_file = os.path.join(spec.log_dir, f"agent-error-{os.getpid()}.json")
+        self._preexisting.add(os.path.basename(self.agent_error_file))
+        if os.path.exists(self.agent_error_file):
+            os.remove(self.agent_error_file)
+        cmd, env_add = build_command(spec, agent_error_file=self.agent_error_file)
+        _say(f"host {socket.gethostname()}, log dir {spec.log_dir}")
+        _say(f"running: {format_command(cmd, env_add)}")
+        env = {**os.environ, **env_add}
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        for s in old:
+            signal.signal(s, self._on_signal)
+        early: Outcome | None = None
+        try:
+            # own session: a terminal's Ctrl-C reaches torchrun once, through us
+            self.proc = subprocess.Popen(
+                cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig
+            )
+            while self.proc.poll() is None:
+                time.sleep(self.poll_interval)
+                if early is None and self.signalled is None:
+                    early = self._early_stop()
+                    if early is not None:
+                        _say(f"{early.reason}; stopping torchrun instead of restarting")
+                        self._stop()
+                if (
+                    self._stopping_since is not None
+                    and time.monotonic() - self._stopping_since > spec.shutdown_timeout + 5
+                ):
+                    _say(f"torchrun did not stop within {spec.shutdown_timeout:g} s: SIGKILL")
+                    self._kill_all()
+                    self._stopping_since = time.monotonic() + 3600  # once
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self._kill_all()
+                self.proc.wait()
+            for s, h in old.items():
+                signal.signal(s, h)
+        rc = self.proc.returncode
+        last_attempt, failures = scan_run_dirs(self._run_dirs())
+        if early is not None:
+            outcome = early
+        else:
+            outcome = decide(
+                rc,
+                failures,
+                last_attempt,
+                signalled=self.signalled,
+                agent_message=self._agent_message(),
+                bad_node_after=spec.bad_node_after,
+            )
+        _say(
+            f"torchrun exited {rc}; exit {int(outcome.exit_code)} "
+            f"({outcome.exit_code.name}): {outcome.reason}"
+        )
+        return outcome
+
+    def _early_stop(self) -> Outcome | None:
+        """A failure that torchrun's restarts cannot fix, seen while torchrun still runs."""
+        _, failures = scan_run_dirs(self._run_dirs())
+        if not failures:
+            return None
+        # the newest attempt may still be running: count the streak from the newest failure
+        last_attempt = failures[-1].attempt
+        if any(f.exit_code in STOP_CODES for f in failures) or (
+            self.spec.bad_node_after > 0
+            and hardware_streak(failures, last_attempt) >= self.spec.bad_node_after
+        ):
+            return decide(None, failures, last_attempt, bad_node_after=self.spec.bad_node_after)
+        return None
+
+    def _agent_message(self) -> str | None:
+        f = read_error_file(self.agent_error_file)
+        return f.message if f else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m arc_dist.launch``; returns the exit code."""
+    spec, dry_run = parse_args(argv)
+    if dry_run:
+        spec.log_dir = spec.log_dir or "<new temporary folder>"
+        cmd, env = build_command(
+            spec, agent_error_file=os.path.join(spec.log_dir, "agent-error.json")
+        )
+        print(format_command(cmd, env))
+        return int(ExitCode.OK)
+    return int(Launcher(spec).run().exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
