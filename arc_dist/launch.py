@@ -15,8 +15,8 @@ Two halves:
   wraps torch's ``@record`` and turns an escaping :class:`~arc_dist.errors.ArcError` into an
   error file that names its exit code, then ``sys.exit(err.exit_code)``.
 
-Exit codes and the timeout hierarchy are documented in docs/elastic.md. This module imports
-torch only inside :func:`main_entry`, so the launcher itself starts in well under a second.
+Exit codes and the timeout hierarchy are documented in docs/elastic.md. This module itself
+imports torch only inside :func:`main_entry` (the launcher process needs none of it).
 """
 
 from __future__ import annotations

@@ -37,9 +37,6 @@ from .exitcodes import write_error_file
 
 _log = logging.getLogger(__name__)
 
-#: seconds after the watchdog's deadline at which the GIL-free faulthandler timer fires
-_BACKSTOP_MARGIN = 30.0
-
 
 class Watchdog:
     """Exit the process when no progress is reported for ``timeout`` seconds.
@@ -50,8 +47,9 @@ class Watchdog:
     it (also a context manager). Thread-safety: :meth:`beat` may be called from any thread;
     :meth:`allow` regions may nest and overlap.
 
-    ``exit_code`` is what the process exits with (default RETRY); ``backstop`` arms the GIL-free
-    faulthandler timer described in the module docstring.
+    ``exit_code`` is what the process exits with (default RETRY); ``backstop`` is how many
+    seconds after the deadline the GIL-free faulthandler timer described in the module docstring
+    fires (None: not armed).
     """
 
     def __init__(
@@ -61,7 +59,7 @@ class Watchdog:
         logger: logging.Logger | None = None,
         *,
         exit_code: int = ExitCode.RETRY,
-        backstop: bool = True,
+        backstop: float | None = 30.0,
         name: str = "arc-watchdog",
     ):
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -72,6 +70,8 @@ class Watchdog:
         self.grace = float(grace)
         self.logger = logger or _log
         self.exit_code = int(exit_code)
+        if backstop is not None and not backstop > 0:
+            raise ValueError(f"Watchdog backstop={backstop!r} is invalid: use seconds > 0 or None")
         self._backstop = backstop
         # ``_last`` is the time progress was last reported; the first step gets ``grace`` by
         # dating it in the future, so beat() stays a single store.
@@ -122,7 +122,7 @@ class Watchdog:
         self._stopped.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
-        if self._backstop:
+        if self._backstop is not None:
             faulthandler.cancel_dump_traceback_later()
 
     def __enter__(self) -> Watchdog:
@@ -146,13 +146,14 @@ class Watchdog:
                 self._fire(-left)
                 return
             now = time.monotonic()
-            # Re-armed only when the deadline has moved well past it (about every
-            # _BACKSTOP_MARGIN / 2 seconds while steps keep coming): arming starts a C thread.
-            if self._backstop and armed_until < now + left + _BACKSTOP_MARGIN / 2:
+            # Re-armed only when the deadline has moved well past it (about every backstop / 2
+            # seconds while steps keep coming): arming starts a C thread.
+            margin = self._backstop
+            if margin is not None and armed_until < now + left + margin / 2:
                 faulthandler.dump_traceback_later(
-                    left + _BACKSTOP_MARGIN, repeat=False, file=sys.stderr, exit=True
+                    left + margin, repeat=False, file=sys.stderr, exit=True
                 )
-                armed_until = now + left + _BACKSTOP_MARGIN
+                armed_until = now + left + margin
 
     def _fire(self, overdue: float) -> None:
         waited = self.timeout + overdue
