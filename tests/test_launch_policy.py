@@ -1,0 +1,196 @@
+"""The launcher's pure parts: error files, the exit-code decision, flags and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+import pytest
+
+from arc_dist.errors import ExitCode, HangError, HardwareError, UnrecoverableError
+from arc_dist.exitcodes import (
+    classify_error_data,
+    decide,
+    hardware_streak,
+    read_error_file,
+    root_cause,
+    scan_run_dirs,
+    write_error_file,
+)
+from arc_dist.launch import build_command, format_command, main, parse_args
+
+
+def _torch_record(message: str, **extra) -> dict:
+    """The JSON that torch's @record writes (without arc's object)."""
+    msg = {"message": message, "extraInfo": {"py_callstack": "", "timestamp": "1700000000"}}
+    msg.update(extra)
+    return {"message": msg}
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (_torch_record("UnrecoverableError: nan at step 9"), ExitCode.UNRECOVERABLE),
+        (_torch_record("CheckpointError: every checkpoint corrupt"), ExitCode.UNRECOVERABLE),
+        (_torch_record("HardwareError: ECC"), ExitCode.HARDWARE),
+        (_torch_record("RuntimeError: Connection reset by peer"), ExitCode.RETRY),
+        # the agent's copy of a root cause carries the worker's exit status
+        (_torch_record("SystemExit: 13", errorCode=13), ExitCode.BAD_NODE),
+        (_torch_record("RuntimeError: boom", errorCode=1), ExitCode.RETRY),
+        # arc's own field wins over the class name
+        (_torch_record("HangError: stuck", arc={"exitCode": 10}), ExitCode.RETRY),
+        (_torch_record("Whatever", arc={"exitCode": 12}), ExitCode.HARDWARE),
+        ({"message": "new string format"}, ExitCode.RETRY),
+        ({}, ExitCode.RETRY),
+    ],
+)
+def test_classify_error_data(data, code):
+    assert classify_error_data(data) == code
+
+
+def test_error_file_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    try:
+        raise UnrecoverableError("step 12: nonfinite_loss on ranks (1,)")
+    except UnrecoverableError as e:
+        path = write_error_file(e, e.exit_code)
+    assert path == str(tmp_path / "error.json")
+    data = json.loads((tmp_path / "error.json").read_text())
+    # torch's own reader keys stay intact
+    assert int(data["message"]["extraInfo"]["timestamp"]) > 0
+    assert "raise UnrecoverableError" in data["message"]["extraInfo"]["py_callstack"]
+    f = read_error_file(path, attempt=2, local_rank=1)
+    assert f.exit_code == ExitCode.UNRECOVERABLE and f.rank == 5 and f.attempt == 2
+    assert f.message == "UnrecoverableError: step 12: nonfinite_loss on ranks (1,)"
+    assert "rank 5" in f.describe() and "exit 11" in f.describe()
+    # without a destination nothing is written, and nothing raises
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    assert write_error_file("x", 10) is None
+    assert read_error_file(str(tmp_path / "missing.json")) is None
+    (tmp_path / "half.json").write_text('{"message": ')
+    assert read_error_file(str(tmp_path / "half.json")) is None
+
+
+def _layout(root, errors: dict[tuple[int, int], tuple[BaseException, float]], attempts: int):
+    """A torchrun log folder: <root>/<run>/attempt_N/<local_rank>/error.json."""
+    run = root / "arc-test_abc123"
+    for a in range(attempts):
+        for r in range(2):
+            (run / f"attempt_{a}" / str(r)).mkdir(parents=True)
+    for (a, r), (err, t) in errors.items():
+        path = run / f"attempt_{a}" / str(r) / "error.json"
+        write_error_file(err, err.exit_code if hasattr(err, "exit_code") else 1, path=str(path))
+        data = json.loads(path.read_text())
+        data["message"]["arc"]["time"] = t
+        path.write_text(json.dumps(data))
+    return [str(run)]
+
+
+def test_scan_and_decide_restarts_exhausted(tmp_path):
+    runs = _layout(
+        tmp_path,
+        {
+            (0, 0): (HardwareError("ECC"), 10.0),
+            # last attempt: a peer's generic error came first, the deliberate one a bit later
+            (1, 0): (RuntimeError("Connection reset by peer"), 20.0),
+            (1, 1): (HardwareError("illegal memory access"), 20.5),
+        },
+        attempts=2,
+    )
+    last, failures = scan_run_dirs(runs)
+    assert last == 1 and len(failures) == 3
+    cause = root_cause([f for f in failures if f.attempt == 1])
+    assert cause.local_rank == 1 and cause.exit_code == ExitCode.HARDWARE
+    assert hardware_streak(failures, last) == 2
+    out = decide(1, failures, last)
+    assert out.exit_code == ExitCode.HARDWARE and "illegal memory access" in out.reason
+    # the same host failing on a device error twice in a row: replace the node
+    out = decide(1, failures, last, bad_node_after=2)
+    assert out.exit_code == ExitCode.BAD_NODE and "replace the node" in out.reason
+    assert decide(1, failures, last, bad_node_after=3).exit_code == ExitCode.HARDWARE
+
+
+def test_decide_orders_stop_codes_preemption_success_and_signals(tmp_path):
+    runs = _layout(
+        tmp_path,
+        {(0, 0): (UnrecoverableError("nan"), 1.0), (0, 1): (HangError("stuck"), 0.5)},
+        attempts=2,
+    )
+    last, failures = scan_run_dirs(runs)
+    # a stop code anywhere ends the job with it, even if a later attempt died otherwise
+    out = decide(1, failures, last, signalled="SIGTERM")
+    assert out.exit_code == ExitCode.UNRECOVERABLE and "do not retry" in out.reason
+    assert decide(1, [], 0, signalled="SIGTERM").exit_code == ExitCode.RETRY
+    assert decide(0, [], 3).exit_code == ExitCode.OK
+    # an attempt that left no error file (SIGKILL, OOM killer): retry, saying so
+    retry = [f for f in failures if f.exit_code == ExitCode.RETRY]
+    out = decide(1, retry, last, agent_message="RendezvousTimeoutError: x")
+    assert out.exit_code == ExitCode.RETRY
+    assert "no error file" in out.reason and "RendezvousTimeoutError" in out.reason
+    # the hang in attempt 0 is the root cause if attempt 0 was the last
+    assert decide(1, retry, 0).exit_code == ExitCode.RETRY
+
+
+def test_flags_env_defaults_and_command(tmp_path, monkeypatch):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    monkeypatch.setenv("ARC_MAX_RESTARTS", "7")
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "4")
+    monkeypatch.setenv("ARC_RDZV_ID", "job-42")
+    spec, dry = parse_args(
+        ["--nnodes=1:2", "--rdzv-endpoint=10.0.0.1:29400", "--max-restarts=2",
+         "--torchrun-arg=--tee=3", str(script), "--lr", "3e-4"]
+    )  # fmt: skip
+    assert not dry
+    assert spec.max_restarts == 2  # an explicit flag beats the environment
+    assert spec.nproc_per_node == "4" and spec.rdzv_id == "job-42"
+    cmd, env = build_command(spec, agent_error_file="/logs/agent.json")
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    for arg in ("--nnodes=1:2", "--nproc-per-node=4", "--max-restarts=2",
+                "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400", "--rdzv-id=job-42",
+                "--tee=3"):  # fmt: skip
+        assert arg in cmd
+    assert cmd[-3:] == [str(script), "--lr", "3e-4"]
+    line = format_command(cmd, env)
+    assert line.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
+    assert shlex.split(line)[2:] == cmd
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--nnodes=1:2", "--rdzv-id=x"], ["--rdzv-endpoint", "every node"]),
+        (["--nnodes=1:2", "--rdzv-endpoint=h:1"], ["--rdzv-id"]),
+        (["--nnodes=3:2"], ["--nnodes='3:2'", "MIN <= MAX"]),
+        (["--nproc-per-node=0"], ["--nproc-per-node='0'"]),
+        (["--max-restarts=-1"], ["--max-restarts=-1"]),
+    ],
+)
+def test_bad_flags_exit_unrecoverable_naming_the_flag(argv, words, tmp_path, capsys, monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("ARC_", "PET_")):
+            monkeypatch.delenv(k)
+    script = tmp_path / "train.py"
+    script.write_text("")
+    with pytest.raises(SystemExit) as e:
+        parse_args([*argv, str(script)])
+    assert e.value.code == ExitCode.UNRECOVERABLE
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err
+
+
+def test_missing_script_and_dry_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args([str(tmp_path / "nope.py")])
+    assert e.value.code == ExitCode.UNRECOVERABLE
+    assert "does not exist" in capsys.readouterr().err
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert main(["--dry-run", "--nproc-per-node=2", str(script)]) == 0
+    out = capsys.readouterr().out
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out and "--rdzv-endpoint=localhost:0" in out
