@@ -94,9 +94,12 @@ class ArcConfig:
     async_checkpoint: bool = True
     #: factor applied to every param group's LR after a rollback (0 < f <= 1)
     lr_backoff: float = 0.5
+    #: undo the LR backoff step by step once training has recovered (one factor of
+    #: ``1/lr_backoff`` every ``recovery_steps`` healthy steps, up to the scheduled LR)
+    lr_restore: bool = True
     #: consecutive rollbacks without recovery before escalating to an older snapshot
     max_rollbacks: int = 3
-    #: healthy steps after a rollback that count as recovered (resets the rollback count)
+    #: healthy steps past the failed step that count as recovered (resets the rollback count)
     recovery_steps: int = 20
     #: steps between the deeper checks of weights and optimizer state (1 = every step)
     deep_check_every: int = 10

@@ -121,6 +121,7 @@ class Arc:
         self.global_step = 0
         self._calls = 0  # step() calls, rollbacks included: decides deep-check steps
         self._lr_scale = 1.0
+        self._lr_restore_at = 0
         self._expected_lrs: list[float] | None = None
         self._last_step_end: float | None = None
         self._preempt_requested = False
@@ -192,9 +193,10 @@ class Arc:
         )
         m = self._agree.reduce(row)  # the step's one collective and one host sync
         verdict = self._policy.judge(m, amp=self.scaler is not None)
-        decision = self._recovery.decide(verdict, len(self._snapshots))
-        self._recovery.record(decision, verdict)
+        decision = self._recovery.decide(verdict, [s.step for s in self._snapshots.snapshots])
+        step_judged = self.global_step
         action = self._act(m, verdict, decision)
+        self._recovery.record(decision, step_judged, self.global_step if action.rolled_back else None)
         self._last = action
         self._last_step_end = time.monotonic()
         return action
@@ -215,6 +217,7 @@ class Arc:
                 if every and self.global_step > 0 and self.global_step % every == 0:
                     self._save(blocking=not self.config.async_checkpoint)
             self.global_step += 1
+            self._maybe_restore_lr()
             self._expected_lrs = self._lrs()
             return Action(self.global_step, verdict.status, False, False, **base)
         if decision.kind == "skip":
@@ -253,6 +256,7 @@ class Arc:
         self._lr_scale *= self.config.lr_backoff
         self._scale_lr(self._lr_scale / snap.extra["lr_scale"])
         self._expected_lrs = self._lrs()
+        self._lr_restore_at = failed_at + self.config.recovery_steps
         self.global_step = snap.step
         self._stats["rollbacks"] += 1
         if self._checkpoints is not None:
@@ -292,6 +296,16 @@ class Arc:
         ratios = [lr / e if e > 0 else (1.0 if lr <= 0 else math.inf) for lr, e in zip(lrs, expected)]
         return max(ratios) if all(math.isfinite(r) for r in ratios) and all(math.isfinite(x) for x in lrs) else math.inf
 
+    def _maybe_restore_lr(self) -> None:
+        if not self.config.lr_restore or self._lr_scale >= 1.0 or self.global_step < self._lr_restore_at:
+            return
+        factor = min(1.0 / self.config.lr_backoff, 1.0 / self._lr_scale)
+        self._lr_scale *= factor
+        self._scale_lr(factor)
+        self._lr_restore_at = self.global_step + self.config.recovery_steps
+        if self.rank == 0:
+            log.info("arc_dist: recovered at step %d; lr scale back to %.3g", self.global_step, self._lr_scale)
+
     def _scale_lr(self, factor: float) -> None:
         """Scale every group's LR, and the scheduler's bases so its next step keeps the factor."""
         if factor == 1.0:
@@ -310,6 +324,7 @@ class Arc:
     # -- snapshots and own state ---------------------------------------------------------
     def _own_state(self) -> dict:
         return {"global_step": self.global_step, "lr_scale": self._lr_scale}
+
 
     def _load_own_state(self, state: dict) -> None:
         self.global_step = int(state["global_step"])

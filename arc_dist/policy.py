@@ -97,8 +97,8 @@ class HealthPolicy:
         self.grad = RobustWindow(thresholds.window)
         self.healthy_seen = 0
         # last deep-check values along the current trajectory (cleared on rollback)
-        self.last_weight: float | None = None
-        self.last_state: float | None = None
+        self.last_weight: np.ndarray | None = None  # per-rank squared norms
+        self.last_state: np.ndarray | None = None
         self.last_state_step: float | None = None
 
     # -- pure ---------------------------------------------------------------------------
@@ -173,30 +173,24 @@ class HealthPolicy:
         if bad.size:
             names = [f.name for f in StateFlag if int(flags[bad[0]]) & f]
             return fail("optimizer_state", bad, flags=names or ["nonfinite"])
-        # a rank whose replicated value differs from the others' is the culprit; for sharded
-        # layouts each rank's share differs anyway, so the total decides and all ranks are named
-        weight = math.sqrt(self.combine_grad_sq(wsq))
+        # the total decides; ranks are blamed by how their own share moved since the last check
         warm = self.healthy_seen >= t.warmup_steps
-        if warm and self.last_weight:
-            ratio = weight / self.last_weight
-            if not (1 / t.weight_ratio_fail <= ratio <= t.weight_ratio_fail):
-                return fail("weight_corruption", self._odd_ranks(wsq), ratio=ratio)
-        state = math.sqrt(self.combine_grad_sq(ssq))
-        if warm and self.last_state:
-            ratio = state / self.last_state
-            if not (1 / t.state_ratio_fail <= ratio <= t.state_ratio_fail):
-                return fail("optimizer_state", self._odd_ranks(ssq), ratio=ratio)
+        for reason, col, prev, limit in (
+            ("weight_corruption", wsq, self.last_weight, t.weight_ratio_fail),
+            ("optimizer_state", ssq, self.last_state, t.state_ratio_fail),
+        ):
+            if not warm or prev is None or self.combine_grad_sq(prev) <= 0:
+                continue
+            ratio = math.sqrt(self.combine_grad_sq(col) / self.combine_grad_sq(prev))
+            if not (1 / limit <= ratio <= limit):
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    own = np.sqrt(col / prev)
+                odd = np.nonzero(~((own >= 1 / limit) & (own <= limit)))[0]
+                return fail(reason, odd if odd.size else range(len(col)), ratio=ratio)
         step = float(steps.max())
         if self.last_state_step is not None and 0 <= step < self.last_state_step:
             return fail("optimizer_state", np.nonzero(steps < self.last_state_step)[0], reset=True)
         return None
-
-    def _odd_ranks(self, values: np.ndarray) -> tuple[int, ...]:
-        if self.layout == "sharded" or len(values) == 1:
-            return tuple(range(len(values)))
-        med = float(np.median(values))
-        odd = np.nonzero(values != med)[0]
-        return tuple(int(r) for r in odd) if 0 < odd.size < len(values) else tuple(range(len(values)))
 
     # -- history ------------------------------------------------------------------------
     def observe(self, m: np.ndarray, verdict: Verdict) -> None:
@@ -206,8 +200,8 @@ class HealthPolicy:
             self.grad.add(verdict.grad_norm)
             self.healthy_seen += 1
         if m[0, Col.DEEP]:
-            self.last_weight = math.sqrt(self.combine_grad_sq(m[:, Col.WEIGHT_SQ])) or None
-            self.last_state = math.sqrt(self.combine_grad_sq(m[:, Col.STATE_SQ])) or None
+            self.last_weight = m[:, Col.WEIGHT_SQ].copy()
+            self.last_state = m[:, Col.STATE_SQ].copy()
             step = float(m[:, Col.STATE_STEP].max())
             self.last_state_step = step if step >= 0 else None
 
@@ -236,52 +230,60 @@ class Decision:
     """What the controller does about a verdict."""
 
     kind: str  # "continue" | "skip" | "rollback" | "raise"
-    #: for rollback: how many newest snapshots to discard first (0 = the newest)
+    #: for rollback: how many newest snapshots to discard first (0 = restore the newest)
     drop: int = 0
 
 
 class RecoveryPolicy:
     """Escalation as a small state machine, shared by all ranks.
 
-    ``max_rollbacks`` consecutive rollbacks without ``recovery_steps`` healthy steps in between
-    escalate: the newest snapshot is discarded (it may sit on a doomed trajectory) and the next
-    older one is restored. With nothing older left, the run is unrecoverable.
+    Recovered means training got ``recovery_steps`` healthy steps past the step where it last
+    failed. Until then, after ``max_rollbacks`` rollbacks the policy escalates: it discards
+    snapshots and restores one strictly older than any earlier escalation restored (the newer
+    ones may sit on a doomed trajectory). With nothing older left, the run is unrecoverable.
     """
 
     def __init__(self, config: ArcConfig):
         self.max_rollbacks = config.max_rollbacks
         self.recovery_steps = config.recovery_steps
         self.consecutive = 0
-        self.healthy_since = 0
-        self.escalations = 0
+        self.failed_at: int | None = None
+        self.floor = math.inf  # escalations must restore a snapshot older than this step
 
-    def decide(self, verdict: Verdict, snapshots: int) -> Decision:
+    def decide(self, verdict: Verdict, snapshot_steps: list[int]) -> Decision:
+        """``snapshot_steps``: steps of the snapshots held, oldest first."""
         if verdict.status == HEALTHY:
             return Decision("continue")
         if verdict.status == WARNING:
             return Decision("skip" if verdict.reason == "amp_overflow" else "continue")
-        if self.consecutive < self.max_rollbacks and snapshots >= 1:
+        if not snapshot_steps:
+            return Decision("raise")
+        if self.consecutive < self.max_rollbacks:
             return Decision("rollback")
-        if snapshots >= 2:
-            return Decision("rollback", drop=1)
-        return Decision("raise")
+        limit = min(self.floor, snapshot_steps[-1])
+        older = [i for i, s in enumerate(snapshot_steps) if s < limit]
+        if not older:
+            return Decision("raise")
+        return Decision("rollback", drop=len(snapshot_steps) - 1 - older[-1])
 
-    def record(self, decision: Decision, verdict: Verdict) -> None:
+    def record(self, decision: Decision, step: int, restored_step: int | None = None) -> None:
+        """Update after acting; ``step`` is the global step the verdict was about."""
         if decision.kind == "rollback":
+            self.failed_at = step if self.failed_at is None else max(self.failed_at, step)
             if decision.drop:
-                self.escalations += 1
                 self.consecutive = 1
+                if restored_step is not None:
+                    self.floor = restored_step
             else:
                 self.consecutive += 1
-            self.healthy_since = 0
-        elif verdict.status != FAILURE:
-            self.healthy_since += 1
-            if self.healthy_since >= self.recovery_steps:
-                self.consecutive = 0
+        elif decision.kind == "continue" and self.failed_at is not None:
+            if step + 1 >= self.failed_at + self.recovery_steps:
+                self.consecutive, self.failed_at, self.floor = 0, None, math.inf
 
     def state_dict(self) -> dict:
-        return {"consecutive": self.consecutive, "healthy_since": self.healthy_since}
+        return {"consecutive": self.consecutive, "failed_at": self.failed_at}
 
     def load_state_dict(self, sd: dict) -> None:
         self.consecutive = int(sd["consecutive"])
-        self.healthy_since = int(sd["healthy_since"])
+        self.failed_at = sd.get("failed_at")
+        self.floor = math.inf

@@ -78,7 +78,7 @@ def sq_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tens
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     parts = []
-    for (dev, _), ts in groups.items():
+    for ts in groups.values():
         # _foreach_norm squares in the input dtype and overflows for |x| ~ 1e19 in fp32; the
         # upcast only touches the per-tensor norms, and an overflow still reads as explosion.
         norms = torch.stack(torch._foreach_norm(ts)).to(torch.float64)

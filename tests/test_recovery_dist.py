@@ -1,0 +1,219 @@
+"""Agreement and recovery on real gloo process groups (2 and 4 ranks, DDP and FSDP2).
+
+Each rank group is spawned once per module and runs every scenario in turn (importing torch
+in a fresh process costs seconds here); the tests then assert on what each rank reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from arc_dist import Arc, ArcConfig, UnrecoverableError
+
+from ._dist import run_ranks
+from ._workload import Data, eval_loss, make_model, params_digest, train
+
+STEPS = 80
+FAULT_STEP = 40
+ONE_RANK_FAULTS = {
+    "nan_loss": "nonfinite_loss",
+    "inf_loss": "nonfinite_loss",
+    "loss_spike": "loss_spike",
+    "grad_explosion": "grad_explosion",
+    "nan_grad": "nonfinite_grad",
+    "lr_spike": "lr_spike",
+    "nan_weights": "nonfinite_weights",
+    "optimizer_reset": "optimizer_state",
+    "optimizer_corrupt": "optimizer_state",
+}
+
+
+def _optimizer(name: str, model, lr: float):
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def _run(rank, world, sc: dict) -> dict:
+    model = make_model(sc["model"], sc.get("seed", 0))
+    if sc.get("fsdp"):
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        wrapped = model
+    else:
+        wrapped = DDP(model)
+    opt = _optimizer(sc.get("opt", "adam"), wrapped, sc.get("lr", 3e-3))
+    sched = None
+    if sc.get("warmup"):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    data = Data(sc["model"], rank, sc.get("seed", 0))
+    config = ArcConfig(snapshot_every=10, deep_check_every=10, max_rollbacks=2, recovery_steps=10)
+    arc = Arc(wrapped, opt, sched, config=config, chaos=sc.get("chaos", ""))
+    out = {"error": None}
+    try:
+        out["events"] = train(wrapped, opt, arc, data, sc.get("steps", STEPS), max_calls=400, sched=sched)
+    except UnrecoverableError as e:
+        out["error"] = str(e)
+        return out
+    out.update(
+        digest=params_digest(wrapped),
+        eval=eval_loss(wrapped, data),
+        step=arc.global_step,
+        stats=arc.stats(),
+        fired=list(arc.chaos.fired) if arc.chaos else [],
+    )
+    arc.close()
+    return out
+
+
+def _run_all(rank, world, scenarios: dict) -> dict:
+    return {name: _run(rank, world, sc) for name, sc in scenarios.items()}
+
+
+CLEAN = {
+    f"clean-{m}-{o}-{lr}-s{s}": dict(model=m, opt=o, lr=lr, seed=s, warmup=(m == "lm"), steps=120)
+    for m, o, lr, s in [
+        ("mlp", "adam", 3e-3, 0),
+        ("mlp", "adam", 3e-3, 1),
+        ("mlp", "sgd", 5e-2, 2),
+        ("mlp", "adam", 3e-2, 3),
+        ("lm", "adamw", 3e-3, 0),
+        ("lm", "adamw", 1e-2, 1),
+    ]
+}
+TWO_RANK = {
+    **CLEAN,
+    "reference-mlp": dict(model="mlp"),
+    "reference-lm": dict(model="lm", opt="adamw", warmup=True, steps=150),
+    **{f"one-{k}": dict(model="mlp", chaos=f"{k}@{FAULT_STEP}/1") for k in ONE_RANK_FAULTS},
+    "all-nan_loss": dict(model="mlp", chaos=f"nan_loss@{FAULT_STEP}"),
+    "all-lr_spike": dict(model="mlp", chaos=f"lr_spike@{FAULT_STEP}"),
+    "lm-three-faults": dict(model="lm", opt="adamw", warmup=True, steps=150,
+                            chaos="nan_loss@30/1 grad_explosion@50/0 lr_spike@65/1"),
+    "persistent": dict(model="mlp", chaos=f"nan_loss@{FAULT_STEP}/1!"),
+}
+FOUR_RANK = {
+    "reference-mlp": dict(model="mlp"),
+    "nan_loss-r2": dict(model="mlp", chaos=f"nan_loss@{FAULT_STEP}/2"),
+    "grad_explosion-r3": dict(model="mlp", chaos=f"grad_explosion@{FAULT_STEP}/3"),
+    "lr_spike-r1+r3": dict(model="mlp", chaos=f"lr_spike@{FAULT_STEP}/1+3"),
+}
+FSDP = {
+    "reference-mlp": dict(model="mlp", fsdp=True),
+    "nan_loss": dict(model="mlp", fsdp=True, chaos=f"nan_loss@{FAULT_STEP}/1"),
+    "grad_explosion": dict(model="mlp", fsdp=True, chaos=f"grad_explosion@{FAULT_STEP}/0"),
+    "nan_weights": dict(model="mlp", fsdp=True, chaos=f"nan_weights@{FAULT_STEP}/1"),
+}
+
+
+@pytest.fixture(scope="module")
+def two():
+    return run_ranks(_run_all, 2, TWO_RANK, timeout=280)
+
+
+@pytest.fixture(scope="module")
+def four():
+    return run_ranks(_run_all, 4, FOUR_RANK, timeout=280)
+
+
+@pytest.fixture(scope="module")
+def fsdp():
+    return run_ranks(_run_all, 2, FSDP, timeout=200)
+
+
+def _same_on_all_ranks(results, name):
+    first = results[0][name]
+    for r, res in enumerate(results[1:], 1):
+        assert res[name]["events"] == first["events"], f"rank {r} saw other actions in {name}"
+    return first
+
+
+def _assert_recovered(results, name, reference, *, steps=STEPS, replicated=True):
+    first = _same_on_all_ranks(results, name)
+    if replicated:
+        digests = {res[name]["digest"] for res in results}
+        assert len(digests) == 1, f"{name}: replicas differ after recovery"
+    for res in results:
+        assert res[name]["step"] == steps
+        ev, ref = res[name]["eval"], res[reference]["eval"]
+        assert math.isfinite(ev)
+        assert ev <= 1.5 * ref + 0.02, f"{name}: eval loss {ev:.4f} vs fault-free {ref:.4f}"
+    return first
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", list(CLEAN))
+def test_clean_runs_raise_no_verdict(two, name):
+    for rank, res in enumerate(two):
+        assert res[name]["error"] is None
+        assert res[name]["events"] == [], f"false positive on rank {rank}: {res[name]['events']}"
+        assert res[name]["stats"]["rollbacks"] == 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", list(ONE_RANK_FAULTS))
+def test_fault_on_one_rank_is_rolled_back_everywhere(two, kind):
+    name = f"one-{kind}"
+    first = _assert_recovered(two, name, "reference-mlp")
+    failures = [e for e in first["events"] if e[1] == "failure"]
+    assert failures, f"{kind} was not detected: {first['events']}"
+    step, _, reason, bad, rolled = failures[0]
+    assert reason == ONE_RANK_FAULTS[kind]
+    assert bad == (1,), f"{kind}: blamed ranks {bad}"
+    assert rolled
+    assert two[1][name]["fired"] == [(kind, FAULT_STEP, 1)]
+    assert two[0][name]["fired"] == []
+    assert two[0][name]["stats"]["rollbacks"] == len(failures)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["all-nan_loss", "all-lr_spike"])
+def test_fault_on_all_ranks(two, name):
+    first = _assert_recovered(two, name, "reference-mlp")
+    failures = [e for e in first["events"] if e[1] == "failure"]
+    assert len(failures) == 1 and failures[0][3] == (0, 1)
+
+
+@pytest.mark.timeout(300)
+def test_three_faults_in_a_language_model(two):
+    first = _assert_recovered(two, "lm-three-faults", "reference-lm", steps=150)
+    reasons = [e[2] for e in first["events"] if e[1] == "failure"]
+    assert reasons == ["nonfinite_loss", "grad_explosion", "lr_spike"]
+
+
+@pytest.mark.timeout(300)
+def test_persistent_fault_is_unrecoverable_on_every_rank(two):
+    errors = [res["persistent"]["error"] for res in two]
+    assert all(errors), errors
+    assert errors[0] == errors[1]
+    assert "nonfinite_loss" in errors[0] and "[1]" in errors[0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "name,reason,bad",
+    [("nan_loss-r2", "nonfinite_loss", (2,)), ("grad_explosion-r3", "grad_explosion", (3,)),
+     ("lr_spike-r1+r3", "lr_spike", (1, 3))],
+)
+def test_four_ranks(four, name, reason, bad):
+    assert all(res["reference-mlp"]["events"] == [] for res in four)
+    first = _assert_recovered(four, name, "reference-mlp")
+    failures = [e for e in first["events"] if e[1] == "failure"]
+    assert [(e[2], e[3]) for e in failures] == [(reason, bad)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,reason", [("nan_loss", "nonfinite_loss"), ("grad_explosion", "grad_explosion"),
+                                         ("nan_weights", "nonfinite_weights")])
+def test_fsdp2(fsdp, name, reason):
+    assert all(res["reference-mlp"]["events"] == [] for res in fsdp)
+    first = _assert_recovered(fsdp, name, "reference-mlp", replicated=False)
+    failures = [e for e in first["events"] if e[1] == "failure"]
+    assert failures and failures[0][2] == reason
