@@ -194,3 +194,20 @@ def test_missing_script_and_dry_run(tmp_path, capsys):
     assert main(["--dry-run", "--nproc-per-node=2", str(script)]) == 0
     out = capsys.readouterr().out
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out and "--rdzv-endpoint=localhost:0" in out
+
+
+def test_torchrun_sh_wraps_the_launcher(tmp_path):
+    import subprocess
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    wrapper = os.path.join(os.path.dirname(__file__), "..", "launch", "torchrun.sh")
+    p = subprocess.run(
+        ["bash", wrapper, "--dry-run", "--nproc-per-node=2", str(script), "--steps", "5"],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "--nproc-per-node=2" in p.stdout and p.stdout.strip().endswith("--steps 5")
