@@ -9,6 +9,7 @@ fault injection plug in here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from .errors import UnrecoverableError
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .signals import DDPLocalGradNorm, SignalCollector, layout_of
 from .snapshot import SnapshotStore
+from .watchdog import Watchdog
 
 log = logging.getLogger("arc_dist")
 
@@ -154,6 +156,11 @@ class Arc:
                 config_digest=_digest(self.config),
             )
         self._registered: dict[str, Any] = {}
+        # started last: the first step's allowance (hang_grace) also covers resume() and the
+        # first collective's warm-up
+        self._watchdog: Watchdog | None = None
+        if self.config.hang_timeout is not None:
+            self._watchdog = Watchdog(self.config.hang_timeout, self.config.hang_grace, log)
 
     # -- the step ----------------------------------------------------------------------
     def step(self, loss: torch.Tensor) -> Action:
@@ -199,6 +206,8 @@ class Arc:
         self._recovery.record(decision, step_judged, self.global_step if action.rolled_back else None)
         self._last = action
         self._last_step_end = time.monotonic()
+        if self._watchdog is not None:
+            self._watchdog.beat()
         return action
 
     def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
@@ -380,7 +389,8 @@ class Arc:
     def _save(self, blocking: bool) -> None:
         assert self._checkpoints is not None
         verdict = {"status": self._last.status if self._last else HEALTHY, "step": self.global_step}
-        self._checkpoints.save(self.global_step, self._app_state(), verdict=verdict, blocking=blocking)
+        with self._hang_allowance():
+            self._checkpoints.save(self.global_step, self._app_state(), verdict=verdict, blocking=blocking)
         self._stats["checkpoints"] = self._checkpoints.stats().get("checkpoints", 0)
 
     def save(self, blocking: bool = True) -> None:
@@ -393,7 +403,8 @@ class Arc:
         """Collective: load the newest confirmed checkpoint, if any; returns ``global_step``."""
         if self._checkpoints is None:
             return self.global_step
-        step = self._checkpoints.load(self._app_state())
+        with self._hang_allowance():
+            step = self._checkpoints.load(self._app_state())
         if step is not None:
             self.global_step = step
             self._snapshots.snapshots.clear()
@@ -401,6 +412,10 @@ class Arc:
             self._signals.reset_expectations()
             self._expected_lrs = self._lrs()
         return self.global_step
+
+    def _hang_allowance(self):
+        """``hang_grace`` on top of ``hang_timeout`` for a save, a load or the final flush."""
+        return self._watchdog.allow() if self._watchdog is not None else contextlib.nullcontext()
 
     # -- lifecycle -----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -419,8 +434,13 @@ class Arc:
         if self._closed:
             return
         self._closed = True
-        if self._checkpoints is not None:
-            self._checkpoints.close()
+        try:
+            if self._checkpoints is not None:
+                with self._hang_allowance():
+                    self._checkpoints.close()
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.stop()
         if self.chaos is not None:
             self.chaos.detach()
 

@@ -99,7 +99,8 @@ class Watchdog:
     def allow(self, seconds: float | None = None) -> Iterator[None]:
         """Allow ``seconds`` (default: ``grace``) plus ``timeout`` for the enclosed operation.
 
-        Leaving the block counts as progress (the operation finished).
+        Leaving the block counts as progress (the operation finished); an allowance still
+        pending (the first step's grace, :meth:`extend`) is kept.
         """
         seconds = self.grace if seconds is None else float(seconds)
         with self._lock:
@@ -113,7 +114,9 @@ class Watchdog:
             with self._lock:
                 del self._allowances[token]
                 self._allow_until = max(self._allowances.values(), default=0.0)
-            self.beat()
+            # progress, without cutting a pending allowance (the first step's grace after a
+            # load in resume(), or an extend())
+            self._last = max(self._last, time.monotonic())
 
     def stop(self) -> None:
         """Stop watching (idempotent); disarms the faulthandler backstop."""
