@@ -156,7 +156,12 @@ class Chaos:
     @classmethod
     def from_env(cls, var: str = "ARC_CHAOS") -> Chaos | None:
         spec = os.environ.get(var, "").strip()
-        return cls.from_spec(spec) if spec else None
+        if not spec:
+            return None
+        try:
+            return cls.from_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"environment variable {var}={spec!r}: {e}") from None
 
     def add(self, fault: Fault) -> None:
         self.faults.append(fault)

@@ -1,0 +1,157 @@
+"""Single-process mode (no torch.distributed) and bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from arc_dist import Arc, ArcConfig, UnrecoverableError
+
+from ._workload import Data, eval_loss, make_model, params_digest, train
+
+
+def _setup(chaos="", model_kind="mlp", **cfg):
+    model = make_model(model_kind)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    arc = Arc(model, opt, config=ArcConfig(snapshot_every=10, **cfg), chaos=chaos)
+    return model, opt, arc, Data(model_kind, 0)
+
+
+def test_single_process_recovers_from_every_step_fault():
+    ref_model, ref_opt, ref_arc, ref_data = _setup()
+    assert train(ref_model, ref_opt, ref_arc, ref_data, 120) == []
+    model, opt, arc, data = _setup(
+        "nan_loss@30 grad_explosion@50 lr_spike@70 nan_weights@80 optimizer_reset@95 loss_spike@105"
+    )
+    events = train(model, opt, arc, data, 120, max_calls=400)
+    reasons = [e[2] for e in events if e[1] == "failure"]
+    assert reasons == ["nonfinite_loss", "grad_explosion", "lr_spike", "nonfinite_weights",
+                       "optimizer_state", "loss_spike"]
+    assert arc.global_step == 120 and arc.stats()["rollbacks"] == 6
+    assert arc.stats()["collectives"] == 0 and arc.stats()["host_syncs"] == arc._calls
+    assert math.isfinite(eval_loss(model, data))
+    assert eval_loss(model, data) <= 1.5 * eval_loss(ref_model, ref_data) + 0.02
+
+
+def test_rollback_restores_exact_state():
+    model, opt, arc, data = _setup()
+    train(model, opt, arc, data, 10)
+    snap_digest, snap_opt = params_digest(model), copy.deepcopy(opt.state_dict())
+    # the next step snapshots step 10; corrupt everything after it and fail
+    loss = data.loss(model, data.next())
+    loss.backward()
+    assert arc.step(loss).status == "healthy"
+    opt.step()
+    opt.zero_grad()
+    loss = data.loss(model, data.next()) * float("nan")
+    loss.backward()
+    action = arc.step(loss)
+    assert action.rolled_back and action.step == 10 and arc.global_step == 10
+    assert params_digest(model) == snap_digest
+    restored = opt.state_dict()
+    for k, st in snap_opt["state"].items():
+        for name, v in st.items():
+            assert torch.equal(restored["state"][k][name], v)
+    assert restored["param_groups"][0]["lr"] == pytest.approx(snap_opt["param_groups"][0]["lr"] * 0.5)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_persistent_fault_raises_unrecoverable():
+    model, opt, arc, data = _setup("nan_loss@25!", max_rollbacks=2)
+    with pytest.raises(UnrecoverableError, match=r"nonfinite_loss on ranks \[0\]"):
+        train(model, opt, arc, data, 100, max_calls=400)
+
+
+def test_grad_scaler_overflow_is_a_skip_not_a_failure():
+    model = make_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    arc = Arc(model, opt, scaler=scaler, config=ArcConfig(snapshot_every=10), chaos="nan_grad@15")
+    data = Data("mlp", 0)
+    actions = []
+    while arc.global_step < 30:
+        loss = data.loss(model, data.next())
+        scaler.scale(loss).backward()
+        a = arc.step(loss)
+        actions.append(a)
+        if not a.should_skip:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+    skipped = [a for a in actions if a.should_skip]
+    assert [(a.status, a.reason, a.rolled_back) for a in skipped] == [("warning", "amp_overflow", False)]
+    assert scaler.get_scale() == 2.0**9
+    assert arc.stats()["rollbacks"] == 0 and arc.stats()["skips"] == 1
+
+
+def test_no_false_positives_with_schedulers_and_clean_lrs():
+    for lr, sched_kind in [(1e-2, "cosine"), (3e-3, "step"), (1e-3, "warmup")]:
+        model = make_model("lm")
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        sched = {
+            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 100),
+            "step": lambda: torch.optim.lr_scheduler.StepLR(opt, 20, gamma=0.5),
+            "warmup": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 30)),
+        }[sched_kind]()
+        arc = Arc(model, opt, sched, config=ArcConfig(snapshot_every=10, deep_check_every=1), chaos="")
+        assert train(model, opt, arc, Data("lm", 0), 100, sched=sched) == [], (lr, sched_kind)
+
+
+def test_backoff_survives_the_scheduler():
+    model = make_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    arc = Arc(model, opt, sched, config=ArcConfig(snapshot_every=5, lr_restore=False), chaos="nan_loss@12")
+    train(model, opt, arc, Data("mlp", 0), 20, sched=sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_bad_input_is_named_and_nothing_is_mutated():
+    model = make_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = params_digest(model)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        Arc("model", opt)
+    with pytest.raises(TypeError, match="Optimizer"):
+        Arc(model, "adam")
+    with pytest.raises(TypeError, match="ArcConfig"):
+        Arc(model, opt, config={"snapshot_every": 5})
+    other = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        Arc(model, torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        Arc(model, opt, process_group=object())
+    arc = Arc(model, opt, chaos="")
+    loss = model(torch.randn(4, 16)).mean()
+    with pytest.raises(ValueError, match="no gradients"):
+        arc.step(loss)
+    with pytest.raises(ValueError, match="scalar loss"):
+        arc.step(model(torch.randn(4, 16)))
+    with pytest.raises(ValueError, match="scalar loss"):
+        arc.step(0.5)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        arc.save()
+    assert params_digest(model) == before and arc.global_step == 0
+
+
+def test_env_var_supplies_chaos_but_never_overrides(monkeypatch):
+    monkeypatch.setenv("ARC_CHAOS", "nan_loss@3")
+    model, opt, arc, data = _setup(chaos=None)
+    assert [f.kind for f in arc.chaos.faults] == ["nan_loss"]
+    model, opt, arc, data = _setup(chaos="")
+    assert arc.chaos.faults == []
+    monkeypatch.setenv("ARC_CHAOS", "nan_loss3")
+    with pytest.raises(ValueError, match="ARC_CHAOS|KIND@STEP"):
+        _setup(chaos=None)
+
+
+def test_context_manager_closes():
+    model, opt, arc, data = _setup()
+    with arc:
+        train(model, opt, arc, data, 3)
+    with pytest.raises(RuntimeError, match="after close"):
+        arc.step(torch.tensor(1.0))
