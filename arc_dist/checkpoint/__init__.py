@@ -1,0 +1,31 @@
+"""Durable sharded checkpoints: DCP through fsspec, atomic commit, healthy confirmation.
+
+Layout of a checkpoint root (any fsspec URL)::
+
+    <url>/step_<N>/__<rank>_<i>.distcp   DCP data, one file per rank
+    <url>/step_<N>/.metadata             DCP metadata
+    <url>/step_<N>/arc_manifest.json     commit marker: sizes, checksums, step, world size, ...
+    <url>/step_<N>/arc_confirmed.json    present once confirm_after healthy steps followed
+
+Modules: ``storage`` (fsspec URLs), ``manifest`` (the JSON commit marker), ``dcp_io`` (DCP
+writer/reader adapters), ``state`` (the Stateful wrappers), ``catalog`` (listing, verification),
+``retention`` (what to delete), ``manager`` (``CheckpointManager``). See docs/checkpoints.md.
+"""
+
+from .catalog import CheckpointInfo, scan, verify
+from .manager import CheckpointManager, CheckpointStorageError
+from .manifest import Manifest
+from .state import PerRank, TrainState
+from .storage import Storage
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointStorageError",
+    "Manifest",
+    "PerRank",
+    "Storage",
+    "TrainState",
+    "scan",
+    "verify",
+]

@@ -1,0 +1,226 @@
+"""What a checkpoint holds: DCP ``Stateful`` wrappers for the training state.
+
+* ``TrainState(model, optimizer, scheduler=None, scaler=None)``: model and optimizer through
+  ``torch.distributed.checkpoint.state_dict`` (``get_state_dict``/``set_state_dict``), so DDP,
+  FSDP2 and plain modules all save FQN-keyed, reshardable state; plus the LR scheduler, the
+  ``GradScaler`` and this rank's RNG streams (torch CPU, CUDA, Python ``random``, NumPy).
+* ``PerRank(obj)``: any ``Stateful`` whose state differs per rank (a sampler position, a data
+  iterator). DCP stores a same-key plain value once for all ranks, so per-rank state needs
+  rank-unique keys: ``rank_<r>``.
+
+Both know how to build their *load template* from the keys a checkpoint actually has
+(``state_dict_for_load``), which is how resharding handles per-rank state: a rank that did not exist
+at save time starts from rank 0's state (``PerRank``) or keeps its own RNG (``TrainState``: copying
+rank 0's RNG would correlate dropout masks across ranks); state of ranks that no longer exist is
+dropped with a log line.
+
+Every value is a tensor or a plain Python number/list/dict, so nothing is ever unpickled beyond what
+``torch.load(weights_only=True)`` accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+log = logging.getLogger("arc_dist")
+
+
+def _global_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank_keys(available: set[str], prefix: str) -> set[int]:
+    """Ranks ``r`` with some key ``<prefix>rank_<r>.*`` (or ``<prefix>rank_<r>``)."""
+    ranks = set()
+    for key in available:
+        if key.startswith(prefix + "rank_"):
+            head = key[len(prefix) + 5 :].split(".", 1)[0]
+            if head.isdigit():
+                ranks.add(int(head))
+    return ranks
+
+
+# -- RNG ------------------------------------------------------------------------------------
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG streams as tensors (no pickled tuples or NumPy arrays)."""
+    version, mt, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor([version, *mt], dtype=torch.int64),
+        "python_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda_{i}"] = s
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        if kind == "MT19937":
+            state["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
+            state["numpy_meta"] = torch.tensor([pos, has_gauss, cached], dtype=torch.float64)
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].to(torch.uint8))
+    if "python" in state:
+        values = [int(x) for x in state["python"].tolist()]
+        gauss = float(state["python_gauss"].item()) if "python_gauss" in state else float("nan")
+        random.setstate((values[0], tuple(values[1:]), None if gauss != gauss else gauss))
+    cuda = sorted(k for k in state if k.startswith("cuda_"))
+    if cuda and torch.cuda.is_available():
+        for k in cuda:
+            i = int(k[5:])
+            if i < torch.cuda.device_count():
+                torch.cuda.set_rng_state(state[k].to(torch.uint8), device=i)
+    if "numpy_keys" in state:
+        try:
+            import numpy as np
+
+            pos, has_gauss, cached = state["numpy_meta"].tolist()
+            np.random.set_state(
+                ("MT19937", state["numpy_keys"].numpy().astype("uint32"), int(pos), int(has_gauss), cached)
+            )
+        except ImportError:
+            pass
+
+
+# -- training state -------------------------------------------------------------------------
+class TrainState:
+    """Model, optimizer, scheduler, ``GradScaler`` and this rank's RNG as one DCP ``Stateful``.
+
+    Keys: ``model`` and ``optim`` (FQN-keyed, from ``get_state_dict``; DDP's ``module.`` prefix is
+    dropped, FSDP2 parameters are DTensors), ``scheduler``, ``scaler``, ``rng.rank_<r>``.
+    """
+
+    #: key prefixes whose unexpected keys in a checkpoint make it incompatible
+    strict_prefixes = ("model.",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        *,
+        rng: bool = True,
+        options: StateDictOptions | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"TrainState(model=...) must be an nn.Module, got {type(model).__name__}")
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.rng = rng
+        self.options = options or StateDictOptions()
+
+    def _scaler_enabled(self) -> bool:
+        s = self.scaler
+        return s is not None and (not hasattr(s, "is_enabled") or s.is_enabled())
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is not None:
+            msd, osd = get_state_dict(self.model, self.optimizer, options=self.options)
+            sd: dict[str, Any] = {"model": msd, "optim": osd}
+        else:
+            sd = {"model": get_model_state_dict(self.model, options=self.options)}
+        if self.scheduler is not None:
+            sd["scheduler"] = self.scheduler.state_dict()
+        if self._scaler_enabled():
+            sd["scaler"] = self.scaler.state_dict()
+        if self.rng:
+            sd["rng"] = {f"rank_{_global_rank()}": rng_state()}
+        return sd
+
+    def state_dict_for_load(self, available: set[str]) -> dict[str, Any]:
+        """The template to load into, given the checkpoint's keys under this object."""
+        sd = self.state_dict()
+        if not self.rng:
+            return sd
+        rank, world = _global_rank(), _world_size()
+        saved = _rank_keys(available, "rng.")
+        if rank == 0 and any(r >= world for r in saved):
+            log.info(
+                "arc_dist: RNG state of ranks %s has no owner at world size %d; dropped",
+                sorted(r for r in saved if r >= world), world,
+            )
+        if rank not in saved:
+            log.info(
+                "[rank %d] arc_dist: the checkpoint has no RNG state for rank %d (saved at a "
+                "smaller world size); this rank keeps its own RNG streams", rank, rank,
+            )
+            sd.pop("rng")
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.optimizer is not None:
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=sd["model"],
+                optim_state_dict=sd["optim"],
+                options=self.options,
+            )
+        else:
+            set_model_state_dict(self.model, sd["model"], options=self.options)
+        if self.scheduler is not None and "scheduler" in sd:
+            self.scheduler.load_state_dict(sd["scheduler"])
+        if self._scaler_enabled() and sd.get("scaler"):
+            self.scaler.load_state_dict(sd["scaler"])
+        rng = sd.get("rng", {}).get(f"rank_{_global_rank()}")
+        if rng is not None:
+            set_rng_state(rng)
+
+
+class PerRank:
+    """Saves ``obj``'s state under ``rank_<r>``; a rank missing from the checkpoint gets rank 0's."""
+
+    def __init__(self, obj: Any) -> None:
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(
+                f"PerRank(obj) needs state_dict() and load_state_dict(), got {type(obj).__name__}"
+            )
+        self.obj = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f"rank_{_global_rank()}": self.obj.state_dict()}
+
+    def state_dict_for_load(self, available: set[str]) -> dict[str, Any]:
+        rank, world = _global_rank(), _world_size()
+        saved = _rank_keys(available, "")
+        if rank == 0 and any(r >= world for r in saved):
+            log.info(
+                "arc_dist: %s state of ranks %s has no owner at world size %d; dropped",
+                type(self.obj).__name__, sorted(r for r in saved if r >= world), world,
+            )
+        if rank in saved or not saved:
+            return self.state_dict()
+        source = 0 if 0 in saved else min(saved)
+        log.info(
+            "[rank %d] arc_dist: no %s state saved for rank %d; starting from rank %d's",
+            rank, type(self.obj).__name__, rank, source,
+        )
+        return {f"rank_{source}": self.obj.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        (state,) = sd.values()
+        self.obj.load_state_dict(state)
