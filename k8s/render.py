@@ -138,7 +138,13 @@ class RunSettings:
 
     @property
     def shutdown_timeout(self) -> int:
+        """Launcher ``--shutdown-timeout``: how long it waits for torchrun after SIGTERM."""
         return self.grace_period - SHUTDOWN_MARGIN_S
+
+    @property
+    def worker_shutdown_timeout(self) -> int:
+        """``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``: torchrun's wait for its workers, a bit less."""
+        return self.shutdown_timeout - 10
 
 
 def load(kind: str) -> list[dict[str, Any]]:
@@ -247,6 +253,9 @@ def render(kind: str, s: RunSettings) -> list[dict[str, Any]]:
                     _set_flag(c, "--nproc-per-node", s.gpus_per_node)
                     _set_flag(c, "--max-restarts", s.max_restarts)
                     _set_flag(c, "--shutdown-timeout", s.shutdown_timeout)
+                    for e in c["env"]:
+                        if e["name"] == "TORCH_ELASTIC_SHUTDOWN_TIMEOUT":
+                            e["value"] = str(s.worker_shutdown_timeout)
         _SIZE[doc["kind"]](doc, s)
     return docs
 

@@ -502,7 +502,9 @@ def test_launcher_command_agrees_with_the_controller(bundle: list[dict[str, Any]
         lo, hi = (int(x) for x in ns.nnodes.split(":"))
         assert ns.rdzv_backend == "c10d" and ns.rdzv_id == name
         host, port = ns.rdzv_endpoint.rsplit(":", 1)
-        assert 0 < float(ns.shutdown_timeout) < spec["terminationGracePeriodSeconds"]
+        # SIGTERM: torchrun waits for its workers < the launcher waits for torchrun < SIGKILL
+        worker_wait = int(env_of(c)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"])
+        assert 0 < worker_wait < ns.shutdown_timeout < spec["terminationGracePeriodSeconds"]
         assert ns.log_dir.startswith("/tmp/")  # the scratch emptyDir
         # every $(VAR) in command/args is defined in env, or Kubernetes passes it literally
         defined = set(env_of(c))
