@@ -24,6 +24,7 @@ from . import chaos as chaos_mod
 from .agreement import Agreement, comm_device
 from .config import ArcConfig
 from .errors import UnrecoverableError
+from .events import EventLog, Recorder
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .signals import DDPLocalGradNorm, SignalCollector, layout_of
 from .snapshot import SnapshotStore
@@ -93,6 +94,8 @@ class Arc:
         scaler: Any = None,
         storage_options: dict | None = None,
         chaos: chaos_mod.Chaos | str | None = None,
+        log_dir: str | None = None,
+        metrics_every: int = 10,
     ):
         _validate(model, optimizer, scheduler, config, process_group)
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
@@ -156,6 +159,14 @@ class Arc:
                 config_digest=_digest(self.config),
             )
         self._registered: dict[str, Any] = {}
+        # the event log (events.py): rank 0 appends to <log_dir>/events.jsonl; no collectives
+        self.log_dir = checkpoint_dir if log_dir is None else log_dir
+        self.events = EventLog(self.log_dir, storage_options=storage_options, enabled=self.rank == 0)
+        self._rec = Recorder(
+            self.events, metrics_every=metrics_every, checkpoints=self._checkpoints,
+            context=lambda: {"lr": self._lrs()[0], "lr_scale": self._lr_scale},
+        )
+        self._rec.start(world_size=self.world_size, layout=self.layout, checkpoint_dir=checkpoint_dir)
         # started last: the first step's allowance (hang_grace) also covers resume() and the
         # first collective's warm-up
         self._watchdog: Watchdog | None = None
@@ -202,8 +213,13 @@ class Arc:
         verdict = self._policy.judge(m, amp=self.scaler is not None)
         decision = self._recovery.decide(verdict, [s.step for s in self._snapshots.snapshots])
         step_judged = self.global_step
+        self._rec.verdict(step_judged, verdict, decision.kind)
         action = self._act(m, verdict, decision)
+        failing = self._recovery.failed_at is not None
         self._recovery.record(decision, step_judged, self.global_step if action.rolled_back else None)
+        if failing and self._recovery.failed_at is None:
+            self._rec.recovered(self.global_step)
+        self._rec.on_step(action)
         self._last = action
         self._last_step_end = time.monotonic()
         if self._watchdog is not None:
@@ -241,12 +257,14 @@ class Arc:
         self._stats["failures"] += 1
         if decision.kind == "raise":
             self._log_verdict(verdict)
-            raise UnrecoverableError(
+            message = (
                 f"arc_dist: training cannot recover at step {self.global_step}: {verdict.reason} "
                 f"on ranks {list(verdict.bad_ranks)} after {self._stats['rollbacks']} rollbacks "
                 f"and {self._stats['escalations']} escalations; no healthy state is left to "
                 "restore. Lower the learning rate or inspect the data around this step."
             )
+            self._rec.unrecoverable(self.global_step, verdict, message)
+            raise UnrecoverableError(message)
         self._rollback(verdict, decision.drop)
         return Action(self.global_step, FAILURE, True, True, **base)
 
@@ -270,6 +288,8 @@ class Arc:
         self._stats["rollbacks"] += 1
         if self._checkpoints is not None:
             self._checkpoints.on_rollback(snap.step)
+        self._rec.rollback(failed_at, snap.step, verdict.reason, verdict.bad_ranks,
+                           time.monotonic() - t0, drop, self._lr_scale)
         if self.rank == 0:
             log.warning(
                 "arc_dist: failure at step %d (%s, ranks %s, loss=%.4g, grad_norm=%.4g)%s: rolled "
@@ -342,6 +362,7 @@ class Arc:
         t0 = time.monotonic()
         snap = self._snapshots.take(self.global_step, self._own_state())
         self._stats["snapshots"] += 1
+        self._rec.snapshot(snap.step, snap.nbytes, time.monotonic() - t0)
         log.debug(
             "[rank %d] arc_dist: snapshot at step %d (%.1f MB in %.3fs)",
             self.rank, snap.step, snap.nbytes / 1e6, time.monotonic() - t0,
@@ -389,8 +410,12 @@ class Arc:
     def _save(self, blocking: bool) -> None:
         assert self._checkpoints is not None
         verdict = {"status": self._last.status if self._last else HEALTHY, "step": self.global_step}
-        with self._hang_allowance():
-            self._checkpoints.save(self.global_step, self._app_state(), verdict=verdict, blocking=blocking)
+        self._rec.checkpoint_start(self.global_step, blocking)
+        try:
+            with self._hang_allowance():
+                self._checkpoints.save(self.global_step, self._app_state(), verdict=verdict, blocking=blocking)
+        finally:
+            self._rec.poll_checkpoints()  # a blocking save's outcome is known now
         self._stats["checkpoints"] = self._checkpoints.stats().get("checkpoints", 0)
 
     def save(self, blocking: bool = True) -> None:
@@ -402,7 +427,9 @@ class Arc:
     def resume(self) -> int:
         """Collective: load the newest confirmed checkpoint, if any; returns ``global_step``."""
         if self._checkpoints is None:
+            self._rec.resumed(None, 0.0)
             return self.global_step
+        t0 = time.monotonic()
         with self._hang_allowance():
             step = self._checkpoints.load(self._app_state())
         if step is not None:
@@ -411,6 +438,7 @@ class Arc:
             self._policy.on_rollback()
             self._signals.reset_expectations()
             self._expected_lrs = self._lrs()
+        self._rec.resumed(step, time.monotonic() - t0)
         return self.global_step
 
     def _hang_allowance(self):
@@ -425,6 +453,9 @@ class Arc:
             collectives=self._agree.collectives,
             host_syncs=self._agree.host_syncs,
             lr_scale=self._lr_scale,
+            # the last step's agreed health signals (NaN before the first step)
+            loss=self._last.loss if self._last is not None else math.nan,
+            grad_norm=self._last.grad_norm if self._last is not None else math.nan,
         )
         if self._checkpoints is not None:
             out.update(self._checkpoints.stats())
@@ -441,6 +472,7 @@ class Arc:
         finally:
             if self._watchdog is not None:
                 self._watchdog.stop()
+        self._rec.close(self.stats())
         if self.chaos is not None:
             self.chaos.detach()
 
