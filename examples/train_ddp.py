@@ -150,6 +150,13 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     a("--chaos", default=None, help="faults to inject, e.g. 'crash@40/1' (default: $ARC_CHAOS)")
     a("--chaos-on-restart", action="store_true", help="inject the faults in restarts too")
     a("--log-every", type=int, default=10, help="steps between progress lines on rank 0")
+    a(
+        "--throttle",
+        type=float,
+        default=0.0,
+        help="sleep per step, seconds: slows a fire drill "
+        "down enough to watch it (or to kill a node mid-run) on a fast machine",
+    )
     a("--report", default=None, help="append JSON events (start, first step, done) to this file")
     return p
 
@@ -260,6 +267,8 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
             sched.step()
             recent = (recent + [action.loss])[-20:]
         opt.zero_grad(set_to_none=True)
+        if args.throttle:
+            time.sleep(args.throttle)
         if first:
             report(
                 args.report, event="first_step", rank=rank, restart=restart, step=arc.global_step
@@ -278,6 +287,15 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
                 st["rollbacks"],
                 st["checkpoints"],
                 restart,
+            )
+            report(
+                args.report,
+                event="step",
+                rank=rank,
+                restart=restart,
+                world=world,
+                step=arc.global_step,
+                loss=action.loss,
             )
     if ckpt is not None:
         arc.save()  # the final state, durable

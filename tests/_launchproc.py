@@ -1,0 +1,92 @@
+"""Run ``python -m arc_dist.launch`` (or the examples under it) as a test subprocess.
+
+Each run gets its own session, TMPDIR and log folder; :meth:`LaunchProc.cleanup` SIGKILLs the
+launcher's whole tree (torchrun and the workers live in sessions of their own), so a failing
+test leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from arc_dist.launch import _descendants
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def clean_env(tmp: Path, **extra: str) -> dict:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("ARC_", "PET_", "TORCHELASTIC_"))
+    }
+    env.update(TMPDIR=str(tmp), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+class LaunchProc:
+    def __init__(self, tmp: Path, launcher_flags: list[str], script: str | Path, script_args: list[str],
+                 name: str = "run"):  # fmt: skip
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.out_path = self.dir / "out.txt"
+        self._out = open(self.out_path, "w")  # noqa: SIM115 - closed in cleanup()
+        cmd = [sys.executable, "-m", "arc_dist.launch", f"--log-dir={self.dir / 'logs'}",
+               *launcher_flags, str(script), *script_args]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.dir, env=clean_env(self.dir), stdout=self._out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self._tree: set[int] = set()
+
+    @property
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def track(self) -> None:
+        """Remember the launcher's current descendants (they may be re-parented later)."""
+        if self.proc.poll() is None:
+            self._tree.update(_descendants(self.proc.pid))
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            self.track()
+            if time.monotonic() > deadline:
+                self.cleanup()
+                raise TimeoutError(
+                    f"launcher did not finish within {timeout}s:\n{self.output[-4000:]}"
+                )
+            time.sleep(0.5)
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        self.track()
+        for pid in [self.proc.pid, *self._tree]:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.proc.wait()
+        self._out.close()
+
+
+def events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def example_args(report: Path, ckpt: Path, steps: int, *extra: str) -> list[str]:
+    """Flags for examples/train_*.py: small, fast, checkpoints every 10 steps."""
+    return [
+        "--steps", str(steps), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10",
+        "--confirm-after", "5", "--snapshot-every", "5", "--report", str(report),
+        "--log-every", "10", "--corpus-bytes", "300000", *extra,
+    ]  # fmt: skip
