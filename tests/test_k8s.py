@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -446,13 +445,16 @@ def test_pytorchjob_uses_exit_code_policy_through_the_shim() -> None:
     assert argv.index(shim_path) < argv.index("arc_dist.launch")
 
 
-def _run_shim(child_code: str, *, sigterm_after: float | None = None) -> int:
+def _run_shim(child_code: str, *, sigterm_when_ready: bool = False) -> int:
     proc = subprocess.Popen(
         [sys.executable, str(K8S / "kubeflow_exit_codes.py"), sys.executable, "-c", child_code],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        text=True,
     )
-    if sigterm_after is not None:
-        time.sleep(sigterm_after)
+    if sigterm_when_ready:  # the child inherits the shim's stdout: wait for its handler
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     return proc.returncode
@@ -475,7 +477,7 @@ def test_kubeflow_shim_translates_real_exit_codes_and_forwards_sigterm() -> None
         sys.exit(0)
         """
     )
-    assert _run_shim(child, sigterm_after=1.5) == 128 + ExitCode.RETRY
+    assert _run_shim(child, sigterm_when_ready=True) == 128 + ExitCode.RETRY
 
 
 # --------------------------------------------------------------------------- launcher command
