@@ -291,10 +291,8 @@ def _size_rayjob(doc: dict[str, Any], s: RunSettings) -> None:
     for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
         group.update(replicas=s.nodes, minReplicas=s.nodes, maxReplicas=s.nodes)
     workers = s.nodes * s.gpus_per_node
-    spec["entrypoint"], n = re.subn(
-        r"--num-workers[= ]\d+", f"--num-workers {workers}", spec["entrypoint"]
-    )
-    assert n == 1, "rayjob.yaml's entrypoint must pass --num-workers once"
+    spec["entrypoint"], n = re.subn(r"--workers[= ]\d+", f"--workers {workers}", spec["entrypoint"])
+    assert n == 1, "rayjob.yaml's entrypoint must pass --workers once"
 
 
 _SIZE: dict[str, Callable[[dict[str, Any], RunSettings], None]] = {

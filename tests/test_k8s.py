@@ -655,8 +655,10 @@ def test_rayjob_runs_the_ray_example_sized_to_the_cluster(bundle: list[dict[str,
     script = words[words.index("python") + 1]
     assert script == f"{IMAGE_ROOT}/examples/train_ray.py"
     assert (ROOT / "examples" / "train_ray.py").is_file()
-    assert words[words.index("--num-workers") + 1] == str(group["replicas"] * gpus)
+    assert "--gpu" in words
+    assert words[words.index("--workers") + 1] == str(group["replicas"] * gpus)
     assert words[words.index("--storage-path") + 1] == '"$ARC_CHECKPOINT_URL"'
+    assert words[words.index("--name") + 1] == run_name(bundle)  # a retry resumes the run
     script_parser = _script_parser(script)
     if script_parser is not None:
         script_parser.parse_args([w.strip('"') for w in words[words.index(script) + 1 :]])
