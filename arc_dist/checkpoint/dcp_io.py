@@ -41,17 +41,30 @@ class _HashingStream:
         self._hasher = hasher
         self._on_write = on_write
         self.size = 0
+        #: the storage error of a failed write; torch.save's C++ writer reports any failure as
+        #: "unexpected pos", so the real cause (ENOSPC, EFBIG, a lost connection) is kept here
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
-        n = self._raw.write(data)
         view = memoryview(data).cast("B")
-        if n is None:
-            n = len(view)
-        self._hasher.update(view[:n])
-        self.size += n
-        if self._on_write is not None:
-            self._on_write(self.size)
-        return n
+        done = 0
+        try:
+            while done < len(view):
+                # a short write (e.g. at a file size limit) must surface as the OS error of the
+                # next write, not as a silently shorter file
+                n = self._raw.write(view[done:])
+                n = len(view) - done if n is None else n
+                if n <= 0:
+                    raise OSError(f"short write to a checkpoint file ({done} of {len(view)} bytes)")
+                done += n
+            self._hasher.update(view)
+            self.size += done
+            if self._on_write is not None:
+                self._on_write(self.size)
+        except Exception as e:
+            self.error = e
+            raise
+        return done
 
     def seek(self, *args):
         # hashing assumes sequential writes; fail loudly rather than record a wrong checksum
@@ -87,7 +100,12 @@ class _HashingFileSystem(FileSystem):
         on_write = (lambda n: hook("write", (name, n))) if hook is not None else None
         with super().create_stream(path, mode) as raw:
             stream = _HashingStream(raw, new_hasher(self.algorithm), on_write)
-            yield stream
+            try:
+                yield stream
+            except BaseException as e:
+                if stream.error is not None and stream.error is not e:
+                    raise stream.error from e
+                raise
         # only reached when the body and the close (an upload, on object stores) succeeded
         with self._lock:
             self.records[name] = FileEntry(stream.size, stream._hasher.hexdigest())

@@ -58,7 +58,13 @@ from ..errors import ArcError, CheckpointError, ExitCode
 from . import retention
 from .catalog import CheckpointInfo, scan, verify
 from .dcp_io import FaultHook, HashingWriter, SafeLoadPlanner, SafeReader
-from .manifest import CHECKSUM_ALGORITHMS, CONFIRMED_NAME, MANIFEST_NAME, confirmation_json, make_manifest
+from .manifest import (
+    CHECKSUM_ALGORITHMS,
+    CONFIRMED_NAME,
+    MANIFEST_NAME,
+    confirmation_json,
+    make_manifest,
+)
 from .storage import Storage, describe_options
 
 # DCP warns on every call without an initialized process group; world size 1 is a supported mode
@@ -76,7 +82,24 @@ class CheckpointStorageError(ArcError):
 
 
 class _CommitFailed(Exception):
-    pass
+    """Rank 0 could not write the manifest; every rank raises it, with rank 0's error kind."""
+
+    def __init__(self, detail: str, kind: str | None) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+def _kind(e: BaseException) -> str | None:
+    """What class of storage fault ``e`` is, for the retry decision and the fix hint."""
+    if isinstance(e, _CommitFailed):
+        return e.kind
+    if isinstance(e, PermissionError):
+        return "permission"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "nospace"
+    if isinstance(e, OSError) and e.errno == errno.EFBIG:
+        return "toolarge"
+    return None
 
 
 def _flatten_failures(e: BaseException) -> list[BaseException]:
@@ -98,20 +121,26 @@ def _describe(e: BaseException) -> str:
             exc = v[0] if isinstance(v, tuple) else v
             parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
         return "; ".join(parts)
+    if isinstance(e, _CommitFailed):
+        return str(e)
     return f"{type(e).__name__}: {e}"
 
 
 def _fix_hint(e: BaseException) -> str:
-    excs = _flatten_failures(e)
-    if any(isinstance(x, PermissionError) for x in excs):
+    kinds = {_kind(x) for x in _flatten_failures(e)}
+    if "permission" in kinds:
         return "make checkpoint_dir writable by this user (or pass another checkpoint_dir)"
-    if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in excs):
+    if "nospace" in kinds:
         return "free space on the checkpoint file system or lower keep_checkpoints"
+    if "toolarge" in kinds:
+        return "raise the file size limit (ulimit -f) or use a file system that allows larger files"
     return "check that the checkpoint storage is reachable and storage_options are right"
 
 
 def _retriable(e: BaseException) -> bool:
-    return not any(isinstance(x, PermissionError) for x in _flatten_failures(e))
+    # a permission problem does not go away by waiting; everything else may (outage, full disk
+    # that retention or an operator frees)
+    return "permission" not in {_kind(x) for x in _flatten_failures(e)}
 
 
 class _RecordingStager(DefaultStager):
@@ -505,7 +534,7 @@ class CheckpointManager:
     def _commit(self, job: _SaveJob, writer: HashingWriter) -> tuple[str, int]:
         """Gather every rank's file checksums; rank 0 writes the manifest; all learn the outcome."""
         records = self._all_gather(writer.records)
-        outcome: tuple[str, str | None, int] = ("committed", None, 0)
+        outcome: tuple[str, str | None, int, str | None] = ("committed", None, 0, None)
         if self.rank == 0:
             try:
                 files = {}
@@ -516,7 +545,7 @@ class CheckpointManager:
                 with self._lock:
                     rejected = job.rejected
                 if rejected:
-                    outcome = ("rejected", None, 0)
+                    outcome = ("rejected", None, 0, None)
                 else:
                     if self.fault_hook is not None:
                         self.fault_hook("before_manifest", job.step)
@@ -533,12 +562,12 @@ class CheckpointManager:
                     )
                     if self.fault_hook is not None:
                         self.fault_hook("after_manifest", job.step)
-                    outcome = ("committed", None, manifest.total_bytes)
+                    outcome = ("committed", None, manifest.total_bytes, None)
             except Exception as e:
-                outcome = ("failed", f"manifest not written: {type(e).__name__}: {e}", 0)
-        status, detail, nbytes = self._broadcast(outcome, self._io_group)
+                outcome = ("failed", f"manifest not written: {type(e).__name__}: {e}", 0, _kind(e))
+        status, detail, nbytes, kind = self._broadcast(outcome, self._io_group)
         if status == "failed":
-            raise _CommitFailed(detail)
+            raise _CommitFailed(detail, kind)
         return status, nbytes
 
     def _try_cleanup(self, step: int) -> None:

@@ -1,0 +1,188 @@
+"""Helpers of the checkpoint tests: fast multi-rank runs, a tiny deterministic workload.
+
+``run_ranks`` starts real gloo ranks from a *forkserver* that has imported torch once, so a rank
+starts in well under a second instead of re-importing torch (3-7 s here) each time; that is what
+lets the kill tests run many trials. A rank may die on purpose (SIGKILL from a fault hook): with
+``expect_death=True`` the survivors are killed after a grace period, as torchrun would, and the
+dead ranks' results are ``None``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(
+            ["torch", "torch.distributed.checkpoint", "arc_dist.checkpoint", "tests.checkpoint_helpers"]
+        )
+    return _CTX
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn: Callable, rank: int, world_size: int, port: int, outdir: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if world_size > 0:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=timedelta(seconds=30),
+        )
+    try:
+        result = ("ok", fn(rank, max(world_size, 1), *args))
+    except BaseException as e:  # report every failure to the parent
+        result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    if world_size > 0:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def run_ranks(
+    fn: Callable,
+    world_size: int,
+    *args,
+    timeout: float = 90,
+    expect_death: bool = False,
+    grace: float = 3.0,
+    distributed: bool = True,
+) -> list:
+    """``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; results in rank order.
+
+    ``distributed=False`` (world size 1 only) runs without a process group. Raises when a rank
+    raised, hung past ``timeout`` or died while ``expect_death`` is False.
+    """
+    ctx = _context()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as outdir:
+        os.chmod(outdir, 0o777)  # ranks may drop privileges (permission tests)
+        n = world_size if distributed else 0
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, n, port, outdir, args))
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        died_at = None
+        try:
+            while any(p.is_alive() for p in procs):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks did not finish within {timeout}s")
+                if died_at is None and any(p.exitcode is not None and p.exitcode < 0 for p in procs):
+                    died_at = time.monotonic()
+                if died_at is not None and time.monotonic() - died_at > grace:
+                    break  # the launcher tears the group down once a rank is gone
+                time.sleep(0.02)
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGKILL)
+                p.join()
+        results = []
+        for r, p in enumerate(procs):
+            path = os.path.join(outdir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                if expect_death:
+                    results.append(None)
+                    continue
+                raise AssertionError(f"rank {r} died (exit code {p.exitcode}) without a result")
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status != "ok":
+                raise AssertionError(f"rank {r} failed: {value}")
+            results.append(value)
+        return results
+
+
+# -- a tiny deterministic workload ----------------------------------------------------------
+def make_model(seed: int = 0, width: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same batch on every rank: DDP's averaged gradient equals the single-process one."""
+    g = torch.Generator().manual_seed(10_000 + step)
+    x = torch.randn(16, 8, generator=g)
+    return x, torch.sin(x[:, :2])
+
+
+def train_steps(model: nn.Module, opt, start: int, stop: int, scheduler=None) -> None:
+    for step in range(start, stop):
+        x, y = batch(step)
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def make_optimizer(model: nn.Module):
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    return opt, sched
+
+
+def reference_state(steps: int, seed: int = 0, width: int = 16) -> dict[str, torch.Tensor]:
+    """The model after ``steps`` training steps, trained in this process (no DDP)."""
+    model = make_model(seed, width)
+    opt, sched = make_optimizer(model)
+    train_steps(model, opt, 0, steps, sched)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded, un-prefixed) CPU state of a plain, DDP or FSDP2 model; collective for FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+class Position:
+    """A user object (e.g. a data loader position) registered next to the training state."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+        self.seen: list[int] = []
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "seen": list(self.seen), "extra": {}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.value = int(sd["value"])
+        self.seen = list(sd["seen"])
