@@ -16,14 +16,15 @@ From the environment (used when ``Arc(chaos=...)`` is not given)::
     ARC_CHAOS="nan_loss@30/1 lr_spike@90/0+1 nan_loss@200!" torchrun ... train.py
 
 Grammar: ``KIND@STEP[/RANK[+RANK...]][*FACTOR][!]`` separated by spaces, commas or semicolons;
-no ranks means all ranks, ``*FACTOR`` sets the fault's magnitude (seconds for ``slow`` and
-``hang``), ``!`` makes it persistent.
+no ranks means all ranks, ``*FACTOR`` sets the fault's magnitude (seconds for ``slow``, ``hang`` and the
+maximum of ``jitter``; the bit index for ``bit_flip``), ``!`` makes it persistent.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import signal
 import time
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("arc_dist")
 
 #: faults applied to the model's output in forward (they flow through backward and DDP)
-FORWARD_KINDS = {"nan_loss", "inf_loss", "loss_spike", "grad_explosion", "nan_grad"}
+FORWARD_KINDS = {"nan_loss", "inf_loss", "loss_spike", "grad_explosion", "nan_grad", "slow", "jitter"}
 #: faults applied inside ``Arc.step`` before the health signals are read
 STEP_KINDS = {
     "lr_spike",
@@ -48,7 +49,6 @@ STEP_KINDS = {
     "bit_flip",
     "optimizer_reset",
     "optimizer_corrupt",
-    "slow",
     "hang",
     "crash",
     "device_error",
@@ -62,6 +62,7 @@ _DEFAULT_FACTOR = {
     "noisy_weights": 1e-3,
     "optimizer_corrupt": 1e6,
     "slow": 0.05,
+    "jitter": 0.005,
     "hang": 3600.0,
 }
 
@@ -201,6 +202,10 @@ class Chaos:
                 output = _map_tensors(output, lambda t, k=f.factor: _ScaleGrad.apply(t, k))
             elif f.kind == "nan_grad":
                 output = _map_tensors(output, lambda t: _ScaleGrad.apply(t, float("nan")))
+            elif f.kind == "slow":  # slow compute: the rank's own step takes longer
+                time.sleep(f.factor)
+            elif f.kind == "jitter":
+                time.sleep(random.uniform(0.0, f.factor))
         return output if due else None
 
     def before_check(self) -> None:
@@ -242,8 +247,6 @@ def _apply_step_fault(arc: Arc, f: Fault) -> None:
                 for v in st.values():
                     if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
                         v.mul_(f.factor)
-        elif k == "slow":
-            time.sleep(f.factor)
         elif k == "hang":
             time.sleep(f.factor)
         elif k == "crash":

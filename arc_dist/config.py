@@ -103,6 +103,19 @@ class ArcConfig:
     recovery_steps: int = 20
     #: steps between the deeper checks of weights and optimizer state (1 = every step)
     deep_check_every: int = 10
+    #: steps between replica-divergence checks (DDP only; also on every snapshot step); 0 = off
+    divergence_every: int = 100
+    #: include the optimizer state in the divergence fingerprint
+    divergence_check_optimizer: bool = False
+    #: divergence incidents on one rank before it is reported as suspect hardware
+    suspect_after: int = 2
+    #: end the job when a rank is suspect: that rank exits with ExitCode.HARDWARE, the others
+    #: with RETRY, so the elastic agent restarts the group and the scheduler can replace the node
+    exit_on_suspect: bool = False
+    #: a rank whose busy time, over ``straggler_window`` steps, has a median above this multiple
+    #: of the other ranks' is reported as a straggler
+    straggler_ratio: float = 1.4
+    straggler_window: int = 30
     #: seconds without a ``step()`` before the process dumps stacks and exits; None disables
     hang_timeout: float | None = None
     #: extra seconds allowed for the first step and around checkpoint saves/loads
@@ -120,7 +133,7 @@ class ArcConfig:
         ):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, name, v, "use an integer >= 1")
-        for name in ("checkpoint_every", "confirm_after"):
+        for name in ("checkpoint_every", "confirm_after", "divergence_every"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, name, v, "use an integer >= 0")
         _check(
@@ -142,6 +155,24 @@ class ArcConfig:
                 self.hang_timeout,
                 "use seconds > 0, or None to disable the watchdog",
             )
+        _check(
+            isinstance(self.suspect_after, int) and self.suspect_after >= 1,
+            "suspect_after",
+            self.suspect_after,
+            "use an integer >= 1",
+        )
+        _check(
+            math.isfinite(self.straggler_ratio) and self.straggler_ratio > 1,
+            "straggler_ratio",
+            self.straggler_ratio,
+            "use a finite factor > 1, e.g. 1.4 (40% slower than the others)",
+        )
+        _check(
+            isinstance(self.straggler_window, int) and self.straggler_window >= 3,
+            "straggler_window",
+            self.straggler_window,
+            "use an integer >= 3",
+        )
         _check(self.hang_grace >= 0, "hang_grace", self.hang_grace, "use seconds >= 0")
         if not isinstance(self.thresholds, Thresholds):
             raise TypeError(

@@ -23,10 +23,11 @@ from torch import nn
 from . import chaos as chaos_mod
 from .agreement import Agreement, comm_device
 from .config import ArcConfig
-from .errors import UnrecoverableError
+from .errors import ArcError, HardwareError, UnrecoverableError
 from .events import EventLog, Recorder
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
-from .signals import DDPLocalGradNorm, SignalCollector, layout_of
+from .signals import Col, DDPLocalGradNorm, SignalCollector, layout_of
+from .silent import StragglerTracker
 from .snapshot import SnapshotStore
 from .watchdog import Watchdog
 
@@ -112,7 +113,9 @@ class Arc:
         self.device = param.device
         self.layout = layout_of(model, self.world_size)
         self._agree = Agreement(self.group, self.rank, self.world_size, comm_device(self.group, self.device))
-        self._signals = SignalCollector(model, optimizer, self._agree.device)
+        self._signals = SignalCollector(
+            model, optimizer, self._agree.device, self.config.divergence_check_optimizer
+        )
         self._local_grads: DDPLocalGradNorm | None = None
         if isinstance(model, nn.parallel.DistributedDataParallel) and self.world_size > 1:
             try:
@@ -120,6 +123,15 @@ class Arc:
             except RuntimeError as e:  # the job registered its own comm hook
                 log.info("arc_dist: keeping the job's DDP comm hook (%s); using reduced grad norms", e)
         self._policy = HealthPolicy(self.config.thresholds, self.layout, self.world_size)
+        # replicas are compared only where they must be bit-identical (DDP)
+        self._check_divergence = (
+            self.config.divergence_every > 0 and self.layout == "replicated" and self.world_size > 1
+        )
+        self._stragglers = StragglerTracker(
+            self.world_size, self.config.straggler_ratio, self.config.straggler_window
+        )
+        self._divergence_incidents: dict[int, int] = {}
+        self._suspects: set[int] = set()
         self._recovery = RecoveryPolicy(self.config)
         self._snapshots = SnapshotStore(model, optimizer, scheduler, scaler, self.config.keep_snapshots)
 
@@ -195,10 +207,12 @@ class Arc:
             )
         if not self._snapshots.snapshots:
             self._take_snapshot()  # the first rollback target: the state this run starts from
-        # snapshot steps always run the deep checks: only verified states become rollback targets
-        deep = (
-            self._calls % self.config.deep_check_every == 0
-            or self.global_step % self.config.snapshot_every == 0
+        # snapshot steps always run the deep (and divergence) checks: only verified states,
+        # identical across replicas, become rollback targets
+        snapshot_step = self.global_step % self.config.snapshot_every == 0
+        deep = snapshot_step or self._calls % self.config.deep_check_every == 0
+        compare = self._check_divergence and (
+            snapshot_step or self._calls % self.config.divergence_every == 0
         )
         self._calls += 1
         row = self._signals.row(
@@ -206,11 +220,15 @@ class Arc:
             deep=deep,
             grad_sq=grad_sq,
             lr_ratio=self._lr_ratio(),
-            step_time=(start - self._last_step_end) if self._last_step_end else 0.0,
+            step_time=self._busy_time(start),
             preempt=self._preempt_requested,
+            fingerprint=compare,
         )
         m = self._agree.reduce(row)  # the step's one collective and one host sync
+        self._track_stragglers(m)
         verdict = self._policy.judge(m, amp=self.scaler is not None)
+        if verdict.reason == "replica_divergence":
+            self._on_divergence(verdict)
         decision = self._recovery.decide(verdict, [s.step for s in self._snapshots.snapshots])
         step_judged = self.global_step
         self._rec.verdict(step_judged, verdict, decision.kind)
@@ -306,6 +324,51 @@ class Arc:
                 verdict.status, self.global_step, verdict.reason, list(verdict.bad_ranks),
                 verdict.loss, verdict.grad_norm, verdict.details or "",
             )
+
+    # -- silent failures ---------------------------------------------------------------
+    def _busy_time(self, start: float) -> float:
+        """Seconds this rank worked on the step, without waiting for other ranks (silent.py)."""
+        if self._last_step_end is None:
+            return 0.0
+        ready = self._local_grads.ready_at if self._local_grads is not None else None
+        end = ready if ready is not None and ready > self._last_step_end else start
+        return end - self._last_step_end
+
+    def _track_stragglers(self, m) -> None:
+        new, cleared = self._stragglers.update(m[:, Col.STEP_TIME])
+        if self.rank != 0 or not (new or cleared):
+            return
+        ratios = self._stragglers.persistent_ratios()
+        self._rec.straggler(self.global_step, new, cleared, ratios)
+        for r in new:
+            log.warning(
+                "arc_dist: rank %d is a straggler at step %d: %.2fx the other ranks' busy time "
+                "(median over %d steps)", r, self.global_step, ratios[r], self.config.straggler_window,
+            )
+        for r in cleared:
+            log.info("arc_dist: rank %d is no longer a straggler at step %d", r, self.global_step)
+
+    def _on_divergence(self, verdict: Verdict) -> None:
+        """Count incidents per rank; a rank that keeps diverging is suspect hardware."""
+        if len(verdict.bad_ranks) >= self.world_size:
+            return  # no majority (e.g. two replicas): nobody can be blamed
+        for r in verdict.bad_ranks:
+            self._divergence_incidents[r] = self._divergence_incidents.get(r, 0) + 1
+            if self._divergence_incidents[r] >= self.config.suspect_after and r not in self._suspects:
+                self._suspects.add(r)
+                if self.rank == 0:
+                    log.error(
+                        "arc_dist: rank %d diverged from the other replicas %d times: suspect "
+                        "hardware (silent data corruption); replace its node", r, self._divergence_incidents[r],
+                    )
+        if self.config.exit_on_suspect and self._suspects:
+            bad = sorted(self._suspects)
+            if self.rank in self._suspects:
+                raise HardwareError(
+                    f"arc_dist: rank {self.rank} is suspect hardware: its parameters diverged "
+                    f"from the other replicas {self._divergence_incidents[self.rank]} times"
+                )
+            raise ArcError(f"arc_dist: restarting the group without suspect ranks {bad}")
 
     # -- learning rate -----------------------------------------------------------------
     def _lrs(self) -> list[float]:
@@ -456,6 +519,10 @@ class Arc:
             # the last step's agreed health signals (NaN before the first step)
             loss=self._last.loss if self._last is not None else math.nan,
             grad_norm=self._last.grad_norm if self._last is not None else math.nan,
+            stragglers=sorted(self._stragglers.flagged),
+            straggler_ratios=self._stragglers.persistent_ratios(),
+            divergence_incidents=dict(self._divergence_incidents),
+            suspect_ranks=sorted(self._suspects),
         )
         if self._checkpoints is not None:
             out.update(self._checkpoints.stats())

@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import ArcConfig, Thresholds
 from .signals import Col, StateFlag
+from .silent import divergent_ranks
 
 HEALTHY, WARNING, FAILURE = "healthy", "warning", "failure"
 
@@ -132,6 +133,11 @@ class HealthPolicy:
         bad = np.nonzero(~(lr <= t.lr_ratio_fail))[0]
         if bad.size:
             return fail("lr_spike", bad, lr_ratio=lr.tolist())
+
+        if m[0, Col.FP_CHECK]:
+            bad = divergent_ranks(m[:, Col.FINGERPRINT])
+            if bad:
+                return fail("replica_divergence", bad, fingerprints=m[:, Col.FINGERPRINT].tolist())
 
         if m[0, Col.DEEP]:
             v = self._judge_deep(m, base)

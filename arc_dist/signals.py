@@ -17,10 +17,13 @@ Which ranks hold which part of the model decides how a column is combined across
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+
+from .silent import fingerprint as param_fingerprint
 
 try:  # DTensor is public from torch 2.4 on; FSDP2 parameters are DTensors
     from torch.distributed.tensor import DTensor
@@ -38,9 +41,11 @@ class Col(enum.IntEnum):
     STATE_FLAGS = 4  # OptimizerStateFlag bits found on this rank (deep-check steps only)
     STATE_STEP = 5  # the optimizer's step counter (max over parameters), -1 when absent
     LR_RATIO = 6  # max over param groups of lr / lr the scheduler (or previous step) explains
-    STEP_TIME = 7  # seconds this rank spent since its previous step() returned
+    STEP_TIME = 7  # seconds this rank was busy this step (see silent.py)
     PREEMPT = 8  # 1 when this rank received SIGTERM
     DEEP = 9  # 1 on steps where the deep checks ran (all ranks agree on this)
+    FINGERPRINT = 10  # bit-pattern checksum of the parameters (divergence-check steps only)
+    FP_CHECK = 11  # 1 on steps where the fingerprints are compared
 
 
 NUM_COLS = len(Col)
@@ -97,8 +102,15 @@ def weights_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 class SignalCollector:
     """Builds this rank's signal row for one step, on the device, without a host sync."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        fingerprint_optimizer: bool = False,
+    ):
         self.optimizer = optimizer
+        self.fingerprint_optimizer = fingerprint_optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.model_params = list(model.parameters())
         self.device = device
@@ -114,6 +126,7 @@ class SignalCollector:
         lr_ratio: float = 1.0,
         step_time: float = 0.0,
         preempt: bool = False,
+        fingerprint: bool = False,
     ) -> torch.Tensor:
         dev, f64 = self.device, torch.float64
         zero = torch.zeros((), dtype=f64, device=dev)
@@ -125,6 +138,7 @@ class SignalCollector:
         else:
             weight_sq, state_sq, flags = zero, zero, zero
             step_max = torch.full((), -1.0, dtype=f64, device=dev)
+        fp = param_fingerprint(self.model_params + self._state_tensors(), dev) if fingerprint else zero
         host = torch.tensor([lr_ratio, step_time, float(preempt), float(deep)], dtype=f64)
         return torch.cat(
             [
@@ -139,6 +153,7 @@ class SignalCollector:
                     ]
                 ),
                 host.to(dev, non_blocking=True),
+                torch.stack([fp, torch.full((), float(fingerprint), dtype=f64, device=dev)]),
             ]
         )
 
@@ -179,6 +194,16 @@ class SignalCollector:
             step_max = torch.full((), -1.0, dtype=f64, device=dev)
         return sq_norm(floats, dev), step_max, flags
 
+    def _state_tensors(self) -> list[torch.Tensor]:
+        if not self.fingerprint_optimizer:
+            return []
+        return [
+            _local(v)
+            for p in self.params
+            for k, v in self.optimizer.state.get(p, {}).items()
+            if isinstance(v, torch.Tensor) and k != "step"
+        ]
+
     def reset_expectations(self) -> None:
         """After a restore the optimizer state is what the snapshot held; relearn its size."""
         self._with_state = 0
@@ -200,8 +225,12 @@ class DDPLocalGradNorm:
         self._norms: list[torch.Tensor] = []
         self._allreduce = default_hooks.allreduce_hook
 
+        #: when this rank's last gradient bucket was ready (its own work done, no waiting)
+        self.ready_at: float | None = None
+
         def hook(pg, bucket):
             self._norms.append(bucket.buffer().detach().norm())
+            self.ready_at = time.monotonic()
             return self._allreduce(pg, bucket)
 
         ddp.register_comm_hook(process_group, hook)

@@ -1,0 +1,92 @@
+"""Silent failures: replica divergence (silent data corruption) and stragglers.
+
+Neither crashes anything. A GPU that computes wrong numbers leaves DDP replicas that should be
+bit-identical slightly different; a slow rank holds every step of every other rank back. Both
+are read from columns of the step's agreed signal matrix, so they cost no extra collective and
+every rank reaches the same conclusion.
+
+* **Divergence.** Every ``divergence_every`` steps (and on every snapshot step, so snapshots are
+  verified identical across replicas when taken) each rank adds up the bit patterns of its
+  parameters as integers. The sum changes when any bit of any element changes (float sums
+  would round small changes away) and is sent modulo 2**52 so that a float64 carries it
+  exactly. Ranks whose fingerprint differs from the majority's are named. Under FSDP each rank
+  holds a different shard, so there is nothing to compare (see docs/design.md).
+* **Stragglers.** Each rank reports its busy time for the step: under DDP, from the end of its
+  previous step until its last gradient bucket was ready (time spent waiting for other ranks
+  in DDP's all-reduce is excluded); otherwise the whole step. A rank is reported when the
+  median, over a window of steps, of its time relative to the others' median exceeds a
+  threshold: one slow step or ordinary jitter does not raise an alarm.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import torch
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+FINGERPRINT_MOD = 2**52
+
+
+def fingerprint(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of the tensors' bit patterns as integers, modulo 2**52, as a float64 0-d tensor.
+
+    One reduction per tensor; runs only on divergence-check steps.
+    """
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for t in tensors:
+        bits = t.detach().contiguous().view(_INT_VIEW[t.element_size()])
+        total += bits.sum(dtype=torch.int64).to(device)
+    return torch.remainder(total, FINGERPRINT_MOD).to(torch.float64)
+
+
+def divergent_ranks(fps: np.ndarray) -> tuple[int, ...]:
+    """Ranks outside the majority fingerprint; all ranks when no value has a strict majority
+    (with two replicas, nothing tells which one is right)."""
+    values, counts = np.unique(fps, return_counts=True)
+    if len(values) == 1:
+        return ()
+    best = counts.max()
+    if (counts == best).sum() > 1:
+        return tuple(range(len(fps)))
+    majority = values[counts.argmax()]
+    return tuple(int(r) for r in np.nonzero(fps != majority)[0])
+
+
+class StragglerTracker:
+    """Flags ranks persistently slower than the others (shared history: same on every rank)."""
+
+    def __init__(self, world_size: int, ratio: float, window: int):
+        self.world_size, self.ratio = world_size, ratio
+        self.history: deque[np.ndarray] = deque(maxlen=window)
+        self.flagged: set[int] = set()
+
+    def relative(self, times: np.ndarray) -> np.ndarray | None:
+        """Each rank's time over the median of the other ranks' (the median of all for >= 5)."""
+        n = len(times)
+        if n < 2 or not np.all(np.isfinite(times)) or np.any(times <= 0):
+            return None
+        if n >= 5:
+            return times / np.median(times)
+        others = np.array([np.median(np.delete(times, r)) for r in range(n)])
+        return times / others
+
+    def update(self, times: np.ndarray) -> tuple[list[int], list[int]]:
+        """Add one step's busy times; returns (newly flagged ranks, ranks no longer flagged)."""
+        rel = self.relative(times)
+        if rel is None:
+            return [], []
+        self.history.append(rel)
+        if len(self.history) < self.history.maxlen:
+            return [], []
+        persistent = np.median(np.stack(self.history), axis=0)
+        now = {int(r) for r in np.nonzero(persistent > self.ratio)[0]}
+        new, cleared = sorted(now - self.flagged), sorted(self.flagged - now)
+        self.flagged = now
+        return new, cleared
+
+    def persistent_ratios(self) -> list[float]:
+        if not self.history:
+            return []
+        return [float(x) for x in np.median(np.stack(self.history), axis=0)]
