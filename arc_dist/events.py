@@ -48,7 +48,7 @@ KINDS = (
     "start",  # an Arc was constructed (values: world_size, layout, host, pid, checkpoint_dir)
     "restart",  # resume() in a process that continues an earlier one (cost: steps and time lost)
     "load",  # a checkpoint was loaded (values: seconds, bytes, MB_per_s)
-    "metrics",  # periodic health signals (values: loss, grad_norm, lr, lr_scale, step_s, ...)
+    "metrics",  # every metrics_every steps: means of loss and grad_norm over the period, lr, ...
     "warning",  # a verdict that did not stop the update (reason, ranks, values)
     "failure",  # a verdict that stopped the update (reason, ranks, values: decision, ...)
     "rollback",  # state restored (step: the restored step; cost: steps lost, seconds)
@@ -358,6 +358,7 @@ class Recorder:
         self.step_s = math.nan  # mean seconds per step over the last metrics period
         self._last_snapshot_event: int | None = None
         self._episode_start: float | None = None  # time of the first failure not yet recovered
+        self._sums: list = [0.0, 0.0, 0]  # loss, grad norm, steps since the last metrics record
 
     # -- steps ---------------------------------------------------------------------------
     def on_step(self, action) -> None:
@@ -366,13 +367,21 @@ class Recorder:
             return
         if self._ckpt_stats is not None:
             self.poll_checkpoints()
-        if not self.metrics_every or action.rolled_back or action.step % self.metrics_every:
+        if action.should_skip or not self.metrics_every:
+            return
+        # means over the period's applied updates: one sampled step is too noisy to plot
+        self._sums[0] += action.loss
+        self._sums[1] += action.grad_norm
+        self._sums[2] += 1
+        if action.step % self.metrics_every:
             return
         now = time.monotonic()
         if self._mark_step is not None and action.step > self._mark_step:
             self.step_s = (now - self._mark_time) / (action.step - self._mark_step)
         self._mark_time, self._mark_step = now, action.step
-        values = dict(loss=action.loss, grad_norm=action.grad_norm, step_s=self.step_s)
+        loss, grad, n = self._sums
+        self._sums = [0.0, 0.0, 0]
+        values = dict(loss=loss / n, grad_norm=grad / n, loss_last=action.loss, steps=n, step_s=self.step_s)
         if self._context is not None:
             values.update(self._context())
         self.events.emit("metrics", action.step, values=values)
@@ -405,6 +414,7 @@ class Recorder:
         lost = max(0, failed_step - restored_step)
         wasted = lost * self.step_s if math.isfinite(self.step_s) else 0.0
         self._mark_step, self._mark_time = restored_step, time.monotonic()
+        self._sums = [0.0, 0.0, 0]
         if dropped:
             self.events.emit("escalation", restored_step, ranks=ranks, reason=reason,
                              values={"failed_step": failed_step, "dropped_snapshots": dropped})
@@ -504,6 +514,7 @@ class Recorder:
                 steps_lost=lost, seconds=down if math.isfinite(down) else 0.0,
             )
         self._mark_step, self._mark_time = step, time.monotonic()
+        self._sums = [0.0, 0.0, 0]
 
     def close(self, stats: dict) -> None:
         if self.on:
