@@ -5,7 +5,7 @@ Wrap the loop with :class:`Arc`; see README.md and ``shared/api.md`` for the con
 
 from .config import ArcConfig, Thresholds
 from .controller import Action, Arc
-from .errors import ArcError, CheckpointError, ExitCode, UnrecoverableError
+from .errors import ArcError, CheckpointError, ExitCode, Preempted, UnrecoverableError
 
 __all__ = [
     "Action",
@@ -14,6 +14,7 @@ __all__ = [
     "ArcError",
     "CheckpointError",
     "ExitCode",
+    "Preempted",
     "Thresholds",
     "UnrecoverableError",
 ]

@@ -51,6 +51,7 @@ STEP_KINDS = {
     "optimizer_corrupt",
     "hang",
     "crash",
+    "preempt",
     "device_error",
 }
 KINDS = FORWARD_KINDS | STEP_KINDS
@@ -251,6 +252,8 @@ def _apply_step_fault(arc: Arc, f: Fault) -> None:
             time.sleep(f.factor)
         elif k == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif k == "preempt":  # what a scheduler sends before it evicts the pod
+            os.kill(os.getpid(), signal.SIGTERM)
         elif k == "device_error":
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by arc_dist.chaos)")
 

@@ -116,6 +116,8 @@ class ArcConfig:
     #: of the other ranks' is reported as a straggler
     straggler_ratio: float = 1.4
     straggler_window: int = 30
+    #: on SIGTERM, write a final checkpoint and exit every rank with ExitCode.RETRY
+    handle_sigterm: bool = True
     #: seconds without a ``step()`` before the process dumps stacks and exits; None disables
     hang_timeout: float | None = None
     #: extra seconds allowed for the first step and around checkpoint saves/loads

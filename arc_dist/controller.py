@@ -23,9 +23,10 @@ from torch import nn
 from . import chaos as chaos_mod
 from .agreement import Agreement, comm_device
 from .config import ArcConfig
-from .errors import ArcError, HardwareError, UnrecoverableError
+from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
 from .events import EventLog, Recorder
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
+from .preemption import PreemptionHandler
 from .signals import Col, DDPLocalGradNorm, SignalCollector, layout_of
 from .silent import StragglerTracker
 from .snapshot import SnapshotStore
@@ -141,7 +142,9 @@ class Arc:
         self._lr_restore_at = 0
         self._expected_lrs: list[float] | None = None
         self._last_step_end: float | None = None
-        self._preempt_requested = False
+        self._preemption = PreemptionHandler()
+        if self.config.handle_sigterm:
+            self._preemption.install()
         self._closed = False
         self._stats = dict(
             rollbacks=0, skips=0, failures=0, warnings=0, escalations=0, snapshots=0, checkpoints=0
@@ -221,7 +224,7 @@ class Arc:
             grad_sq=grad_sq,
             lr_ratio=self._lr_ratio(),
             step_time=self._busy_time(start),
-            preempt=self._preempt_requested,
+            preempt=self._preemption.requested,
             fingerprint=compare,
         )
         m = self._agree.reduce(row)  # the step's one collective and one host sync
@@ -229,6 +232,8 @@ class Arc:
         verdict = self._policy.judge(m, amp=self.scaler is not None)
         if verdict.reason == "replica_divergence":
             self._on_divergence(verdict)
+        if m[:, Col.PREEMPT].any():
+            self._preempt(m, verdict)
         decision = self._recovery.decide(verdict, [s.step for s in self._snapshots.snapshots])
         step_judged = self.global_step
         self._rec.verdict(step_judged, verdict, decision.kind)
@@ -324,6 +329,22 @@ class Arc:
                 verdict.status, self.global_step, verdict.reason, list(verdict.bad_ranks),
                 verdict.loss, verdict.grad_norm, verdict.details or "",
             )
+
+    def _preempt(self, m, verdict: Verdict) -> None:
+        """Every rank: write a final checkpoint if the state is healthy, then exit for a retry."""
+        ranks = [int(r) for r in (m[:, Col.PREEMPT] > 0).nonzero()[0]]
+        saved = self._checkpoints is not None and verdict.status != FAILURE
+        if self.rank == 0:
+            log.warning(
+                "arc_dist: SIGTERM on ranks %s at step %d: %s and exiting with code %d (retry)",
+                ranks, self.global_step,
+                "writing a final checkpoint" if saved else "no checkpoint (none configured or state failing)",
+                int(Preempted.exit_code),
+            )
+        if saved:
+            self._save(blocking=True)
+        self.close()
+        raise Preempted(f"arc_dist: preempted (SIGTERM on ranks {ranks}) at step {self.global_step}")
 
     # -- silent failures ---------------------------------------------------------------
     def _busy_time(self, start: float) -> float:
@@ -539,6 +560,7 @@ class Arc:
         finally:
             if self._watchdog is not None:
                 self._watchdog.stop()
+        self._preemption.uninstall()
         self._rec.close(self.stats())
         if self.chaos is not None:
             self.chaos.detach()

@@ -59,3 +59,21 @@ class HardwareError(ArcError):
     """The device cannot be trusted (CUDA/NCCL error, failed preflight check)."""
 
     exit_code = ExitCode.HARDWARE
+
+
+class Preempted(SystemExit):
+    """Raised by ``Arc.step`` on every rank after a SIGTERM (preemption, eviction, scale-down).
+
+    A final checkpoint was written when the state was healthy. It is a ``SystemExit`` with code
+    ``ExitCode.RETRY`` so that an unmodified script ends with the exit code that tells the
+    launcher and the scheduler to restart the job, and ``finally`` blocks still run.
+    """
+
+    exit_code = ExitCode.RETRY
+
+    def __init__(self, message: str):
+        super().__init__(int(ExitCode.RETRY))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
