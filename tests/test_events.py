@@ -283,3 +283,53 @@ def test_restarted_job_appends_to_the_same_log(run):
     assert [r["step"] for r in later if r["kind"] == "metrics"] == list(
         range((resumed // 10 + 1) * 10, MORE_STEPS + 1, 10)
     )
+
+
+@pytest.mark.timeout(300)
+def test_report_on_the_faulty_run(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image as mpimg
+
+    from arc_dist.cli import main
+    from arc_dist.report import DPI, FIG_INCHES
+
+    run_dir, results = run
+    recs = read_events(run_dir)
+    out = tmp_path / "report"
+    assert main(["report", run_dir, "--out", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["failures"] == 3 and s["rollbacks"] == 3 and s["escalations"] == 0
+    assert s["faults_by_reason"] == {why: {"1": 1} for _, why, _ in EXPECTED}
+    assert s["failures_by_rank"] == {"1": 3}
+    assert s["restarts"] == 1 and s["processes"] == 2 and s["unrecoverable"] == 0
+    assert s["recovered"] == sum(r["kind"] == "recovered" for r in recs)
+    assert s["steps_lost_rollbacks"] == sum(s_ - back for s_, _, back in EXPECTED)
+    assert s["steps_lost_restarts"] == 0  # the first process closed cleanly
+    assert s["seconds_lost"] > 0
+    assert s["mtbf_s"] == pytest.approx(s["wall_s"] / 3)
+    first, second = results[0]["first"]["stats"], results[0]["stats2"]
+    c = s["checkpoints"]
+    assert c["committed"] == first["checkpoints"] + second["checkpoints"]
+    assert c["skipped"] == first["checkpoints_skipped"] + second["checkpoints_skipped"]
+    assert c["newest_on_storage"] >= results[0]["resumed"] and sum(c["on_storage"].values()) >= 1
+    assert s["final_step"] == MORE_STEPS
+
+    png = out / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(str(png))
+    assert img.shape[:2] == (round(FIG_INCHES[1] * DPI), round(FIG_INCHES[0] * DPI))
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+    page = (out / "report.html").read_text()
+    import base64
+
+    assert base64.b64encode(png.read_bytes()).decode() in page
+    assert page.count("<tr>") == 1 + sum(
+        r["kind"] in ("failure", "rollback", "recovered", "restart", "load", "checkpoint_skip") for r in recs
+    )
+
+    assert main(["report", run_dir, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "Faults by kind and rank" in table
+    for _, why, _ in EXPECTED:
+        assert f"\n{why} " in table
+    assert "rollbacks / escalations" in table and " 3 / 0" in table
