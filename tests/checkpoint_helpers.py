@@ -163,8 +163,8 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded, un-prefixed) CPU state of a plain, DDP or FSDP2 model; collective for FSDP2."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().clone() for k, v in sd.items()}
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().cpu().clone() for k, v in sd.items()}
 
 
 def assert_state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -137,9 +137,25 @@ class TrainState:
         s = self.scaler
         return s is not None and (not hasattr(s, "is_enabled") or s.is_enabled())
 
+    def _optimizer_untouched(self) -> bool:
+        """No state and no gradients: ``get_state_dict`` will run a zero-LR step to create state."""
+        opt = self.optimizer
+        return not opt.state and all(
+            p.grad is None for g in opt.param_groups for p in g["params"]
+        )
+
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is not None:
+            untouched = self._optimizer_untouched()
             msd, osd = get_state_dict(self.model, self.optimizer, options=self.options)
+            if untouched:
+                # DCP gave the optimizer state by taking one zero-LR step (so the checkpoint has
+                # keys to load into). Undo it: saving must not change training, and a state at
+                # step 0 with zero moments resumes exactly like a fresh optimizer.
+                self.optimizer.state.clear()
+                for st in osd.get("state", {}).values():
+                    if "step" in st:
+                        st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0
             sd: dict[str, Any] = {"model": msd, "optim": osd}
         else:
             sd = {"model": get_model_state_dict(self.model, options=self.options)}

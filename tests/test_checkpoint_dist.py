@@ -1,0 +1,198 @@
+"""Multi-rank checkpoints on real gloo groups: async saves under DDP, resharding, SIGKILL mid-save.
+
+Ranks are real processes (forkserver, see checkpoint_helpers.run_ranks) saving to real files.
+Every test compares against a model trained in this process: with identical batches on every
+rank DDP's averaged gradient equals the single-process one, so states must match exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from arc_dist.checkpoint import CheckpointManager, PerRank, TrainState, scan
+from tests.checkpoint_helpers import (
+    Position,
+    assert_state_equal,
+    full_model_state,
+    make_model,
+    make_optimizer,
+    reference_state,
+    run_ranks,
+    train_steps,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _wrap(model, kind: str):
+    if kind == "ddp":
+        return DDP(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _setup(kind: str, seed: int = 0):
+    model = _wrap(make_model(seed), kind)
+    opt, sched = make_optimizer(model)
+    return model, opt, sched
+
+
+# -- async saves while DDP trains -------------------------------------------------------------
+def _async_worker(rank, world, url):
+    model, opt, sched = _setup("ddp")
+    pos = Position()
+    mgr = CheckpointManager(url, keep=2, confirm_after=2, retry_backoff=0.05)
+    for step in range(12):
+        mgr.on_healthy_step(step)
+        if step % 3 == 0:
+            pos.value = step
+            mgr.save(step, {"train": TrainState(model, opt, sched), "data": PerRank(pos)}, blocking=False)
+        train_steps(model, opt, step, step + 1, sched)  # DDP's all-reduce runs during the write
+    mgr.close()
+    return mgr.stats(), full_model_state(model)
+
+
+def test_async_saves_during_ddp_training(tmp_path):
+    url = str(tmp_path / "ck")
+    (s0, m0), (s1, m1) = run_ranks(_async_worker, 2, url)
+    assert_state_equal(m0, m1)
+    assert_state_equal(m0, reference_state(12))
+    for s in (s0, s1):  # both ranks took the same decisions
+        assert s["checkpoints"] + s["checkpoints_skipped"] == 4 and s["checkpoint_failures"] == 0
+    assert (s0["checkpoints"], s0["last_committed_step"]) == (s1["checkpoints"], s1["last_committed_step"])
+    infos = scan(CheckpointManager(url).storage)
+    assert [i.step for i in infos if i.committed][-1] == s0["last_committed_step"]
+    assert all(i.manifest.world_size == 2 for i in infos if i.committed)
+    newest = [i for i in infos if i.committed][-1]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(newest.manifest.files)
+
+
+# -- resharding -----------------------------------------------------------------------------
+def _app(model, opt, sched, pos):
+    return {"train": TrainState(model, opt, sched), "data": PerRank(pos)}
+
+
+def _save_worker(rank, world, base, kinds, step):
+    """Train ``step`` steps and save; returns each rank's RNG draw right after the save."""
+    out = {}
+    for kind in kinds:
+        model, opt, sched = _setup(kind)
+        train_steps(model, opt, 0, step, sched)
+        torch.manual_seed(100 + rank)
+        mgr = CheckpointManager(f"{base}/{kind}-w{world}", confirm_after=0)
+        mgr.save(step, _app(model, opt, sched, Position(1000 + rank)), blocking=True)
+        out[kind] = torch.rand(1).item()
+        mgr.close()
+    return out
+
+
+def _load_worker(rank, world, base, kinds, src_world, step, save_too):
+    out = {}
+    for kind in kinds:
+        model, opt, sched = _setup(kind, seed=7)  # other initial weights: the load must replace them
+        torch.manual_seed(555 + rank)
+        pos = Position(-1)
+        mgr = CheckpointManager(f"{base}/{kind}-w{src_world}", confirm_after=0)
+        loaded = mgr.load(_app(model, opt, sched, pos))
+        rng = torch.rand(1).item()
+        mgr.close()
+        state = full_model_state(model)
+        train_steps(model, opt, step, step + 2, sched)  # optimizer and scheduler state resharded too
+        out[kind] = dict(loaded=loaded, rng=rng, pos=pos.value, state=state, after=full_model_state(model))
+    if save_too:
+        out["saved"] = _save_worker(rank, world, base, kinds, step)
+    return out
+
+
+def _check_load(results, saved_rng, src_world, kinds, step):
+    for rank, res in enumerate(results):
+        for kind in kinds:
+            r = res[kind]
+            assert r["loaded"] == step
+            assert_state_equal(r["state"], reference_state(step))
+            assert_state_equal(r["after"], reference_state(step + 2))
+            if rank < src_world:  # its own RNG stream and its own per-rank user state
+                assert r["rng"] == saved_rng[rank][kind]
+                assert r["pos"] == 1000 + rank
+            else:  # a rank that did not exist: own RNG, rank 0's user state
+                g = torch.Generator().manual_seed(555 + rank)
+                assert r["rng"] == torch.rand(1, generator=g).item()
+                assert r["pos"] == 1000
+
+
+def test_resharding_ddp_and_fsdp2(tmp_path):
+    base, kinds, step = str(tmp_path), ("ddp", "fsdp2"), 6
+    saved4 = run_ranks(_save_worker, 4, base, kinds, step)
+    res2 = run_ranks(_load_worker, 2, base, kinds, 4, step, True)  # 4 -> 2, and save at 2
+    _check_load(res2, saved4, 4, kinds, step)
+    res1 = run_ranks(_load_worker, 1, base, kinds, 2, step, True)  # 2 -> 1, and save at 1
+    _check_load(res1, [r["saved"] for r in res2], 2, kinds, step)
+    res2b = run_ranks(_load_worker, 2, base, kinds, 1, step, False)  # 1 -> 2
+    _check_load(res2b, [r["saved"] for r in res1], 1, kinds, step)
+
+
+# -- SIGKILL in the middle of a save ----------------------------------------------------------
+def _kill_worker(rank, world, url, victim, point, threshold):
+    model, opt, sched = _setup("ddp")
+    train_steps(model, opt, 0, 4, sched)
+    mgr = CheckpointManager(url, keep=3, confirm_after=0, retry_backoff=0.05)
+    mgr.save(4, {"train": TrainState(model, opt, sched)}, blocking=True)
+    train_steps(model, opt, 4, 8, sched)
+
+    def hook(where, detail):
+        if rank != victim or where != point:
+            return
+        if where == "write" and detail[1] < threshold:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    mgr.fault_hook = hook
+    mgr.save(8, {"train": TrainState(model, opt, sched)}, blocking=False)
+    mgr.wait()
+    mgr.close()
+    return "survived"
+
+
+_TRIALS = [
+    (1, "write", 1),  # rank 1 dies as its shard starts
+    (0, "write", 1),
+    (0, "before_manifest", 0),  # every data file written, no commit marker yet
+    (0, "after_manifest", 0),  # committed: the new checkpoint is the one to use
+] + [(r.randrange(2), "write", r.randrange(1, 6000)) for r in [random.Random(s) for s in range(4)]]
+
+
+@pytest.mark.parametrize("victim,point,threshold", _TRIALS)
+def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path, victim, point, threshold):
+    url = str(tmp_path / "ck")
+    results = run_ranks(_kill_worker, 2, url, victim, point, threshold, expect_death=True, grace=1.0)
+    assert results[victim] is None  # the victim really died
+    infos = {i.step: i for i in scan(CheckpointManager(url).storage)}
+    assert infos[4].state == "confirmed"
+    # killed after its manifest: committed, but never confirmed healthy; otherwise partial (or
+    # removed already by the survivor, whose retries failed against the dead peer)
+    if point == "after_manifest":
+        assert infos[8].state == "committed"
+    else:
+        assert 8 not in infos or infos[8].state == "partial"
+        assert all(i.step == 4 for i in infos.values() if i.committed)
+    model = make_model(seed=3)
+    opt, sched = make_optimizer(model)
+    with CheckpointManager(url, keep=1, confirm_after=0) as mgr:  # world size 1 now
+        assert mgr.load({"train": TrainState(model, opt, sched)}) == 4  # the newest confirmed
+        assert_state_equal(model.state_dict(), reference_state(4))
+        mgr.save(12, {"train": TrainState(model, opt, sched)}, blocking=True)
+    # the next commit's retention removed the partial directory and the older checkpoints
+    assert [(i.step, i.state) for i in scan(mgr.storage)] == [(12, "confirmed")]
