@@ -59,9 +59,9 @@ ARC_SUBDIR = "arc"
 _PYARROW_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}
 
 # per Arc, without adding attributes to the user's object: the newest checkpoint step reported
-# to Ray, and whether the "outside Ray's run folder" warning was given
+# to Ray, and the Arcs whose checkpoints Ray cannot list (warned once, then not tried again)
 _reported: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_warned_outside: weakref.WeakSet = weakref.WeakSet()
+_no_listing: weakref.WeakSet = weakref.WeakSet()
 
 
 def _require_ray():
@@ -88,8 +88,15 @@ def _train_context():
         ) from None
 
 
-def _storage():
-    return _train_context().get_storage()
+def _storage(ctx: Any = None) -> Any:
+    ctx = ctx if ctx is not None else _train_context()
+    try:
+        return ctx.get_storage()
+    except NotImplementedError:
+        raise ValueError(
+            "arc_dist.ray: Ray Train's local mode (ScalingConfig(num_workers=0)) has no storage "
+            "context; pass checkpoint_dir(storage_path=...)"
+        ) from None
 
 
 def storage_url(storage: Any) -> str:
@@ -133,11 +140,11 @@ def checkpoint_dir(storage_path: str | None = None, name: str | None = None) -> 
     endpoint: then pass the endpoint to ``Arc(storage_options=...)``).
     """
     if storage_path is None or name is None:
-        storage = _storage()
-        if storage_path is None:
-            storage_path = storage_url(storage)
+        ctx = _train_context()
         if name is None:
-            name = storage.experiment_dir_name
+            name = ctx.get_experiment_name()
+        if storage_path is None:
+            storage_path = storage_url(_storage(ctx))
     if not isinstance(storage_path, str) or not storage_path:
         raise TypeError(
             f"checkpoint_dir(storage_path=...) must be a non-empty str, got {storage_path!r}"
@@ -275,6 +282,17 @@ def metrics(arc: Arc, extra: dict | None = None, *, action: Action | None = None
     return out
 
 
+def _warn_once(arc: Arc, why: str) -> None:
+    """Rank 0: Ray's listing will not show this run's checkpoints; say why, once per Arc."""
+    if arc not in _no_listing:
+        _no_listing.add(arc)
+        log.warning(
+            "arc_dist.ray.report: reporting metrics only, no checkpoints, to Ray: %s (arc.resume() "
+            "is unaffected)",
+            why,
+        )
+
+
 def _new_checkpoint(arc: Arc):
     """Rank 0: a ``ray.train.Checkpoint`` for arc-dist's newest committed step, if not reported."""
     stats = arc.stats()
@@ -290,14 +308,11 @@ def _new_checkpoint(arc: Arc):
     if arc_dir.startswith("file://"):
         arc_dir = arc_dir[len("file://") :]
     if not (arc_dir == experiment_url or arc_dir.startswith(experiment_url + "/")):
-        if arc not in _warned_outside:
-            _warned_outside.add(arc)
-            log.warning(
-                "arc_dist.ray.report: checkpoint_dir %r is outside Ray's run folder %r, so Ray "
-                "cannot list its checkpoints; use arc_dist.ray.checkpoint_dir() to change that",
-                arc_dir,
-                experiment_url,
-            )
+        _warn_once(
+            arc,
+            f"checkpoint_dir {arc_dir!r} is outside Ray's run folder {experiment_url!r}; use "
+            "arc_dist.ray.checkpoint_dir() to change that",
+        )
         return None, None
     path = f"{storage.experiment_fs_path}{arc_dir[len(experiment_url) :]}/{step_dir_name(step)}"
     import pyarrow.fs
@@ -331,16 +346,25 @@ def report(
     ray = _require_ray()
     out = metrics(arc, extra, action=action)
     ckpt = None
-    if checkpoint and arc.rank == 0:
-        ckpt, step = _new_checkpoint(arc)
-        if ckpt is not None:
-            out["arc/checkpoint_step"] = step
+    no_upload = getattr(getattr(ray.train, "CheckpointUploadMode", None), "NO_UPLOAD", None)
+    if checkpoint and arc.rank == 0 and arc not in _no_listing:
+        if no_upload is None:
+            _warn_once(
+                arc, f"Ray {ray.__version__} cannot register a checkpoint without copying it"
+            )
+        else:
+            try:
+                ckpt, step = _new_checkpoint(arc)
+            except ValueError as e:  # a storage filesystem without an fsspec URL
+                _warn_once(arc, str(e))
+            if ckpt is not None:
+                out["arc/checkpoint_step"] = step
     if ckpt is None:
         ray.train.report(out)
     else:
         ray.train.report(
             out,
             checkpoint=ckpt,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+            checkpoint_upload_mode=no_upload,
         )
     return out

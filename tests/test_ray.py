@@ -147,6 +147,59 @@ def test_storage_url_from_ray_storage_context(tmp_path):
     assert (tmp_path / "store" / "run" / "arc").is_dir()
 
 
+def _local_mode_loop(config: dict) -> None:
+    """Ray Train local mode runs this in the test process (no cluster)."""
+    import torch
+
+    import arc_dist.ray as arc_ray
+    from arc_dist import Arc, ArcConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = arc_ray.checkpoint_dir(storage_path=config["store"])  # name: the run's
+    config["seen"]["checkpoint_dir"] = ckpt
+    cfg = ArcConfig(checkpoint_every=2, async_checkpoint=False)
+    with Arc(model, opt, checkpoint_dir=ckpt, config=cfg) as arc:
+        arc.resume()
+        while arc.global_step < 4:
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            action = arc.step(loss)
+            if not action.should_skip:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            sent = arc_ray.report(arc, {"loss_tensor": loss.detach()}, action=action)
+        config["seen"]["last"] = sent
+        with pytest.raises(TypeError, match="numbers or strings"):
+            arc_ray.report(arc, {"weights": model.weight.detach()})
+
+
+@needs_ray
+def test_report_in_ray_local_mode(tmp_path, caplog):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    seen: dict = {}
+    trainer = TorchTrainer(
+        _local_mode_loop,
+        train_loop_config={"store": str(tmp_path / "arc"), "seen": seen},
+        scaling_config=ScalingConfig(num_workers=0),  # local mode: no cluster, this process
+        run_config=RunConfig(name="local-run", storage_path=str(tmp_path / "ray")),
+    )
+    with caplog.at_level("WARNING", logger="arc_dist"):
+        result = trainer.fit()
+    assert seen["checkpoint_dir"] == f"{tmp_path}/arc/local-run/arc"
+    last = seen["last"]
+    assert last["step"] == 4 and last["arc/checkpoints"] == 1
+    assert last["arc/status"] == "healthy" and last["arc/rolled_back"] is False
+    assert isinstance(last["loss_tensor"], float)  # tensors become numbers for Ray
+    assert result.metrics["step"] == 4
+    # local mode has no storage context: metrics go to Ray, checkpoints are not listed
+    assert result.checkpoint is None
+    assert sum("reporting metrics only" in r.message for r in caplog.records) == 1
+
+
 @needs_jobs
 def test_submit_unreachable_cluster_exits_4():
     from tests.raycluster import free_ports, ray_env
