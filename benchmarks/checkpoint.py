@@ -1,0 +1,160 @@
+"""Checkpoint speed on this machine, in one invocation: save throughput, async stall, resume time.
+
+For each model size (an MLP with AdamW, so the checkpoint holds ~3x the parameter bytes) and
+``--rounds`` rounds, medians of:
+
+* **sync save**: ``CheckpointManager.save(blocking=True)``: DCP write with checksums computed
+  while writing, fsync, manifest commit;
+* **raw write**: the same number of bytes written sequentially to one file with one fsync (the
+  disk's ceiling);
+* **torch.save**: ``torch.save`` of the same state dict to one file, plus fsync;
+* **async stall**: how long ``save(blocking=False)`` holds the training thread (state dict +
+  copy to the reused CPU staging buffers); the write itself overlaps training;
+* **resume**: ``load`` into a fresh model and optimizer, checksums verified (and without).
+
+    python benchmarks/checkpoint.py                       # sizes 25M,50M params, 5 rounds
+    python benchmarks/checkpoint.py --sizes 5M --rounds 3 --dir /mnt/nvme/tmp --json out.json
+
+Targets: sync save throughput >= 80% of the raw write; async stall <= 5% of the sync save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+from arc_dist.checkpoint import CheckpointManager, TrainState
+
+SIZES = {"5M": 1120, "25M": 2500, "50M": 3536}  # hidden width of a 4-layer square MLP
+
+
+def make(width: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(4)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()  # optimizer state exists, as in a real run
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def fsync_write(path: str, chunks) -> None:
+    with open(path, "wb") as f:
+        for c in chunks:
+            f.write(c)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def bench(name: str, width: int, rounds: int, root: str) -> dict:
+    model, opt = make(width)
+    app = {"train": TrainState(model, opt)}
+    nparams = sum(p.numel() for p in model.parameters())
+    url = os.path.join(root, f"ck-{name}")
+    mgr = CheckpointManager(url, keep=2, confirm_after=0)
+    sync, raw, tsave, stall, async_total, load_v, load_nv = [], [], [], [], [], [], []
+    nbytes = 0
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        mgr.save(2 * r, app, blocking=True)
+        sync.append(time.perf_counter() - t0)
+        nbytes = mgr.stats()["checkpoint_bytes"]
+
+        blob = bytearray(os.urandom(1 << 20)) * (nbytes >> 20) + bytearray(nbytes % (1 << 20))
+        path = os.path.join(root, "raw.bin")
+        t0 = time.perf_counter()
+        fsync_write(path, [memoryview(blob)[i : i + (8 << 20)] for i in range(0, len(blob), 8 << 20)])
+        raw.append(time.perf_counter() - t0)
+        del blob
+        os.remove(path)
+
+        sd = app["train"].state_dict()
+        path = os.path.join(root, "torch_save.pt")
+        t0 = time.perf_counter()
+        with open(path, "wb") as f:
+            torch.save(sd, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tsave.append(time.perf_counter() - t0)
+        os.remove(path)
+        del sd
+
+        t0 = time.perf_counter()
+        mgr.save(2 * r + 1, app, blocking=False)
+        stall.append(time.perf_counter() - t0)
+        mgr.wait()
+        async_total.append(time.perf_counter() - t0)
+
+    for verify, out in ((True, load_v), (False, load_nv)):
+        for _ in range(rounds):
+            fresh, fopt = make(width, seed=1)
+            m2 = CheckpointManager(url, confirm_after=0, verify_on_load=verify, check_writable=False)
+            t0 = time.perf_counter()
+            step = m2.load({"train": TrainState(fresh, fopt)})
+            out.append(time.perf_counter() - t0)
+            m2.close()
+            assert step == 2 * rounds - 1
+            assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    mgr.close()
+    med = statistics.median
+    res = {
+        "size": name,
+        "params": nparams,
+        "checkpoint_mb": nbytes / 1e6,
+        "sync_save_s": med(sync),
+        "raw_write_s": med(raw),
+        "torch_save_s": med(tsave),
+        "async_stall_s": med(stall),
+        "async_total_s": med(async_total),
+        "resume_s": med(load_v),
+        "resume_noverify_s": med(load_nv),
+    }
+    res["save_mb_s"] = res["checkpoint_mb"] / res["sync_save_s"]
+    res["raw_mb_s"] = res["checkpoint_mb"] / res["raw_write_s"]
+    res["throughput_vs_raw"] = res["raw_write_s"] / res["sync_save_s"]
+    res["throughput_vs_torch_save"] = res["torch_save_s"] / res["sync_save_s"]
+    res["stall_vs_sync"] = res["async_stall_s"] / res["sync_save_s"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="25M,50M", help=f"comma-separated, of {list(SIZES)}")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    root = tempfile.mkdtemp(prefix="arc-ckpt-bench-", dir=args.dir)
+    try:
+        results = [bench(s, SIZES[s], args.rounds, root) for s in args.sizes.split(",")]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, medians of {args.rounds} rounds, dir {args.dir or tempfile.gettempdir()}")
+    print(
+        f"{'size':>5} {'ckpt MB':>8} {'save MB/s':>9} {'raw MB/s':>9} {'vs raw':>7} "
+        f"{'torch.save s':>12} {'vs t.save':>9} {'sync s':>7} {'stall s':>8} {'stall/sync':>10} "
+        f"{'resume s':>8} {'(no verify)':>11}"
+    )
+    for r in results:
+        print(
+            f"{r['size']:>5} {r['checkpoint_mb']:>8.0f} {r['save_mb_s']:>9.0f} {r['raw_mb_s']:>9.0f} "
+            f"{r['throughput_vs_raw']:>7.0%} {r['torch_save_s']:>12.3f} {r['throughput_vs_torch_save']:>9.0%} "
+            f"{r['sync_save_s']:>7.3f} {r['async_stall_s']:>8.3f} {r['stall_vs_sync']:>10.1%} "
+            f"{r['resume_s']:>8.3f} {r['resume_noverify_s']:>11.3f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
