@@ -139,7 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
     report_event(args.report, event="start", rank=rank, pid=os.getpid(), world=world, step=start)
 
     recent: list[float] = []
-    t_log = time.monotonic()
+    t_log, first = time.monotonic(), True
     while arc.global_step < args.steps:
         x, y = get_batch(data, arc.global_step, rank, args, device)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -152,10 +152,14 @@ def train_loop_per_worker(config: dict) -> None:
         opt.zero_grad(set_to_none=True)
         if action.rolled_back:
             log.warning("%s: rolled back to step %d", action.reason, action.step)
+        if first:
+            report_event(args.report, event="first_step", rank=rank, step=arc.global_step)
+            first = False
         # every worker reports at the same steps (Action is identical on every rank)
         if not action.should_skip and arc.global_step % args.report_every == 0:
             arc_ray.report(arc, {"loss": sum(recent) / len(recent)}, action=action)
         if rank == 0 and arc.global_step % args.log_every == 0 and not action.should_skip:
+            report_event(args.report, event="progress", rank=rank, step=arc.global_step)
             dt, t_log = time.monotonic() - t_log, time.monotonic()
             st = arc.stats()
             log.info(
