@@ -14,8 +14,7 @@ calls ``arc.resume()``. From the example's event file (wall-clock times, one lin
     python benchmarks/ray_overhead.py                       # a local Ray instance, 2 CPUs
     python benchmarks/ray_overhead.py --address auto --workers 4 --repeats 3
 
-The torchrun path's numbers (same kill, ``python -m arc_dist.launch``) are measured by the
-launcher tests/benchmarks; docs/ray.md compares them.
+docs/ray.md has the numbers measured here, beside the torchrun path's.
 """
 
 from __future__ import annotations
