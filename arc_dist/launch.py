@@ -140,7 +140,7 @@ class LaunchSpec:
     rdzv_endpoint: str = ""
     rdzv_id: str = ""
     rdzv_conf: str = ""
-    monitor_interval: float = 0.5
+    monitor_interval: float = 0.1
     log_dir: str = ""
     module: bool = False
     bad_node_after: int = 2
@@ -228,9 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--monitor-interval",
         "--monitor_interval",
         type=float,
-        default=float(_env_default("MONITOR_INTERVAL", 0.5)),
+        default=float(_env_default("MONITOR_INTERVAL", 0.1)),
         help="seconds between the agent's checks of its workers (ARC_MONITOR_INTERVAL; "
-        "default 0.5)",
+        "default 0.1, as torchrun)",
     )
     a(
         "--log-dir",

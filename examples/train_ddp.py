@@ -267,13 +267,13 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
             sched.step()
             recent = (recent + [action.loss])[-20:]
         opt.zero_grad(set_to_none=True)
-        if args.throttle:
-            time.sleep(args.throttle)
         if first:
             report(
                 args.report, event="first_step", rank=rank, restart=restart, step=arc.global_step
             )
             first = False
+        if args.throttle:
+            time.sleep(args.throttle)
         if rank == 0 and (arc.global_step % args.log_every == 0 or arc.global_step == args.steps):
             dt, t_log = time.monotonic() - t_log, time.monotonic()
             tok_s = args.log_every * args.batch_size * args.block_size * world / max(dt, 1e-9)

@@ -1,0 +1,81 @@
+"""The baseline for benchmarks/recovery.py: the same GPT and data as examples/train_ddp.py under
+plain DDP, with a ``torch.save`` checkpoint every ``--checkpoint-every`` steps (rank 0 writes to
+a temporary name and renames it) and ``torch.load`` on every (re)start. No arc-dist at all.
+Writes the same JSON events as the example (start, first_step, step) to ``--report``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from train_ddp import GPT, build_parser, get_batch, load_corpus, report, setup  # noqa: E402
+
+
+def main() -> None:
+    args = build_parser("plain DDP + torch.save baseline").parse_args()
+    device, rank, world = setup()
+    dist.init_process_group("gloo")
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    data = load_corpus(args.corpus_bytes)
+    torch.manual_seed(args.seed)
+    model = DDP(GPT(256, args.block_size, args.n_layer, args.n_head, args.n_embd))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    path = os.path.join(args.checkpoint_dir, "ckpt.pt")
+    step = 0
+    if os.path.exists(path):
+        state = torch.load(path, map_location="cpu")
+        model.module.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    report(
+        args.report,
+        event="start",
+        rank=rank,
+        pid=os.getpid(),
+        restart=restart,
+        world=world,
+        step=step,
+    )
+    first = True
+    while step < args.steps:
+        x, y = get_batch(data, step, rank, args, device)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if rank == 0 and step % args.checkpoint_every == 0:
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+            torch.save(
+                {"model": model.module.state_dict(), "opt": opt.state_dict(), "step": step},
+                path + ".tmp",
+            )
+            os.replace(path + ".tmp", path)
+        if first:
+            report(args.report, event="first_step", rank=rank, restart=restart, step=step)
+            first = False
+        if args.throttle:
+            time.sleep(args.throttle)
+        if rank == 0 and step % args.log_every == 0:
+            report(
+                args.report,
+                event="step",
+                rank=rank,
+                restart=restart,
+                world=world,
+                step=step,
+                loss=float(loss),
+            )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Recovery time after a SIGKILL of one rank, arc-dist versus plain torchrun + ``torch.save``.
+
+Each round trains examples/train_ddp.py's GPT with 2 ranks on this machine, SIGKILLs rank 1's
+process once rank 0 reports step ``--kill-at``, and measures
+
+* **kill -> first step**: seconds from the SIGKILL to the first optimizer step completed by
+  every rank of the restarted group (agent detection, stopping the survivors, rendezvous,
+  process start and imports, process-group set-up, checkpoint load, one step);
+* **steps lost**: the newest step reached before the kill minus the step the restart resumed at.
+
+Paths compared (same model, data, checkpoint interval, monitor interval, 1 restart):
+
+* ``arc``: ``python -m arc_dist.launch`` + examples/train_ddp.py; durable DCP checkpoints every
+  ``--checkpoint-every`` steps, resume from the newest *confirmed* one (``--confirm-after``);
+* ``plain``: ``torchrun`` + benchmarks/_plain_worker.py: rank 0 ``torch.save``s the model and
+  optimizer every ``--checkpoint-every`` steps, every (re)start ``torch.load``s it.
+
+    python benchmarks/recovery.py                       # 3 rounds each, markdown table
+    python benchmarks/recovery.py --rounds 5 --json recovery.json
+
+Target on a CPU machine with 2 ranks: kill -> first step <= 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _events(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line still being written
+    return out
+
+
+def _wait(pred, report: Path, proc: subprocess.Popen, what: str, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred(_events(report))
+        if got:
+            return got
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: the job exited ({proc.returncode}) first")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout}s")
+        time.sleep(0.01)
+
+
+def one_round(path: str, args, workdir: Path) -> dict:
+    report, ckpt = workdir / "report.jsonl", workdir / "ckpt"
+    common = [
+        "--steps", str(args.kill_at + 15), "--checkpoint-dir", str(ckpt),
+        "--checkpoint-every", str(args.checkpoint_every), "--report", str(report),
+        "--log-every", "1", "--throttle", str(args.throttle), "--corpus-bytes", "300000",
+        "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
+    ]  # fmt: skip
+    if path == "arc":
+        cmd = [
+            sys.executable, "-m", "arc_dist.launch", "--nproc-per-node=2", "--max-restarts=1",
+            f"--monitor-interval={args.monitor_interval}", f"--log-dir={workdir / 'logs'}",
+            str(ROOT / "examples" / "train_ddp.py"), *common,
+            "--confirm-after", str(args.confirm_after), "--hang-timeout", "0",
+        ]  # fmt: skip
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            "--max-restarts=1", f"--monitor-interval={args.monitor_interval}",
+            f"--log-dir={workdir / 'logs'}", str(ROOT / "benchmarks" / "_plain_worker.py"),
+            *common,
+        ]  # fmt: skip
+    env = {**os.environ, "TMPDIR": str(workdir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env.pop("ARC_CHAOS", None)
+    log = open(workdir / "out.txt", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    try:
+        _wait(
+            lambda ev: any(e["event"] == "step" and e["step"] >= args.kill_at for e in ev),
+            report, proc, f"step {args.kill_at}",
+        )  # fmt: skip
+        ev = _events(report)
+        victim = next(e["pid"] for e in ev if e["event"] == "start" and e["rank"] == 1)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.time()
+        last = max(e["step"] for e in ev if e["event"] == "step")
+        firsts = _wait(
+            lambda ev: (f := [e for e in ev if e["event"] == "first_step" and e["restart"] == 1])
+            and len(f) == 2 and f,
+            report, proc, "the first step after the restart",
+        )  # fmt: skip
+        ev = _events(report)
+        resumed = next(e["step"] for e in ev if e["event"] == "start" and e["restart"] == 1)
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    if rc != 0:
+        raise RuntimeError(f"{path}: the job exited {rc}; see {workdir / 'out.txt'}")
+    return {
+        "kill_to_step_s": max(e["time"] for e in firsts) - t_kill,
+        "steps_lost": last - resumed,
+        "resumed_at": resumed,
+        "killed_at": last,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--paths", default="arc,plain", help="comma-separated: arc, plain")
+    p.add_argument("--kill-at", type=int, default=30, help="kill once rank 0 reached this step")
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--confirm-after", type=int, default=5)
+    p.add_argument("--monitor-interval", type=float, default=0.1)
+    p.add_argument("--throttle", type=float, default=0.05, help="sleep per step, seconds")
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--keep", default=None, help="keep each round's logs under this folder")
+    args = p.parse_args()
+
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="arc-recovery-") as tmp:
+        if args.keep:
+            tmp = args.keep
+            os.makedirs(tmp, exist_ok=True)
+        for path in args.paths.split(","):
+            for r in range(args.rounds):
+                workdir = Path(tmp) / f"{path}-{r}"
+                workdir.mkdir(exist_ok=False)
+                res = one_round(path, args, workdir)
+                print(f"{path} round {r}: kill -> first step {res['kill_to_step_s']:.2f} s, "
+                      f"steps lost {res['steps_lost']} (killed at {res['killed_at']}, resumed "
+                      f"at {res['resumed_at']})", flush=True)  # fmt: skip
+                results.setdefault(path, []).append(res)
+
+    names = {
+        "arc": "arc-dist launcher, DCP checkpoint resume",
+        "plain": "plain torchrun + torch.save resume",
+    }
+    print(f"\n2 ranks, gloo, CPU, {os.cpu_count()} cores; checkpoint every "
+          f"{args.checkpoint_every} steps; kill at step {args.kill_at}; {args.rounds} rounds\n")  # fmt: skip
+    print("| path | kill -> first step, s (median, min-max) | steps lost (median) |")
+    print("| --- | --- | --- |")
+    for path, rs in results.items():
+        t = [r["kill_to_step_s"] for r in rs]
+        lost = statistics.median(r["steps_lost"] for r in rs)
+        print(
+            f"| {names[path]} | {statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f}) | {lost:g} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
