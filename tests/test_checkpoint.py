@@ -15,7 +15,6 @@ import random
 import shutil
 import tempfile
 import threading
-import zlib
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from arc_dist.checkpoint.manifest import (
     Manifest,
     ManifestError,
     make_manifest,
+    new_hasher,
 )
 from arc_dist.checkpoint.retention import plan_retention
 from arc_dist.cli import main as cli
@@ -126,9 +126,12 @@ def test_roundtrip_restores_every_part(tmp_path):
     assert {".metadata", "__0_0.distcp", MANIFEST_NAME, CONFIRMED_NAME} <= names
     doc = json.loads((step_dir / MANIFEST_NAME).read_text())
     assert (doc["step"], doc["world_size"], doc["verdict"]) == (7, 1, {"status": "healthy"})
+    assert doc["checksum_algorithm"] == "xxh3_64"  # xxhash is installed in the dev environment
     for name, entry in doc["files"].items():  # checksums computed while writing match a re-read
         data = (step_dir / name).read_bytes()
-        assert entry == {"size": len(data), "checksum": f"{zlib.crc32(data):08x}"}
+        h = new_hasher(doc["checksum_algorithm"])
+        h.update(data)
+        assert entry == {"size": len(data), "checksum": h.hexdigest()}
 
     fresh = Run()
     mgr2 = manager(tmp_path / "ck")
@@ -297,7 +300,7 @@ def test_damaged_checkpoint_falls_back(tmp_path, how, caplog):
 
 def test_no_usable_checkpoint_names_each(tmp_path):
     run = Run()
-    with manager(tmp_path / "ck", keep=5) as mgr:
+    with manager(tmp_path / "ck", keep=5, checksum="crc32") as mgr:  # the fallback algorithm
         for step in (1, 2):
             mgr.save(step, run.app_state(), blocking=True)
     _damage(tmp_path / "ck" / "step_2", "flip")
@@ -305,7 +308,7 @@ def test_no_usable_checkpoint_names_each(tmp_path):
     with manager(tmp_path / "ck") as m2, pytest.raises(CheckpointError) as err:
         m2.load(Run().app_state())
     msg = str(err.value)
-    assert "step_2" in msg and "crc32" in msg and "step_1" in msg and "truncated" in msg
+    assert "step_2" in msg and "crc32 check" in msg and "step_1" in msg and "truncated" in msg
 
 
 def test_other_model_is_rejected_with_key_names(tmp_path):
@@ -341,7 +344,9 @@ def test_metadata_is_never_unpickled_freely(tmp_path):
     evil = pickle.dumps(_Evil(str(marker)))
     (step_dir / ".metadata").write_bytes(evil)
     doc = json.loads((step_dir / MANIFEST_NAME).read_text())  # a consistent manifest: only the
-    doc["files"][".metadata"] = {"size": len(evil), "checksum": f"{zlib.crc32(evil):08x}"}
+    h = new_hasher(doc["checksum_algorithm"])
+    h.update(evil)
+    doc["files"][".metadata"] = {"size": len(evil), "checksum": h.hexdigest()}
     (step_dir / MANIFEST_NAME).write_text(json.dumps(doc))  # unpickler stands in the way
     with manager(tmp_path / "ck") as m2, pytest.raises(CheckpointError, match="not DCP metadata"):
         m2.load(Run().app_state())

@@ -63,6 +63,7 @@ from .manifest import (
     CONFIRMED_NAME,
     MANIFEST_NAME,
     confirmation_json,
+    default_algorithm,
     make_manifest,
 )
 from .storage import Storage, describe_options
@@ -220,7 +221,8 @@ class CheckpointManager:
             the manager creates two gloo groups with ``dist.new_group``: every rank of the default
             group must construct it, in the same order as other group creations.
         config_digest: recorded in the manifest.
-        checksum: ``"crc32"`` (fast) or ``"sha256"``.
+        checksum: ``"xxh3_64"`` (default when ``xxhash`` is installed), ``"crc32"`` (the default
+            otherwise) or ``"sha256"``.
         max_retries: background retries of a failed save (with backoff ``retry_backoff * 2**i`` s).
         verify_on_load: re-read and check every file's checksum before loading it.
         timeout: timeout of the checkpoint process groups' collectives.
@@ -239,7 +241,7 @@ class CheckpointManager:
         process_group: Any = None,
         config_digest: str = "",
         logger: logging.Logger | None = None,
-        checksum: str = "crc32",
+        checksum: str | None = None,
         max_retries: int = 3,
         retry_backoff: float = 2.0,
         verify_on_load: bool = True,
@@ -250,6 +252,7 @@ class CheckpointManager:
             raise ValueError(f"CheckpointManager(keep={keep!r}) is invalid: keep at least 1 checkpoint")
         if not isinstance(confirm_after, int) or confirm_after < 0:
             raise ValueError(f"CheckpointManager(confirm_after={confirm_after!r}) is invalid: use an integer >= 0")
+        checksum = checksum or default_algorithm()
         if checksum not in CHECKSUM_ALGORITHMS:
             raise ValueError(f"CheckpointManager(checksum={checksum!r}) is invalid: use one of {CHECKSUM_ALGORITHMS}")
         if not isinstance(max_retries, int) or max_retries < 0:

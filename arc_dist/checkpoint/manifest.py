@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 #: files of a step directory that are not checkpoint data
 ARC_FILES = frozenset({MANIFEST_NAME, CONFIRMED_NAME})
-CHECKSUM_ALGORITHMS = ("crc32", "sha256")
+CHECKSUM_ALGORITHMS = ("xxh3_64", "crc32", "sha256")
 
 
 class ManifestError(ValueError):
@@ -61,16 +61,35 @@ class _Crc32:
         return f"{self.value & 0xFFFFFFFF:08x}"
 
 
-def new_hasher(algorithm: str):
-    """A hasher with ``update(bytes)`` and ``hexdigest()``.
+def default_algorithm() -> str:
+    """``xxh3_64`` when the ``xxhash`` package is installed, else ``crc32``.
 
-    ``crc32`` (default) detects flipped bytes and truncation and costs ~0.35 ms/MB here, which keeps
-    hashing in the write path under the 20% throughput budget; ``sha256`` is ~2x slower.
+    Checksums are computed in the write path, on the same cores that copy the bytes: xxh3 runs at
+    ~10 GB/s here, crc32 at 1.4-2.8 GB/s (20-50% of a checkpoint's write time on this machine),
+    sha256 at ~1.7 GB/s. All three detect flipped bytes and truncation; none is a defence against
+    an attacker who can rewrite the manifest too.
     """
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return "crc32"
+    return "xxh3_64"
+
+
+def new_hasher(algorithm: str):
+    """A hasher with ``update(bytes)`` and ``hexdigest()``."""
     if algorithm == "crc32":
         return _Crc32()
     if algorithm == "sha256":
         return hashlib.sha256()
+    if algorithm == "xxh3_64":
+        try:
+            import xxhash
+        except ImportError:
+            raise ValueError(
+                "this checkpoint's checksums are xxh3_64: pip install xxhash to verify it"
+            ) from None
+        return xxhash.xxh3_64()
     raise ValueError(
         f"checksum algorithm {algorithm!r} is not supported; use one of {CHECKSUM_ALGORITHMS}"
     )
