@@ -282,6 +282,7 @@ def test_nan_on_one_worker_rolled_back_in_place(ray_driver, train_ray, tmp_path)
     result, events, elapsed = _fit(
         train_ray, tmp_path, "nan",
         "--steps", str(steps), "--checkpoint-every", "10", "--confirm-after", "5",
+        "--checkpoint-mode", "blocking",  # step_20 is committed before the report at step 30
         "--chaos", "nan_loss@15/1",
         "--max-failures", "0",  # a restart would fail the run: Arc must handle this alone
     )  # fmt: skip
