@@ -358,7 +358,9 @@ class Recorder:
         self.step_s = math.nan  # mean seconds per step over the last metrics period
         self._last_snapshot_event: int | None = None
         self._episode_start: float | None = None  # time of the first failure not yet recovered
-        self._sums: list = [0.0, 0.0, 0]  # loss, grad norm, steps since the last metrics record
+        # since the last metrics record: sum and count of finite losses, of finite grad norms
+        self._sums: list = [0.0, 0, 0.0, 0]
+        self._loss_last = math.nan
 
     # -- steps ---------------------------------------------------------------------------
     def on_step(self, action) -> None:
@@ -369,19 +371,30 @@ class Recorder:
             self.poll_checkpoints()
         if action.should_skip or not self.metrics_every:
             return
-        # means over the period's applied updates: one sampled step is too noisy to plot
-        self._sums[0] += action.loss
-        self._sums[1] += action.grad_norm
-        self._sums[2] += 1
+        # means over the period's applied updates (one sampled step is too noisy to plot), of
+        # the values that were measured: a step judged from DDP's all-reduce alone carries the
+        # loss of the step before it, or none (NaN)
+        sums = self._sums
+        if math.isfinite(action.loss):
+            sums[0] += action.loss
+            sums[1] += 1
+            self._loss_last = action.loss
+        if math.isfinite(action.grad_norm):
+            sums[2] += action.grad_norm
+            sums[3] += 1
         if action.step % self.metrics_every:
             return
         now = time.monotonic()
         if self._mark_step is not None and action.step > self._mark_step:
             self.step_s = (now - self._mark_time) / (action.step - self._mark_step)
         self._mark_time, self._mark_step = now, action.step
-        loss, grad, n = self._sums
-        self._sums = [0.0, 0.0, 0]
-        values = dict(loss=loss / n, grad_norm=grad / n, loss_last=action.loss, steps=n, step_s=self.step_s)
+        loss, n_loss, grad, n_grad = sums
+        self._sums = [0.0, 0, 0.0, 0]
+        values = dict(
+            loss=loss / n_loss if n_loss else math.nan,
+            grad_norm=grad / n_grad if n_grad else math.nan,
+            loss_last=self._loss_last, loss_steps=n_loss, step_s=self.step_s,
+        )
         if self._context is not None:
             values.update(self._context())
         self.events.emit("metrics", action.step, values=values)
@@ -414,7 +427,7 @@ class Recorder:
         lost = max(0, failed_step - restored_step)
         wasted = lost * self.step_s if math.isfinite(self.step_s) else 0.0
         self._mark_step, self._mark_time = restored_step, time.monotonic()
-        self._sums = [0.0, 0.0, 0]
+        self._sums = [0.0, 0, 0.0, 0]
         if dropped:
             self.events.emit("escalation", restored_step, ranks=ranks, reason=reason,
                              values={"failed_step": failed_step, "dropped_snapshots": dropped})
@@ -514,7 +527,7 @@ class Recorder:
                 steps_lost=lost, seconds=down if math.isfinite(down) else 0.0,
             )
         self._mark_step, self._mark_time = step, time.monotonic()
-        self._sums = [0.0, 0.0, 0]
+        self._sums = [0.0, 0, 0.0, 0]
 
     def close(self, stats: dict) -> None:
         if self.on:
