@@ -122,6 +122,9 @@ class ArcConfig:
     hang_timeout: float | None = None
     #: extra seconds allowed for the first step and around checkpoint saves/loads
     hang_grace: float = 600.0
+    #: run ``arc_dist.health.preflight`` over the group in ``Arc.__init__`` (collective: every
+    #: rank constructs Arc); a failing check raises BadNodeError (exit code 13) before any step
+    preflight: bool = False
     #: detector thresholds
     thresholds: Thresholds = field(default_factory=Thresholds)
 
@@ -176,6 +179,7 @@ class ArcConfig:
             "use an integer >= 3",
         )
         _check(self.hang_grace >= 0, "hang_grace", self.hang_grace, "use seconds >= 0")
+        _check(isinstance(self.preflight, bool), "preflight", self.preflight, "use True or False")
         if not isinstance(self.thresholds, Thresholds):
             raise TypeError(
                 f"ArcConfig.thresholds must be an arc_dist.config.Thresholds, "

@@ -111,6 +111,10 @@ class Arc:
         param = next(model.parameters(), None)
         if param is None:
             raise ValueError("Arc(model=...) has no parameters; there is nothing to protect")
+        if self.config.preflight:  # collective over the group, before any state is built
+            from .health import preflight
+
+            preflight(self.group, devices=[param.device] if param.device.type == "cuda" else None)
         self.device = param.device
         self.layout = layout_of(model, self.world_size)
         self._agree = Agreement(self.group, self.rank, self.world_size, comm_device(self.group, self.device))
@@ -190,7 +194,24 @@ class Arc:
 
     # -- the step ----------------------------------------------------------------------
     def step(self, loss: torch.Tensor) -> Action:
-        """Collective: judge this step on every rank and act on the shared verdict."""
+        """Collective: judge this step on every rank and act on the shared verdict.
+
+        A CUDA/NCCL device error raised inside it (chaos ``device_error`` included) is not
+        rolled back, since the CUDA context cannot be trusted: it is logged with rank, host and
+        device and re-raised as :class:`~arc_dist.errors.HardwareError` (exit code 12 under
+        ``arc_dist.launch.main_entry``). See arc_dist/health/device_errors.py.
+        """
+        try:
+            return self._step(loss)
+        except Exception as exc:
+            from .health import hardware_error
+
+            hw = hardware_error(exc, rank=self.rank, device=self.device, step=self.global_step)
+            if hw is None:
+                raise
+            raise hw from exc
+
+    def _step(self, loss: torch.Tensor) -> Action:
         if self._closed:
             raise RuntimeError("Arc.step() called after close(); create a new Arc")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

@@ -56,9 +56,25 @@ class HangError(ArcError):
 
 
 class HardwareError(ArcError):
-    """The device cannot be trusted (CUDA/NCCL error, failed preflight check)."""
+    """The device cannot be trusted (a CUDA/NCCL error): restart, preferably elsewhere.
+
+    ``details`` (host, device, kind, blamesHost) go into the worker's error file, where the
+    launcher's bad-node rule reads them (see ``arc_dist.health.hardware_error``).
+    """
 
     exit_code = ExitCode.HARDWARE
+
+    def __init__(self, message: str, *, host: str | None = None, device: str | None = None,
+                 kind: str | None = None, blames_host: bool = True):  # fmt: skip
+        super().__init__(message)
+        self.details = {"host": host, "device": device, "kind": kind, "blamesHost": blames_host}
+        self.details = {k: v for k, v in self.details.items() if v is not None}
+
+
+class BadNodeError(HardwareError):
+    """This node failed its preflight health check (``arc_dist.health``): do not retry here."""
+
+    exit_code = ExitCode.BAD_NODE
 
 
 class Preempted(SystemExit):

@@ -32,6 +32,7 @@ _NAME_CODES = {
     "UnrecoverableError": ExitCode.UNRECOVERABLE,
     "CheckpointError": ExitCode.UNRECOVERABLE,
     "HardwareError": ExitCode.HARDWARE,
+    "BadNodeError": ExitCode.BAD_NODE,
 }
 
 #: codes that end the job at once: torchrun's own restart would fail the same way.
@@ -52,8 +53,9 @@ def write_error_file(
     ``path`` defaults to ``$TORCHELASTIC_ERROR_FILE`` (set by torchrun for each worker); without
     either nothing is written and None is returned. ``error`` is the exception (its traceback is
     recorded when it is the one being handled) or a message; ``stack`` overrides the recorded
-    stack text (the watchdog passes every thread's stack). Never raises: this runs on the way
-    out of a failing process.
+    stack text (the watchdog passes every thread's stack). An exception's ``details`` dict
+    (``HardwareError``: device, kind, blamesHost) is added to the ``"arc"`` object. Never
+    raises: this runs on the way out of a failing process.
     """
     path = path or os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
@@ -66,11 +68,14 @@ def write_error_file(
     else:
         message, error_type = str(error), None
     now = time.time()
+    details = getattr(error, "details", None)
+    details = details if isinstance(details, dict) else {}
     data = {
         "message": {
             "message": message,
             "extraInfo": {"py_callstack": stack or "", "timestamp": str(int(now))},
             "arc": {
+                **details,
                 "exitCode": int(exit_code),
                 "errorType": error_type,
                 "host": socket.gethostname(),
@@ -113,6 +118,11 @@ class WorkerFailure:
     host: str | None
     rank: int | None
     path: str
+    #: the device named by a device error (``HardwareError``), if any
+    device: str | None = None
+    #: False for device errors that may be a peer's or the program's fault (NCCL timeouts,
+    #: device-side asserts): they do not count towards the bad-node rule
+    blames_host: bool = True
 
     def describe(self) -> str:
         who = f"rank {self.rank}" if self.rank is not None else f"local rank {self.local_rank}"
@@ -178,6 +188,8 @@ def read_error_file(path: str, attempt: int = -1, local_rank: int = -1) -> Worke
         host=arc.get("host"),
         rank=arc.get("rank"),
         path=path,
+        device=arc.get("device"),
+        blames_host=arc.get("blamesHost", True) is not False,
     )
 
 
@@ -231,13 +243,35 @@ def root_cause(failures: Sequence[WorkerFailure]) -> WorkerFailure | None:
     return min(deliberate or failures, key=lambda f: (f.time, f.local_rank))
 
 
+def _blamed_host(failures: Sequence[WorkerFailure]) -> tuple[bool, str | None]:
+    """(True, host) when one attempt's failures include a device error that blames its host:
+    the earliest such error's host (None for files that carry no host); else (False, None)."""
+    blaming = [f for f in failures if f.exit_code == ExitCode.HARDWARE and f.blames_host]
+    if not blaming:
+        return False, None
+    return True, min(blaming, key=lambda f: (f.time, f.local_rank)).host
+
+
 def hardware_streak(failures: Sequence[WorkerFailure], last_attempt: int) -> int:
-    """How many attempts in a row, ending with ``last_attempt``, failed on a device error here."""
-    streak = 0
+    """How many attempts in a row, ending with ``last_attempt``, failed on a device error that
+    blames the same host.
+
+    An attempt counts when its root cause is a device error (HARDWARE) and one of its device
+    errors blames its own host (not an NCCL timeout or a device-side assert, which a peer or the
+    program may have caused); the streak breaks at an attempt that does not count or whose host
+    differs (with a log folder shared by several nodes, only one host's failures in a row mean
+    that host is bad).
+    """
+    streak, host = 0, None
     for attempt in range(last_attempt, -1, -1):
-        cause = root_cause([f for f in failures if f.attempt == attempt])
+        attempt_failures = [f for f in failures if f.attempt == attempt]
+        cause = root_cause(attempt_failures)
         if cause is None or cause.exit_code != ExitCode.HARDWARE:
             break
+        blamed, where = _blamed_host(attempt_failures)
+        if not blamed or (streak and where != host):
+            break
+        host = where
         streak += 1
     return streak
 
@@ -281,8 +315,9 @@ def decide(
         cause = root_cause([f for f in failures if f.attempt == last_attempt])
         return Outcome(
             ExitCode.BAD_NODE,
-            f"{bad_node_after} attempts in a row failed on a device error on this host; "
-            f"replace the node. Last: {cause.describe() if cause else '?'}",
+            f"{bad_node_after} attempts in a row failed on a device error on host "
+            f"{cause.host if cause and cause.host else '?'}; replace the node. "
+            f"Last: {cause.describe() if cause else '?'}",
             cause,
         )
     if signalled:

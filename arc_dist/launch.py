@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import logging
 import os
 import shlex
 import signal
@@ -86,7 +87,7 @@ def main_entry(fn: _F) -> _F:
     @functools.wraps(fn)
     def arc_wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return _call_classified(fn, args, kwargs)
         except ArcError as err:
             code = int(err.exit_code)
             _write_error_file(err, code)
@@ -99,6 +100,11 @@ def main_entry(fn: _F) -> _F:
 
             traceback.print_exc()
             sys.stderr.flush()
+            if code in (ExitCode.HARDWARE, ExitCode.BAD_NODE):
+                # the device cannot be trusted: interpreter teardown (NCCL communicators, the
+                # CUDA caching allocator) can hang or crash on it, so skip it
+                logging.shutdown()
+                os._exit(code)
             sys.exit(code)
         except SystemExit as se:
             code = se.code if isinstance(se.code, int) else None
@@ -115,6 +121,22 @@ def main_entry(fn: _F) -> _F:
             raise
 
     return record(arc_wrapper)  # type: ignore[return-value]
+
+
+def _call_classified(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)``; a CUDA/NCCL device error escaping it (from the forward or
+    backward pass, a collective, a checkpoint load) becomes a logged ``HardwareError`` (12)."""
+    try:
+        return fn(*args, **kwargs)
+    except ArcError:
+        raise
+    except Exception as err:
+        from .health import hardware_error
+
+        hw = hardware_error(err)
+        if hw is None:
+            raise
+        raise hw from err
 
 
 def _error_file_written() -> bool:
@@ -144,6 +166,7 @@ class LaunchSpec:
     log_dir: str = ""
     module: bool = False
     bad_node_after: int = 2
+    preflight: bool = False
     shutdown_timeout: float = 30.0
     torchrun_args: list[str] = field(default_factory=list)
 
@@ -241,10 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--bad-node-after",
+        "--bad-host-after",
         type=int,
         default=int(_env_default("BAD_NODE_AFTER", 2)),
         help="attempts in a row ending in a device error on this host before exiting "
         "BAD_NODE (13); 0 disables (ARC_BAD_NODE_AFTER; default 2)",
+    )
+    a(
+        "--preflight",
+        action="store_true",
+        default=_env_default("PREFLIGHT", "") not in ("", "0", "false", "no"),
+        help="run python -m arc_dist.health (this node's GPUs and a local all-reduce) before "
+        "torchrun; exit 13 (BAD_NODE) without starting training when it fails (ARC_PREFLIGHT=1)",
     )
     a(
         "--shutdown-timeout",
@@ -296,6 +327,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LaunchSpec, bool]:
             log_dir=ns.log_dir,
             module=ns.module,
             bad_node_after=ns.bad_node_after,
+            preflight=ns.preflight,
             shutdown_timeout=ns.shutdown_timeout,
             torchrun_args=list(ns.torchrun_arg),
         )
@@ -483,6 +515,11 @@ class Launcher:
         self._preexisting.add(os.path.basename(self.agent_error_file))
         if os.path.exists(self.agent_error_file):
             os.remove(self.agent_error_file)
+        if spec.preflight:
+            failed = self._preflight()
+            if failed is not None:
+                _say(f"exit {int(failed.exit_code)} ({failed.exit_code.name}): {failed.reason}")
+                return failed
         cmd, env_add = build_command(spec, agent_error_file=self.agent_error_file)
         _say(f"host {socket.gethostname()}, log dir {spec.log_dir}")
         _say(f"running: {format_command(cmd, env_add)}")
@@ -549,6 +586,24 @@ class Launcher:
         ):
             return decide(None, failures, last_attempt, bad_node_after=self.spec.bad_node_after)
         return None
+
+    def _preflight(self) -> Outcome | None:
+        """``python -m arc_dist.health`` on this node's local ranks; an Outcome if it failed."""
+        report = os.path.join(self.spec.log_dir, f"preflight-{os.getpid()}.json")
+        cmd = [sys.executable, "-m", "arc_dist.health",
+               f"--nproc-per-node={self.spec.nproc_per_node}", f"--json={report}"]  # fmt: skip
+        _say(f"preflight: {shlex.join(cmd)}")
+        env = {**os.environ, **FIXED_ENV}
+        rc = subprocess.run(cmd, env=env, preexec_fn=_set_pdeathsig).returncode
+        if rc == ExitCode.OK:
+            return None
+        # a checker that cannot even finish (a crash in CUDA init, a hang) also means a bad node
+        code = ExitCode.UNRECOVERABLE if rc == ExitCode.UNRECOVERABLE else ExitCode.BAD_NODE
+        return Outcome(
+            code,
+            f"preflight health check failed (exit {rc}) on host {socket.gethostname()}; "
+            f"torchrun not started; report: {report}",
+        )
 
     def _agent_message(self) -> str | None:
         f = read_error_file(self.agent_error_file)
