@@ -68,8 +68,9 @@ def main_entry(fn: _F) -> _F:
     Records any escaping exception in ``$TORCHELASTIC_ERROR_FILE`` (torch's ``@record``); an
     :class:`~arc_dist.errors.ArcError` is recorded with its exit code and the process exits
     with ``err.exit_code`` (11 for ``UnrecoverableError``, 12 for ``HardwareError``, ...), and a
-    ``sys.exit(12)``/``sys.exit(13)`` of the script's own is recorded too, so the launcher can
-    tell "do not retry" from "restart". Other exceptions end the process with status 1 (RETRY).
+    ``SystemExit`` with one of those codes (the script's own ``sys.exit(12)``,
+    :class:`~arc_dist.errors.Preempted`) is recorded too, so the launcher can tell "do not
+    retry" from "restart". Other exceptions end the process with status 1 (RETRY).
 
     Example::
 
@@ -107,9 +108,12 @@ def main_entry(fn: _F) -> _F:
                 os._exit(code)
             sys.exit(code)
         except SystemExit as se:
+            # a deliberate exit with one of our codes (sys.exit(12), arc_dist.Preempted, ...):
+            # record it, so the launcher's summary says why
             code = se.code if isinstance(se.code, int) else None
-            if code in (ExitCode.HARDWARE, ExitCode.BAD_NODE) and not _error_file_written():
-                _write_error_file(f"SystemExit: {code}", code)
+            if code in _RECORDED_EXITS and not _error_file_written():
+                text = str(se)
+                _write_error_file(se if text and text != str(code) else f"SystemExit: {code}", code)
             raise
         except Exception:
             raise  # @record writes the error file; the process exits 1 (RETRY)
@@ -137,6 +141,9 @@ def _call_classified(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if hw is None:
             raise
         raise hw from err
+
+
+_RECORDED_EXITS = {int(c) for c in ExitCode if c != ExitCode.OK}
 
 
 def _error_file_written() -> bool:

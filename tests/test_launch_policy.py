@@ -211,3 +211,48 @@ def test_torchrun_sh_wraps_the_launcher(tmp_path):
     )
     assert p.returncode == 0, p.stderr
     assert "--nproc-per-node=2" in p.stdout and p.stdout.strip().endswith("--steps 5")
+
+
+@pytest.mark.parametrize(
+    "raise_, code, message",
+    [
+        (UnrecoverableError("step 3: nonfinite_loss"), 11, "UnrecoverableError: step 3"),
+        # (a HardwareError ends the process with os._exit: tests/test_launch_torchrun.py)
+        (SystemExit(13), 13, "SystemExit: 13"),
+        (SystemExit(10), 10, "SystemExit: 10"),
+    ],
+)
+def test_main_entry_records_the_exit_code(raise_, code, message, tmp_path, monkeypatch):
+    from arc_dist.launch import main_entry
+
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+
+    @main_entry
+    def main():
+        raise raise_
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == code
+    f = read_error_file(str(tmp_path / "error.json"))
+    assert f.exit_code == code and f.message.startswith(message)
+
+
+def test_main_entry_leaves_other_errors_to_record(tmp_path, monkeypatch):
+    from arc_dist.launch import main_entry
+
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+
+    @main_entry
+    def ok():
+        return 42
+
+    @main_entry
+    def crash():
+        raise RuntimeError("Connection reset by peer")
+
+    assert ok() == 42 and not (tmp_path / "error.json").exists()
+    with pytest.raises(RuntimeError):
+        crash()
+    f = read_error_file(str(tmp_path / "error.json"))  # torch's @record wrote it
+    assert f.exit_code == ExitCode.RETRY and "Connection reset" in f.message
