@@ -1,10 +1,12 @@
-"""Agreement: one SUM all-reduce per step turns every rank's signal row into one matrix.
+"""Agreement: one SUM all-reduce turns every rank's signal row into one matrix.
 
 Each rank writes its row into its own line of a zero ``[world_size, NUM_COLS]`` float64
 matrix; a SUM over ranks is then an all-gather (0 + x = x, and a NaN or Inf stays in the line
 of the rank that produced it). All ranks hold the same matrix afterwards, and the decision is a
 pure function of it (policy.py), which is why all ranks reach the same verdict. The matrix is
-copied to the host once: the step's only host synchronisation.
+copied to the host once: the step's only host synchronisation. Under DDP the same matrix
+usually rides on DDP's gradient all-reduce instead (signals.DDPRide) and this collective only
+runs on deep-check steps and when the ride shows an anomaly.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class Agreement:
             mat[self.rank] = row
             dist.all_reduce(mat, op=dist.ReduceOp.SUM, group=self.group)
             self.collectives += 1
-        out = mat.cpu().numpy()  # the one host sync of the step
+        return self.to_host(mat)
+
+    def to_host(self, mat: torch.Tensor) -> np.ndarray:
+        """The step's host synchronisation: the agreed matrix as float64 numpy."""
         self.host_syncs += 1
-        return out
+        return mat.detach().to(torch.float64).cpu().numpy()

@@ -40,10 +40,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("arc_dist")
 
 #: faults applied to the model's output in forward (they flow through backward and DDP)
-FORWARD_KINDS = {"nan_loss", "inf_loss", "loss_spike", "grad_explosion", "nan_grad", "slow", "jitter"}
+FORWARD_KINDS = {
+    "nan_loss", "inf_loss", "loss_spike", "grad_explosion", "nan_grad", "lr_spike", "slow", "jitter",
+}
 #: faults applied inside ``Arc.step`` before the health signals are read
 STEP_KINDS = {
-    "lr_spike",
     "nan_weights",
     "noisy_weights",
     "bit_flip",
@@ -203,6 +204,8 @@ class Chaos:
                 output = _map_tensors(output, lambda t, k=f.factor: _ScaleGrad.apply(t, k))
             elif f.kind == "nan_grad":
                 output = _map_tensors(output, lambda t: _ScaleGrad.apply(t, float("nan")))
+            elif f.kind == "lr_spike":  # changed before the step, as a buggy schedule would
+                _apply_step_fault(self._arc, f)
             elif f.kind == "slow":  # slow compute: the rank's own step takes longer
                 time.sleep(f.factor)
             elif f.kind == "jitter":

@@ -27,7 +27,7 @@ from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
 from .events import EventLog, Recorder
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .preemption import PreemptionHandler
-from .signals import Col, DDPLocalGradNorm, SignalCollector, layout_of
+from .signals import Col, DDPRide, SignalCollector, layout_of, ride_row
 from .silent import StragglerTracker
 from .snapshot import SnapshotStore
 from .watchdog import Watchdog
@@ -121,12 +121,16 @@ class Arc:
         self._signals = SignalCollector(
             model, optimizer, self._agree.device, self.config.divergence_check_optimizer
         )
-        self._local_grads: DDPLocalGradNorm | None = None
+        # under DDP the signals ride on DDP's gradient all-reduce (signals.DDPRide)
+        self._ride: DDPRide | None = None
+        self._ride_loss: torch.Tensor | None = None  # this step's loss, sent with the next step
+        self._ride_busy = 0.0
+        self._loss_judged = True  # the loss the next ride carries was already judged
         if isinstance(model, nn.parallel.DistributedDataParallel) and self.world_size > 1:
             try:
-                self._local_grads = DDPLocalGradNorm(model, model.process_group)
+                self._ride = DDPRide(model, model.process_group, self._ride_row)
             except RuntimeError as e:  # the job registered its own comm hook
-                log.info("arc_dist: keeping the job's DDP comm hook (%s); using reduced grad norms", e)
+                log.info("arc_dist: keeping the job's DDP comm hook (%s); one collective per step", e)
         self._policy = HealthPolicy(self.config.thresholds, self.layout, self.world_size)
         # replicas are compared only where they must be bit-identical (DDP)
         self._check_divergence = (
@@ -142,6 +146,8 @@ class Arc:
 
         self.global_step = 0
         self._calls = 0  # step() calls, rollbacks included: decides deep-check steps
+        self._fast_steps = 0  # steps judged from the DDP ride alone (no collective of our own)
+        self._saved_step: int | None = None  # the step whose state the newest save holds
         self._lr_scale = 1.0
         self._lr_restore_at = 0
         self._expected_lrs: list[float] | None = None
@@ -223,8 +229,8 @@ class Arc:
         start = time.monotonic()
         if self.chaos is not None:
             self.chaos.before_check()
-        grad_sq = self._local_grads.take() if self._local_grads is not None else None
-        if grad_sq is None and not any(p.grad is not None for p in self._signals.params):
+        ride = self._ride.take() if self._ride is not None else None
+        if ride is None and not any(p.grad is not None for p in self._signals.params):
             raise ValueError(
                 f"Arc.step() at step {self.global_step} found no gradients: call loss.backward() "
                 "before arc.step(loss), and optimizer.zero_grad() after it"
@@ -239,18 +245,31 @@ class Arc:
             snapshot_step or self._calls % self.config.divergence_every == 0
         )
         self._calls += 1
-        row = self._signals.row(
-            loss,
-            deep=deep,
-            grad_sq=grad_sq,
-            lr_ratio=self._lr_ratio(),
-            step_time=self._busy_time(start),
-            preempt=self._preemption.requested,
-            fingerprint=compare,
-        )
-        m = self._agree.reduce(row)  # the step's one collective and one host sync
+        busy = self._busy_time(start)
+        m = verdict = None
+        if ride is not None and not (deep or compare):
+            m, verdict = self._judge_ride(ride)
+        fast = m is not None
+        if not fast:
+            # the collective path: this step's full row, one all-reduce of our own
+            row = self._signals.row(
+                loss,
+                deep=deep,
+                grad_sq=ride[0] if ride is not None else None,
+                local_grad_sq=ride[1] if ride is not None else None,
+                lr_ratio=self._lr_ratio(),
+                step_time=busy,
+                preempt=self._preemption.requested,
+                fingerprint=compare,
+            )
+            m = self._agree.reduce(row)  # one collective and one host sync
+            verdict = self._policy.judge(m, amp=self.scaler is not None)
+        self._ride_busy = busy
+        # a ride carries the previous step's loss: after a collective step it is known already
+        add_loss = not (fast and self._loss_judged)
+        self._loss_judged = not fast
+        self._fast_steps += fast
         self._track_stragglers(m)
-        verdict = self._policy.judge(m, amp=self.scaler is not None)
         if verdict.reason == "replica_divergence":
             self._on_divergence(verdict)
         if m[:, Col.PREEMPT].any():
@@ -258,22 +277,23 @@ class Arc:
         decision = self._recovery.decide(verdict, [s.step for s in self._snapshots.snapshots])
         step_judged = self.global_step
         self._rec.verdict(step_judged, verdict, decision.kind)
-        action = self._act(m, verdict, decision)
+        action = self._act(m, verdict, decision, add_loss)
         failing = self._recovery.failed_at is not None
         self._recovery.record(decision, step_judged, self.global_step if action.rolled_back else None)
         if failing and self._recovery.failed_at is None:
             self._rec.recovered(self.global_step)
         self._rec.on_step(action)
+        self._ride_loss = loss.detach() if not action.should_skip else None
         self._last = action
         self._last_step_end = time.monotonic()
         if self._watchdog is not None:
             self._watchdog.beat()
         return action
 
-    def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
+    def _act(self, m, verdict: Verdict, decision: Decision, add_loss: bool = True) -> Action:
         base = dict(reason=verdict.reason, bad_ranks=verdict.bad_ranks, loss=verdict.loss, grad_norm=verdict.grad_norm)
         if decision.kind == "continue":
-            self._policy.observe(m, verdict)
+            self._policy.observe(m, verdict, add_loss=add_loss)
             if verdict.status != HEALTHY:
                 self._stats["warnings"] += 1
                 self._log_verdict(verdict)
@@ -283,7 +303,10 @@ class Arc:
             if self._checkpoints is not None:
                 self._checkpoints.on_healthy_step(self.global_step)
                 every = self.config.checkpoint_every
-                if every and self.global_step > 0 and self.global_step % every == 0:
+                # not when this exact state is what the newest checkpoint holds (just resumed,
+                # or rolled back to it): re-writing it would uncommit it for nothing
+                due = every and self.global_step > 0 and self.global_step % every == 0
+                if due and self.global_step != self._saved_step:
                     self._save(blocking=not self.config.async_checkpoint)
             self.global_step += 1
             self._maybe_restore_lr()
@@ -324,6 +347,9 @@ class Arc:
         self._snapshots.restore(snap, self._load_own_state)
         self._policy.on_rollback()
         self._signals.reset_expectations()
+        self._ride_loss = None
+        if snap.step != self._saved_step:
+            self._saved_step = None  # training will reach that step again along another path
         self._lr_scale *= self.config.lr_backoff
         self._scale_lr(self._lr_scale / snap.extra["lr_scale"])
         self._expected_lrs = self._lrs()
@@ -367,12 +393,34 @@ class Arc:
         self.close()
         raise Preempted(f"arc_dist: preempted (SIGTERM on ranks {ranks}) at step {self.global_step}")
 
+    # -- the DDP ride -------------------------------------------------------------------
+    def _ride_row(self, local_grad_norm: torch.Tensor) -> torch.Tensor:
+        """Called from DDP's comm hook during backward: what bucket 0 carries for this rank."""
+        return ride_row(
+            local_grad_norm,
+            self._ride_loss,
+            lr_ratio=self._lr_ratio(),
+            busy=self._ride_busy,
+            preempt=self._preemption.requested,
+        )
+
+    def _judge_ride(self, ride) -> tuple[Any, Verdict | None]:
+        """Judge from what rode on DDP's all-reduce; (None, None) sends the step down the
+        collective path, which every rank decides identically (replicated inputs only)."""
+        post_sq, _, matrix = ride
+        matrix[:, Col.GRAD_SQ] = post_sq  # reduced gradients: the same on every rank
+        m = self._agree.to_host(matrix)
+        verdict = self._policy.judge(m, amp=self.scaler is not None)
+        if verdict.status != HEALTHY or m[:, Col.PREEMPT].any():
+            return None, None  # anomaly: judge this step's own signals, with exact blame
+        return m, verdict
+
     # -- silent failures ---------------------------------------------------------------
     def _busy_time(self, start: float) -> float:
         """Seconds this rank worked on the step, without waiting for other ranks (silent.py)."""
         if self._last_step_end is None:
             return 0.0
-        ready = self._local_grads.ready_at if self._local_grads is not None else None
+        ready = self._ride.ready_at if self._ride is not None else None
         end = ready if ready is not None and ready > self._last_step_end else start
         return end - self._last_step_end
 
@@ -516,6 +564,7 @@ class Arc:
         assert self._checkpoints is not None
         verdict = {"status": self._last.status if self._last else HEALTHY, "step": self.global_step}
         self._rec.checkpoint_start(self.global_step, blocking)
+        self._saved_step = self.global_step
         try:
             with self._hang_allowance():
                 self._checkpoints.save(self.global_step, self._app_state(), verdict=verdict, blocking=blocking)
@@ -538,7 +587,8 @@ class Arc:
         with self._hang_allowance():
             step = self._checkpoints.load(self._app_state())
         if step is not None:
-            self.global_step = step
+            self.global_step = self._saved_step = step
+            self._ride_loss = None
             self._snapshots.snapshots.clear()
             self._policy.on_rollback()
             self._signals.reset_expectations()
@@ -555,6 +605,7 @@ class Arc:
         out = dict(self._stats)
         out.update(
             steps=self.global_step,
+            fast_steps=self._fast_steps,
             collectives=self._agree.collectives,
             host_syncs=self._agree.host_syncs,
             lr_scale=self._lr_scale,

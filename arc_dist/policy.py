@@ -112,10 +112,12 @@ class HealthPolicy:
 
     def judge(self, m: np.ndarray, *, amp: bool = False) -> Verdict:
         t = self.t
-        losses = m[:, Col.LOSS]
-        gsq = m[:, Col.GRAD_SQ]
+        valid = m[:, Col.LOSS_VALID] > 0
+        losses = np.where(valid, m[:, Col.LOSS], 0.0)
+        gsq, own = m[:, Col.GRAD_SQ], m[:, Col.LOCAL_GRAD_SQ]
         grad_norm = math.sqrt(self.combine_grad_sq(gsq)) if np.isfinite(gsq).all() else math.nan
-        loss = float(losses.mean())
+        has_loss = bool(valid.all())
+        loss = float(losses.mean()) if has_loss else math.nan
         base = dict(loss=loss, grad_norm=grad_norm)
 
         def fail(reason: str, ranks, status: str = FAILURE, **details) -> Verdict:
@@ -124,44 +126,46 @@ class HealthPolicy:
         bad = np.nonzero(~np.isfinite(losses))[0]
         if bad.size:
             return fail("nonfinite_loss", bad, losses=losses.tolist())
-        bad = np.nonzero(~np.isfinite(gsq))[0]
-        if bad.size:
+        if not (np.isfinite(gsq).all() and np.isfinite(own).all()):
             if amp:  # the GradScaler skips this update and lowers its scale: not a fault
                 return fail("amp_overflow", (), status=WARNING)
-            return fail("nonfinite_grad", bad)
+            bad = np.nonzero(~np.isfinite(own))[0]
+            return fail("nonfinite_grad", bad if bad.size else range(len(gsq)))
         lr = m[:, Col.LR_RATIO]
         bad = np.nonzero(~(lr <= t.lr_ratio_fail))[0]
         if bad.size:
             return fail("lr_spike", bad, lr_ratio=lr.tolist())
+
+        if m[0, Col.DEEP]:  # the more specific diagnosis first (a NaN weight also diverges)
+            v = self._judge_deep(m, base)
+            if v is not None:
+                return v
 
         if m[0, Col.FP_CHECK]:
             bad = divergent_ranks(m[:, Col.FINGERPRINT])
             if bad:
                 return fail("replica_divergence", bad, fingerprints=m[:, Col.FINGERPRINT].tolist())
 
-        if m[0, Col.DEEP]:
-            v = self._judge_deep(m, base)
-            if v is not None:
-                return v
-
         warm = self.healthy_seen >= t.warmup_steps
         if warm:
-            is_fail, z = _spike(loss, self.loss, t.zscore_fail, t.loss_ratio_fail)
-            if is_fail:
-                return fail("loss_spike", _standouts(losses), zscore=z, median=self.loss.stats()[0])
+            if has_loss:
+                is_fail, z = _spike(loss, self.loss, t.zscore_fail, t.loss_ratio_fail)
+                if is_fail:
+                    return fail("loss_spike", _standouts(losses), zscore=z, median=self.loss.stats()[0])
             is_fail, gz = _spike(grad_norm, self.grad, t.zscore_fail, t.grad_ratio_fail)
             if is_fail:
-                return fail("grad_explosion", _standouts(gsq), zscore=gz, median=self.grad.stats()[0])
-            is_warn, z = _spike(loss, self.loss, t.zscore_warn, t.loss_ratio_warn)
-            if is_warn:
-                return fail("loss_spike", _standouts(losses), status=WARNING, zscore=z)
+                return fail("grad_explosion", _standouts(own), zscore=gz, median=self.grad.stats()[0])
+            if has_loss:
+                is_warn, z = _spike(loss, self.loss, t.zscore_warn, t.loss_ratio_warn)
+                if is_warn:
+                    return fail("loss_spike", _standouts(losses), status=WARNING, zscore=z)
             is_warn, gz = _spike(grad_norm, self.grad, t.zscore_warn, t.grad_ratio_warn)
             if is_warn:
-                return fail("grad_explosion", _standouts(gsq), status=WARNING, zscore=gz)
+                return fail("grad_explosion", _standouts(own), status=WARNING, zscore=gz)
         elif len(self.grad) >= 3:
             med = self.grad.stats()[0]
             if med > 0 and grad_norm > t.grad_ratio_warmup * med:
-                return fail("grad_explosion", _standouts(gsq), median=med)
+                return fail("grad_explosion", _standouts(own), median=med)
         return Verdict(HEALTHY, **base)
 
     def _judge_deep(self, m: np.ndarray, base: dict) -> Verdict | None:
@@ -199,10 +203,12 @@ class HealthPolicy:
         return None
 
     # -- history ------------------------------------------------------------------------
-    def observe(self, m: np.ndarray, verdict: Verdict) -> None:
-        """Learn from a step whose update is applied (healthy or warning)."""
+    def observe(self, m: np.ndarray, verdict: Verdict, *, add_loss: bool = True) -> None:
+        """Learn from a step whose update is applied (healthy or warning). ``add_loss=False``
+        when the verdict's loss was already learnt (the DDP ride repeats the previous loss)."""
         if verdict.status == HEALTHY:
-            self.loss.add(verdict.loss)
+            if add_loss and math.isfinite(verdict.loss):
+                self.loss.add(verdict.loss)
             self.grad.add(verdict.grad_norm)
             self.healthy_seen += 1
         if m[0, Col.DEEP]:

@@ -46,6 +46,8 @@ class Col(enum.IntEnum):
     DEEP = 9  # 1 on steps where the deep checks ran (all ranks agree on this)
     FINGERPRINT = 10  # bit-pattern checksum of the parameters (divergence-check steps only)
     FP_CHECK = 11  # 1 on steps where the fingerprints are compared
+    LOCAL_GRAD_SQ = 12  # this rank's own gradients before DDP averages them (who is to blame)
+    LOSS_VALID = 13  # 0 when the row carries no loss (a ride right after a rollback or start)
 
 
 NUM_COLS = len(Col)
@@ -127,6 +129,7 @@ class SignalCollector:
         step_time: float = 0.0,
         preempt: bool = False,
         fingerprint: bool = False,
+        local_grad_sq: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dev, f64 = self.device, torch.float64
         zero = torch.zeros((), dtype=f64, device=dev)
@@ -153,7 +156,14 @@ class SignalCollector:
                     ]
                 ),
                 host.to(dev, non_blocking=True),
-                torch.stack([fp, torch.full((), float(fingerprint), dtype=f64, device=dev)]),
+                torch.stack(
+                    [
+                        fp,
+                        torch.full((), float(fingerprint), dtype=f64, device=dev),
+                        (grad_sq if local_grad_sq is None else local_grad_sq).to(dev, f64),
+                        torch.ones((), dtype=f64, device=dev),
+                    ]
+                ),
             ]
         )
 
@@ -209,36 +219,95 @@ class SignalCollector:
         self._with_state = 0
 
 
-class DDPLocalGradNorm:
-    """Measures each rank's own gradients before DDP averages them, through DDP's comm hook.
+def ride_row(
+    local_grad_norm: torch.Tensor,
+    loss: torch.Tensor | None,
+    *,
+    lr_ratio: float,
+    busy: float,
+    preempt: bool,
+) -> torch.Tensor:
+    """The row bucket 0 carries: the previous step's loss (if any), this step's LR ratio and
+    SIGTERM flag, the previous step's busy time and this rank's own bucket-0 gradient norm."""
+    dev = local_grad_norm.device
+    row = torch.zeros(NUM_COLS, dtype=torch.float64, device=dev)
+    row[Col.STATE_STEP] = -1.0
+    host = torch.tensor([lr_ratio, busy, float(preempt), float(loss is not None)], dtype=torch.float64)
+    row[[Col.LR_RATIO, Col.STEP_TIME, Col.PREEMPT, Col.LOSS_VALID]] = host.to(dev, non_blocking=True)
+    if loss is not None:
+        row[Col.LOSS] = loss.reshape(()).to(dev, torch.float64)
+    row[Col.LOCAL_GRAD_SQ] = local_grad_norm.to(torch.float64).square()
+    return row
 
-    After DDP's all-reduce every rank holds the same gradients, so a gradient explosion that
-    started on one rank can no longer be traced to it. The hook reads each bucket's flat buffer
-    (one norm kernel per bucket) right before handing it to DDP's default all-reduce, which
-    also saves a second pass over the gradients later. A job that registered its own comm hook
-    keeps it; the controller then falls back to norms of the reduced gradients.
+
+class DDPRide:
+    """Carries the step's signals inside DDP's own gradient all-reduce (no collective of our own).
+
+    Installed as DDP's communication hook. For every bucket it divides by the world size and
+    all-reduces as DDP's default hook does, then takes the norm of the *reduced* bucket, so the
+    global gradient norm costs one pass over contiguous buffers and no extra communication.
+    Bucket 0 (the first reduced, capped at 1 MiB by DDP) additionally carries a zero
+    ``[world_size, NUM_COLS]`` matrix in which this rank filled its own row (see agreement.py):
+    what is known before backward (this step's LR ratio, SIGTERM) and what the previous step
+    measured (its loss, busy time), plus the norm of this rank's own bucket-0 gradients before
+    averaging (which rank a NaN or an explosion came from). The controller judges every step
+    from these replicated values and the matrix; only an anomaly, a deep-check step or a missing
+    ride costs a collective of its own. A job that registered its own comm hook keeps it and
+    every step takes the collective path.
     """
 
-    def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group=None):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group, row_fn):
+        import torch.distributed as dist
 
-        self._norms: list[torch.Tensor] = []
-        self._allreduce = default_hooks.allreduce_hook
-
+        self.group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        self.row_fn = row_fn  # () -> float32 row for bucket 0, on the bucket's device
+        self._post: list[torch.Tensor] = []
+        self._local0: torch.Tensor | None = None
+        self._matrix: torch.Tensor | None = None
         #: when this rank's last gradient bucket was ready (its own work done, no waiting)
         self.ready_at: float | None = None
+        self.rides = 0
+
+        def reduced(fut) -> torch.Tensor:
+            t = fut.value()[0]
+            self._post.append(t.norm())
+            return t
 
         def hook(pg, bucket):
-            self._norms.append(bucket.buffer().detach().norm())
+            buf = bucket.buffer()
             self.ready_at = time.monotonic()
-            return self._allreduce(pg, bucket)
+            buf.div_(self.world_size)
+            if bucket.index() != 0 or buf.dtype not in (torch.float32, torch.float64):
+                fut = dist.all_reduce(buf, group=pg, async_op=True).get_future()
+                return fut.then(reduced)
+            self._local0 = buf.norm() * self.world_size  # undo the division: this rank's own
+            mat = torch.zeros(self.world_size, NUM_COLS, dtype=buf.dtype, device=buf.device)
+            mat[self.rank] = self.row_fn(self._local0).to(buf.dtype)
+            n = buf.numel()
+            both = torch.cat([buf, mat.view(-1)])
+
+            def split(fut) -> torch.Tensor:
+                out = fut.value()[0]
+                buf.copy_(out[:n])
+                self._matrix = out[n:].view(self.world_size, NUM_COLS)
+                self._post.append(buf.norm())
+                return buf
+
+            return dist.all_reduce(both, group=pg, async_op=True).get_future().then(split)
 
         ddp.register_comm_hook(process_group, hook)
 
-    def take(self) -> torch.Tensor | None:
-        """Squared local norm of this step's gradients (float64), or None if no backward ran."""
-        if not self._norms:
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(global grad sq-norm, this rank's bucket-0 pre-average sq-norm, agreed matrix) of
+        this step's backward, or None when no synchronised backward ran."""
+        if not self._post or self._matrix is None or self._local0 is None:
+            self._post.clear()
             return None
-        sq = torch.stack(self._norms).to(torch.float64).square().sum()
-        self._norms.clear()
-        return sq
+        post = torch.stack(self._post).to(torch.float64).square().sum()
+        out = post, self._local0.to(torch.float64).square(), self._matrix.to(torch.float64)
+        self._post.clear()
+        self._matrix = self._local0 = None
+        self.rides += 1
+        return out

@@ -17,6 +17,7 @@ def row(loss=1.0, grad_sq=1.0, lr_ratio=1.0, deep=False, weight_sq=0.0, state_sq
     r = np.zeros(NUM_COLS)
     r[Col.LOSS], r[Col.GRAD_SQ], r[Col.LR_RATIO], r[Col.DEEP] = loss, grad_sq, lr_ratio, float(deep)
     r[Col.WEIGHT_SQ], r[Col.STATE_SQ], r[Col.STATE_STEP], r[Col.STATE_FLAGS] = weight_sq, state_sq, step, flags
+    r[Col.LOCAL_GRAD_SQ], r[Col.LOSS_VALID] = grad_sq, 1.0
     return r
 
 
