@@ -149,6 +149,7 @@ def _cli_worker(local_rank: int, nproc: int, outdir: str, options: dict, timeout
     """One spawned local rank: form the local group, run :func:`preflight`, write the report."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank),
                       WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))  # fmt: skip
+    logging.getLogger("arc_dist").setLevel(logging.CRITICAL)  # the parent prints every report
     if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend(), init_method=f"file://{outdir}/rendezvous",
