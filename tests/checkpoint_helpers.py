@@ -76,7 +76,8 @@ def run_ranks(
     """``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; results in rank order.
 
     ``distributed=False`` (world size 1 only) runs without a process group. Raises when a rank
-    raised, hung past ``timeout`` or died while ``expect_death`` is False.
+    raised, hung past ``timeout`` or died while ``expect_death`` is False; with it, a rank that
+    died or raised has the result None.
     """
     ctx = _context()
     port = free_port()
@@ -116,6 +117,9 @@ def run_ranks(
             with open(path, "rb") as f:
                 status, value = pickle.load(f)
             if status != "ok":
+                if expect_death:  # a survivor's collective failed against the dead peer
+                    results.append(None)
+                    continue
                 raise AssertionError(f"rank {r} failed: {value}")
             results.append(value)
         return results

@@ -175,13 +175,18 @@ class _SaveJob:
     writer: HashingWriter | None = None
     rejected: bool = False
     error: BaseException | None = None
+    pending: _Pending | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 @dataclasses.dataclass(eq=False)
 class _Pending:
+    """A checkpoint waiting for confirmation: healthy steps are counted from the save call on,
+    also while it is still being written; it is confirmed once committed and counted enough."""
+
     step: int
     healthy: int = 0
+    committed: bool = False
 
 
 def _rebuild(key: str, fqns: list[str], loaded: dict, md, current: Any) -> Any:
@@ -313,6 +318,7 @@ class CheckpointManager:
         self._known_steps: set[int] = set()  # rank 0: step dirs that exist (any state)
         self._unwritten_confirms: list[tuple[int, int, int]] = []  # rank 0: sidecars to retry
         self._closed = False
+        self._loaded_step: int | None = None
         self._stager = _RecordingStager(cuda=torch.cuda.is_available())
 
         error = None
@@ -417,11 +423,17 @@ class CheckpointManager:
         if blocking is None:
             blocking = not self.async_save
         verdict = dict(verdict or {})
+        if step == self._loaded_step:
+            # the state just resumed from is already committed (the controller's first step
+            # after a resume falls on a checkpoint step): writing it again would only replace
+            # a confirmed checkpoint with an unconfirmed copy. Every rank loaded the same step.
+            self.log.debug("arc_dist: step_%d is the checkpoint just loaded; not saved again", step)
+            return
+        self._loaded_step = None
         if blocking:
             self.wait()
             job = _SaveJob(step, verdict, True, state=self._state_dict(app_state))
-            with self._lock:
-                self._in_flight, self._current = True, job
+            self._start_pending(job)
             self._submit(lambda: self._run_save(job))
             job.done.wait()
             if job.error is not None:
@@ -443,8 +455,7 @@ class CheckpointManager:
             self._queue.join()  # only rank-0 bookkeeping can be queued: no save is in flight
             self._replace_dir(step)
         job = _SaveJob(step, verdict, False)
-        with self._lock:
-            self._in_flight, self._current = True, job
+        self._start_pending(job)
         try:
             state = self._state_dict(app_state)
             job.writer = self._writer(step)
@@ -457,12 +468,24 @@ class CheckpointManager:
         except BaseException as e:  # staging failed (e.g. out of host memory): training goes on
             with self._lock:
                 self._in_flight, self._current = False, None
+                self._drop_pending(job)
             self._stats["checkpoint_failures"] += 1
             self._stats["checkpoints_abandoned"] += 1
             self.log.error("[rank %d] %s", self.rank, self._failure_message(step, e))
             return
         self._stats["checkpoint_stall_s"] = time.perf_counter() - t0
         self._submit(lambda: self._run_save(job))
+
+    def _start_pending(self, job: _SaveJob) -> None:
+        job.pending = _Pending(job.step)
+        with self._lock:
+            self._in_flight, self._current = True, job
+            self._pending = [p for p in self._pending if p.step != job.step] + [job.pending]
+
+    def _drop_pending(self, job: _SaveJob) -> None:
+        """Under the lock: the save did not commit."""
+        if job.pending in self._pending:
+            self._pending.remove(job.pending)
 
     def _replace_dir(self, step: int) -> None:
         """Rank 0: uncommit and delete an existing ``step_<step>`` before it is written again."""
@@ -514,6 +537,8 @@ class CheckpointManager:
                     if attempt > self.max_retries or not _retriable(e):
                         job.error = e
                         self._stats["checkpoints_abandoned"] += 1
+                        with self._lock:
+                            self._drop_pending(job)
                         if self.rank == 0:
                             self.log.error("%s", self._failure_message(job.step, e, attempt))
                             self._try_cleanup(job.step)
@@ -581,41 +606,38 @@ class CheckpointManager:
             self.log.info("arc_dist: partial step_%d left in place (%s)", step, type(e).__name__)
 
     def _after_commit(self, job: _SaveJob, status: str, nbytes: int, elapsed: float) -> None:
+        # on_rollback already counted a rejected save and dropped its pending entry
         if status == "rejected":
-            self._stats["checkpoints_rejected"] += 1
             if self.rank == 0:
                 self.log.info(
                     "arc_dist: checkpoint step_%d not committed: training rolled back past it", job.step
                 )
                 self._try_cleanup(job.step)
             return
-        confirm_now = False
+        p = job.pending
         with self._lock:
             self._stats["checkpoints"] += 1
             self._stats["last_committed_step"] = job.step
             self._stats["checkpoint_write_s"] = elapsed
             self._stats["checkpoint_bytes"] = nbytes
             rejected = job.rejected  # a rollback between the manifest and here
-            if not rejected:
-                if self.confirm_after == 0:
-                    confirm_now = True
-                else:
-                    self._pending.append(_Pending(job.step))
-        if self.rank != 0:
+            p.committed = True
+            confirm_now = not rejected and p in self._pending and p.healthy >= self.confirm_after
             if confirm_now:
-                self._mark_confirmed(job.step)
+                self._pending.remove(p)
+        if confirm_now:
+            self._mark_confirmed(job.step)
+        if self.rank != 0:
             return
         self.log.info(
             "arc_dist: checkpoint step_%d committed to %s (%.1f MB in %.2fs)",
             job.step, self.storage.display, nbytes / 1e6, elapsed,
         )
         if rejected:
-            self._stats["checkpoints_rejected"] += 1
             self._uncommit_rejected(job.step)
             return
         if confirm_now:
-            self._mark_confirmed(job.step)
-            self._write_confirmation(job.step, job.step, 0)
+            self._write_confirmation(job.step, job.step + p.healthy, p.healthy)
         self._apply_retention()
 
     # -- confirmation, rollback, retention --------------------------------------------------
@@ -628,7 +650,7 @@ class CheckpointManager:
             for p in self._pending:
                 if global_step > p.step:
                     p.healthy += 1
-                    if p.healthy >= self.confirm_after:
+                    if p.committed and p.healthy >= self.confirm_after:
                         ready.append(p)
             for p in ready:
                 self._pending.remove(p)
@@ -670,11 +692,12 @@ class CheckpointManager:
             doomed = [p for p in self._pending if p.step > restored_step]
             self._pending = [p for p in self._pending if p.step <= restored_step]
             if self._current is not None and self._current.step > restored_step:
-                self._current.rejected = True
+                self._current.rejected = True  # still writing: it will not commit
             self._stats["checkpoints_rejected"] += len(doomed)
         if self.rank == 0:
             for p in doomed:
-                self._submit(lambda s=p.step: self._uncommit_rejected(s))
+                if p.committed:
+                    self._submit(lambda s=p.step: self._uncommit_rejected(s))
 
     def _uncommit_rejected(self, step: int) -> None:
         self.log.info(
@@ -859,8 +882,9 @@ class CheckpointManager:
         return load_sd, dynamic, why
 
     def _after_load(self, info: CheckpointInfo, infos: list[CheckpointInfo], elapsed: float) -> None:
+        self._loaded_step = info.step
         with self._lock:
-            self._pending = [] if info.confirmed else [_Pending(info.step)]
+            self._pending = [] if info.confirmed else [_Pending(info.step, committed=True)]
             self._stats["last_committed_step"] = info.step
             if info.confirmed:
                 self._stats["last_confirmed_step"] = info.step
