@@ -301,7 +301,8 @@ class Arc:
             if self.global_step % self.config.snapshot_every == 0 and newest.step != self.global_step:
                 self._take_snapshot()
             if self._checkpoints is not None:
-                self._checkpoints.on_healthy_step(self.global_step)
+                if verdict.status == HEALTHY:  # a warning does not count towards confirmation
+                    self._checkpoints.on_healthy_step(self.global_step)
                 every = self.config.checkpoint_every
                 # not when this exact state is what the newest checkpoint holds (just resumed,
                 # or rolled back to it): re-writing it would uncommit it for nothing
