@@ -18,6 +18,10 @@ From the environment (used when ``Arc(chaos=...)`` is not given)::
 Grammar: ``KIND@STEP[/RANK[+RANK...]][*FACTOR][!]`` separated by spaces, commas or semicolons;
 no ranks means all ranks, ``*FACTOR`` sets the fault's magnitude (seconds for ``slow``, ``hang`` and the
 maximum of ``jitter``; the bit index for ``bit_flip``), ``!`` makes it persistent.
+
+``device_error`` raises a CUDA-style illegal-memory-access ``RuntimeError`` inside ``Arc.step``
+(which turns it into ``HardwareError``, exit code 12). ``ARC_CHAOS_PREFLIGHT="matmul/1"`` makes
+a preflight health check fail (:func:`preflight_faults`, docs/health.md).
 """
 
 from __future__ import annotations
