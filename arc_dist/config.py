@@ -22,8 +22,9 @@ class Thresholds:
     """When a signal counts as a ``warning`` or a ``failure``.
 
     Spike tests need both a robust z-score ``(x - median) / (1.4826 * MAD)`` above ``zscore_*``
-    and a ratio ``x / median`` above ``*_ratio_*``: the z-score alone fires on low-noise runs,
-    the ratio alone on noisy ones.
+    and a ratio ``x / reference`` above ``*_ratio_*``, the reference being the larger of the
+    window's median and the last few healthy values: the z-score alone fires on low-noise runs,
+    a ratio to the median alone on noisy or trending ones (policy.py).
     """
 
     #: healthy steps observed before spike tests use the window statistics
@@ -32,10 +33,10 @@ class Thresholds:
     window: int = 100
     zscore_warn: float = 6.0
     zscore_fail: float = 12.0
-    loss_ratio_warn: float = 1.25
+    loss_ratio_warn: float = 1.5
     loss_ratio_fail: float = 2.0
-    grad_ratio_warn: float = 5.0
-    grad_ratio_fail: float = 25.0
+    grad_ratio_warn: float = 10.0
+    grad_ratio_fail: float = 50.0
     #: before warm-up ends, a grad norm this many times the median so far is a failure
     grad_ratio_warmup: float = 1000.0
     #: a learning rate this many times what the scheduler (or the previous step) set

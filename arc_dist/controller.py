@@ -27,7 +27,7 @@ from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
 from .events import EventLog, Recorder
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .preemption import PreemptionHandler
-from .signals import Col, DDPRide, SignalCollector, layout_of, ride_row
+from .signals import Col, DDPRide, DTensor, SignalCollector, layout_of, ride_row
 from .silent import StragglerTracker
 from .snapshot import SnapshotStore
 from .watchdog import Watchdog
@@ -199,8 +199,12 @@ class Arc:
             self._watchdog = Watchdog(self.config.hang_timeout, self.config.hang_grace, log)
 
     # -- the step ----------------------------------------------------------------------
-    def step(self, loss: torch.Tensor) -> Action:
+    def step(self, loss: torch.Tensor, *, grad_norm: torch.Tensor | float | None = None) -> Action:
         """Collective: judge this step on every rank and act on the shared verdict.
+
+        ``grad_norm``: the global gradient norm when the job computes it anyway (the value
+        ``torch.nn.utils.clip_grad_norm_`` returns); Arc then skips its own pass over the
+        gradients. Pass it on every step or on none.
 
         A CUDA/NCCL device error raised inside it (chaos ``device_error`` included) is not
         rolled back, since the CUDA context cannot be trusted: it is logged with rank, host and
@@ -208,7 +212,7 @@ class Arc:
         ``arc_dist.launch.main_entry``). See arc_dist/health/device_errors.py.
         """
         try:
-            return self._step(loss)
+            return self._step(loss, grad_norm)
         except Exception as exc:
             from .health import hardware_error
 
@@ -217,7 +221,27 @@ class Arc:
                 raise
             raise hw from exc
 
-    def _step(self, loss: torch.Tensor) -> Action:
+    def _user_grad_sq(self, grad_norm) -> torch.Tensor:
+        """The job's global gradient norm as this rank's share of the squared norm."""
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        if isinstance(grad_norm, torch.Tensor):
+            if grad_norm.numel() != 1:
+                raise ValueError(
+                    f"Arc.step(grad_norm=...) must be the scalar total norm, got shape "
+                    f"{tuple(grad_norm.shape)}"
+                )
+            sq = grad_norm.detach().reshape(()).to(self._agree.device, torch.float64).square()
+        elif isinstance(grad_norm, (int, float)):
+            sq = torch.tensor(float(grad_norm) ** 2, dtype=torch.float64, device=self._agree.device)
+        else:
+            raise TypeError(
+                f"Arc.step(grad_norm=...) takes a tensor or a float, got {type(grad_norm).__name__}"
+            )
+        # sharded layouts add the ranks' shares; the job's norm is already the total
+        return sq / self.world_size if self.layout == "sharded" else sq
+
+    def _step(self, loss: torch.Tensor, grad_norm=None) -> Action:
         if self._closed:
             raise RuntimeError("Arc.step() called after close(); create a new Arc")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -229,7 +253,14 @@ class Arc:
         start = time.monotonic()
         if self.chaos is not None:
             self.chaos.before_check()
+        user_sq = self._user_grad_sq(grad_norm) if grad_norm is not None else None
         ride = self._ride.take() if self._ride is not None else None
+        if self._ride is not None:
+            self._ride.measure = user_sq is None  # from the next backward on
+        if ride is not None and (user_sq is not None or ride[0] is None):
+            if user_sq is None:  # the job stopped passing grad_norm: measure from now on
+                user_sq = self._signals.grad_sq()
+            ride = (user_sq, ride[1], ride[2])
         if ride is None and not any(p.grad is not None for p in self._signals.params):
             raise ValueError(
                 f"Arc.step() at step {self.global_step} found no gradients: call loss.backward() "
@@ -255,7 +286,7 @@ class Arc:
             row = self._signals.row(
                 loss,
                 deep=deep,
-                grad_sq=ride[0] if ride is not None else None,
+                grad_sq=ride[0] if ride is not None else user_sq,
                 local_grad_sq=ride[1] if ride is not None else None,
                 lr_ratio=self._lr_ratio(),
                 step_time=busy,

@@ -43,33 +43,64 @@ class Verdict:
 
 
 class RobustWindow:
-    """Median and MAD over the last ``size`` values that were judged healthy."""
+    """Median and MAD over the last ``size`` healthy values, and the largest of the most recent.
+
+    Statistics are cached between additions: ``judge`` runs every step and must stay cheap.
+    """
+
+    #: healthy values that form the "recent" reference of the ratio test
+    RECENT = 5
+    #: additions between recomputations of the median and MAD once the window is full
+    REFRESH = 8
 
     def __init__(self, size: int):
         self.values: deque[float] = deque(maxlen=size)
+        self._robust: tuple[float, float] | None = None
+        self._recent: float | None = None
+        self._since = 0
 
     def __len__(self) -> int:
         return len(self.values)
 
     def add(self, x: float) -> None:
         self.values.append(float(x))
+        self._recent = None
+        self._since += 1
+        # a median over ~100 values moves slowly: refreshing it every few steps is enough
+        if len(self.values) < self.values.maxlen or self._since >= self.REFRESH:
+            self._robust = None
 
-    def stats(self) -> tuple[float, float]:
-        a = np.fromiter(self.values, dtype=np.float64, count=len(self.values))
-        med = float(np.median(a))
-        return med, _MAD_SCALE * float(np.median(np.abs(a - med)))
+    def clear(self) -> None:
+        self.values.clear()
+        self._robust = self._recent = None
+
+    def stats(self) -> tuple[float, float, float]:
+        """(median, MAD scaled to a standard deviation, max of the last RECENT values)."""
+        if self._robust is None:
+            a = np.fromiter(self.values, dtype=np.float64, count=len(self.values))
+            med = float(np.median(a))
+            self._robust = (med, _MAD_SCALE * float(np.median(np.abs(a - med))))
+            self._since = 0
+        if self._recent is None:
+            n = len(self.values)
+            self._recent = max(self.values[i] for i in range(max(0, n - self.RECENT), n))
+        return (*self._robust, self._recent)
 
 
 def _spike(x: float, window: RobustWindow, z_thr: float, ratio: float) -> tuple[bool, float]:
-    """(x spikes above the window, its z-score): both the z-score and ``x - med > (ratio-1)|med|``.
+    """(x spikes, its robust z-score against the window).
 
-    The MAD gets a floor of 1e-3 |median| so a near-constant series does not make every
-    wiggle infinitely significant.
+    A spike needs both a z-score above ``z_thr`` and ``x - ref > (ratio - 1) |ref|`` where the
+    reference is the larger of the window's median and the most recent healthy values: the
+    z-score alone fires on low-noise runs, and a ratio to the median alone on values that trend
+    upwards (gradient norms often grow for a while); a real spike jumps above both. The MAD gets
+    a floor of 1e-3 |median| so a near-constant series does not make every wiggle significant.
     """
-    med, mad = window.stats()
+    med, mad, recent = window.stats()
     scale = max(mad, 1e-3 * abs(med), 1e-12)
     z = (x - med) / scale
-    return (z > z_thr and x - med > (ratio - 1.0) * abs(med)), z
+    ref = max(med, recent)
+    return (z > z_thr and x - ref > (ratio - 1.0) * abs(ref)), z
 
 
 def _standouts(values: np.ndarray) -> tuple[int, ...]:
@@ -229,10 +260,12 @@ class HealthPolicy:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        self.loss.values.clear()
-        self.loss.values.extend(float(x) for x in sd["loss"])
-        self.grad.values.clear()
-        self.grad.values.extend(float(x) for x in sd["grad"])
+        self.loss.clear()
+        for x in sd["loss"]:
+            self.loss.add(x)
+        self.grad.clear()
+        for x in sd["grad"]:
+            self.grad.add(x)
         self.healthy_seen = int(sd["healthy_seen"])
         self.on_rollback()
 

@@ -134,7 +134,7 @@ class SignalCollector:
         dev, f64 = self.device, torch.float64
         zero = torch.zeros((), dtype=f64, device=dev)
         if grad_sq is None:
-            grad_sq = sq_norm(grads_of(self.params), dev)
+            grad_sq = self.grad_sq()
         if deep:
             weight_sq = sq_norm(weights_of(self.model_params), dev)
             state_sq, step_max, flags = self._optimizer_state()
@@ -166,6 +166,10 @@ class SignalCollector:
                 ),
             ]
         )
+
+    def grad_sq(self) -> torch.Tensor:
+        """Squared norm of the gradients this rank holds (one foreach pass)."""
+        return sq_norm(grads_of(self.params), self.device)
 
     def _optimizer_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(state sq-norm, max step counter, StateFlag bits) as float64 device tensors.
@@ -269,10 +273,13 @@ class DDPRide:
         #: when this rank's last gradient bucket was ready (its own work done, no waiting)
         self.ready_at: float | None = None
         self.rides = 0
+        #: take norms of the reduced buckets (off when the job hands Arc its clipping norm)
+        self.measure = True
 
         def reduced(fut) -> torch.Tensor:
             t = fut.value()[0]
-            self._post.append(t.norm())
+            if self.measure:
+                self._post.append(t.norm())
             return t
 
         def hook(pg, bucket):
@@ -292,20 +299,22 @@ class DDPRide:
                 out = fut.value()[0]
                 buf.copy_(out[:n])
                 self._matrix = out[n:].view(self.world_size, NUM_COLS)
-                self._post.append(buf.norm())
+                if self.measure:
+                    self._post.append(buf.norm())
                 return buf
 
             return dist.all_reduce(both, group=pg, async_op=True).get_future().then(split)
 
         ddp.register_comm_hook(process_group, hook)
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(global grad sq-norm, this rank's bucket-0 pre-average sq-norm, agreed matrix) of
-        this step's backward, or None when no synchronised backward ran."""
-        if not self._post or self._matrix is None or self._local0 is None:
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
+        """(global grad sq-norm or None when not measured, this rank's bucket-0 pre-average
+        sq-norm, agreed matrix) of this step's backward, or None when no synchronised backward
+        ran."""
+        if self._matrix is None or self._local0 is None:
             self._post.clear()
             return None
-        post = torch.stack(self._post).to(torch.float64).square().sum()
+        post = torch.stack(self._post).to(torch.float64).square().sum() if self._post else None
         out = post, self._local0.to(torch.float64).square(), self._matrix.to(torch.float64)
         self._post.clear()
         self._matrix = self._local0 = None

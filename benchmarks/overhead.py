@@ -51,20 +51,26 @@ def run(model, opt, arc, x, y, steps: int) -> float:
 
 
 def bench(name: str, width: int, rounds: int, steps: int, batch: int) -> dict:
+    """Two identical replicas of the job, one plain and one under Arc, trained in alternation."""
     distributed = dist.is_initialized()
-    net = mlp(width)
-    nparams = sum(p.numel() for p in net.parameters())
-    model = DDP(net) if distributed else net
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def job():
+        net = mlp(width)
+        model = DDP(net) if distributed else net
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    plain_model, plain_opt = job()
+    model, opt = job()
+    nparams = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(dist.get_rank() if distributed else 0)
     x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
-    # the comm hook Arc registers on DDP serves both loops; Arc is only consulted in "arc" rounds
     arc = Arc(model, opt, config=ArcConfig(snapshot_every=100), chaos="")
-    run(model, opt, arc, x, y, 3)  # warm-up, first snapshot
+    run(plain_model, plain_opt, None, x, y, 3)  # warm-up
+    run(model, opt, arc, x, y, 3)
     plain, with_arc = [], []
     calls0, syncs0, coll0 = arc._calls, arc.stats()["host_syncs"], arc.stats()["collectives"]
     for _ in range(rounds):
-        plain.append(run(model, opt, None, x, y, steps))
+        plain.append(run(plain_model, plain_opt, None, x, y, steps))
         with_arc.append(run(model, opt, arc, x, y, steps))
     st = arc.stats()
     calls = arc._calls - calls0

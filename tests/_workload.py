@@ -82,7 +82,8 @@ def params_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def train(model, opt, arc, data: Data, steps: int, max_calls: int | None = None, sched=None):
+def train(model, opt, arc, data: Data, steps: int, max_calls: int | None = None, sched=None,
+          clip: float | None = None):
     """The contract's loop; returns the list of non-healthy actions (as tuples)."""
     events = []
     calls = 0
@@ -92,7 +93,11 @@ def train(model, opt, arc, data: Data, steps: int, max_calls: int | None = None,
             raise RuntimeError(f"loop did not reach {steps} steps in {max_calls} calls")
         loss = data.loss(model, data.next())
         loss.backward()
-        action = arc.step(loss)
+        if clip is not None:  # the job clips anyway: Arc reuses the norm
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            action = arc.step(loss, grad_norm=norm)
+        else:
+            action = arc.step(loss)
         if action.status != "healthy":
             events.append((action.step, action.status, action.reason, action.bad_ranks, action.rolled_back))
         if not action.should_skip:

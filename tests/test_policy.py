@@ -50,8 +50,18 @@ def test_loss_spike_blames_the_spiking_rank_and_small_bumps_only_warn():
     pol = warmed()
     v = pol.judge(np.stack([row(loss=2.0), row(loss=20.0)]))
     assert (v.status, v.reason, v.bad_ranks) == (FAILURE, "loss_spike", (1,))
-    v = pol.judge(np.stack([row(loss=2.7), row(loss=2.7)]))
+    v = pol.judge(np.stack([row(loss=3.4), row(loss=3.4)]))
     assert (v.status, v.reason) == (WARNING, "loss_spike")
+
+
+def test_trends_are_not_spikes():
+    """Gradient norms that grow 5% a step for 100 steps, and a loss that creeps up, stay healthy."""
+    pol = HealthPolicy(Thresholds(), "replicated", 1)
+    for i in range(150):
+        m = np.stack([row(loss=1.0 + 0.01 * i, grad_sq=(0.01 * 1.05**i) ** 2)])
+        v = pol.judge(m)
+        assert v.status == HEALTHY, (i, v)
+        pol.observe(m, v)
 
 
 def test_grad_explosion_needs_ratio_and_zscore():

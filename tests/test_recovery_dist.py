@@ -58,7 +58,8 @@ def _run(rank, world, sc: dict) -> dict:
     arc = Arc(wrapped, opt, sched, config=config, chaos=sc.get("chaos", ""))
     out = {"error": None}
     try:
-        out["events"] = train(wrapped, opt, arc, data, sc.get("steps", STEPS), max_calls=400, sched=sched)
+        out["events"] = train(wrapped, opt, arc, data, sc.get("steps", STEPS), max_calls=400, sched=sched,
+                              clip=sc.get("clip"))
     except UnrecoverableError as e:
         out["error"] = str(e)
         return out
@@ -98,6 +99,8 @@ TWO_RANK = {
     "lm-three-faults": dict(model="lm", opt="adamw", warmup=True, steps=150,
                             chaos="nan_loss@30/1 grad_explosion@50/0 lr_spike@65/1"),
     "persistent": dict(model="mlp", chaos=f"nan_loss@{FAULT_STEP}/1!"),
+    "clip-clean": dict(model="lm", opt="adamw", warmup=True, clip=1.0, steps=120),
+    "clip-grad_explosion": dict(model="mlp", clip=1.0, chaos="grad_explosion@43/1"),
 }
 FOUR_RANK = {
     "reference-mlp": dict(model="mlp"),
@@ -217,3 +220,12 @@ def test_fsdp2(fsdp, name, reason):
     first = _assert_recovered(fsdp, name, "reference-mlp", replicated=False)
     failures = [e for e in first["events"] if e[1] == "failure"]
     assert failures and failures[0][2] == reason
+
+
+@pytest.mark.timeout(300)
+def test_reusing_the_clipping_norm(two):
+    for res in two:
+        assert res["clip-clean"]["events"] == [] and res["clip-clean"]["error"] is None
+    first = _assert_recovered(two, "clip-grad_explosion", "reference-mlp")
+    failures = [e for e in first["events"] if e[1] == "failure"]
+    assert [(e[2], e[3]) for e in failures] == [("grad_explosion", (1,))]
