@@ -9,7 +9,15 @@ import pytest
 
 from arc_dist import ArcConfig, Thresholds
 from arc_dist.chaos import parse
-from arc_dist.policy import FAILURE, HEALTHY, WARNING, Decision, HealthPolicy, RecoveryPolicy, Verdict
+from arc_dist.policy import (
+    FAILURE,
+    HEALTHY,
+    WARNING,
+    Decision,
+    HealthPolicy,
+    RecoveryPolicy,
+    Verdict,
+)
 from arc_dist.signals import NUM_COLS, Col
 
 

@@ -92,11 +92,12 @@ def test_no_false_positives_with_schedulers_and_clean_lrs():
     for lr, sched_kind in [(1e-2, "cosine"), (3e-3, "step"), (1e-3, "warmup")]:
         model = make_model("lm")
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
-        sched = {
-            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 100),
-            "step": lambda: torch.optim.lr_scheduler.StepLR(opt, 20, gamma=0.5),
-            "warmup": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 30)),
-        }[sched_kind]()
+        if sched_kind == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 100)
+        elif sched_kind == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, 20, gamma=0.5)
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 30))
         arc = Arc(model, opt, sched, config=ArcConfig(snapshot_every=10, deep_check_every=1), chaos="")
         assert train(model, opt, arc, Data("lm", 0), 100, sched=sched) == [], (lr, sched_kind)
 
