@@ -73,6 +73,12 @@ class _HashingStream:
     def seekable(self) -> bool:
         return False
 
+    def fileno(self) -> int:
+        # DCP fsyncs through fileno() before it closes the file: flush Python's buffer first, or
+        # the file's last block would reach the disk only after the fsync
+        self._raw.flush()
+        return self._raw.fileno()
+
     def writable(self) -> bool:
         return True
 
@@ -133,9 +139,10 @@ class HashingWriter(FsspecWriter):
         algorithm: str,
         storage_options: dict,
         sync_files: bool,
+        thread_count: int = 1,
         fault_hook: FaultHook | None = None,
     ) -> None:
-        super().__init__(url, sync_files=sync_files, **storage_options)
+        super().__init__(url, sync_files=sync_files, thread_count=thread_count, **storage_options)
         self.fs = _HashingFileSystem(self.fs.fs, algorithm, fault_hook)
 
     @property
