@@ -1,11 +1,17 @@
 """arc-dist: fault tolerance for multi-node PyTorch training.
 
-Wrap the loop with :class:`Arc`; see README.md and ``shared/api.md`` for the contract.
+Wrap the loop with :class:`Arc`; see README.md and ``shared/api.md`` for the contract. The
+controller (and torch) load on first use, so ``python -m arc_dist.launch`` and other tools that
+only need the configuration or the exit codes start fast.
 """
 
+from typing import TYPE_CHECKING
+
 from .config import ArcConfig, Thresholds
-from .controller import Action, Arc
 from .errors import ArcError, CheckpointError, ExitCode, Preempted, UnrecoverableError
+
+if TYPE_CHECKING:
+    from .controller import Action, Arc
 
 __all__ = [
     "Action",
@@ -19,3 +25,11 @@ __all__ = [
     "UnrecoverableError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("Arc", "Action"):
+        from . import controller
+
+        return getattr(controller, name)
+    raise AttributeError(f"module 'arc_dist' has no attribute {name!r}")

@@ -27,7 +27,7 @@ from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
 from .events import EventLog, Recorder
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .preemption import PreemptionHandler
-from .signals import Col, DDPRide, DTensor, SignalCollector, layout_of, ride_row
+from .signals import Col, DDPRide, SignalCollector, is_dtensor, layout_of, ride_row
 from .silent import StragglerTracker
 from .snapshot import SnapshotStore
 from .watchdog import Watchdog
@@ -223,7 +223,7 @@ class Arc:
 
     def _user_grad_sq(self, grad_norm) -> torch.Tensor:
         """The job's global gradient norm as this rank's share of the squared norm."""
-        if isinstance(grad_norm, DTensor):
+        if is_dtensor(grad_norm):
             grad_norm = grad_norm.full_tensor()
         if isinstance(grad_norm, torch.Tensor):
             if grad_norm.numel() != 1:
@@ -412,7 +412,14 @@ class Arc:
     def _preempt(self, m, verdict: Verdict) -> None:
         """Every rank: write a final checkpoint if the state is healthy, then exit for a retry."""
         ranks = [int(r) for r in (m[:, Col.PREEMPT] > 0).nonzero()[0]]
-        saved = self._checkpoints is not None and verdict.status != FAILURE
+        # nothing to save at step 0 (the job's own initial state) or when the newest
+        # checkpoint already holds this very state
+        saved = (
+            self._checkpoints is not None
+            and verdict.status != FAILURE
+            and self.global_step > 0
+            and self.global_step != self._saved_step
+        )
         if self.rank == 0:
             log.warning(
                 "arc_dist: SIGTERM on ranks %s at step %d: %s and exiting with code %d (retry)",

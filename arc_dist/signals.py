@@ -17,6 +17,7 @@ Which ranks hold which part of the model decides how a column is combined across
 from __future__ import annotations
 
 import enum
+import sys
 import time
 from collections.abc import Iterable, Sequence
 
@@ -25,10 +26,13 @@ from torch import nn
 
 from .silent import fingerprint as param_fingerprint
 
-try:  # DTensor is public from torch 2.4 on; FSDP2 parameters are DTensors
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
+
+def is_dtensor(t: object) -> bool:
+    """FSDP2 parameters are DTensors. Importing ``torch.distributed.tensor`` costs seconds (it
+    pulls in sympy), which every restart would pay: a job that never imported it holds none."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
 
 
 class Col(enum.IntEnum):
@@ -61,12 +65,12 @@ class StateFlag(enum.IntFlag):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if isinstance(t, DTensor) else t  # type: ignore[attr-defined]
+    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def layout_of(model: nn.Module, world_size: int) -> str:
     """``"replicated"``, ``"sharded"`` or ``"independent"`` (see the module docstring)."""
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    if any(is_dtensor(p) for p in model.parameters()):
         return "sharded"
     if world_size == 1 or isinstance(model, nn.parallel.DistributedDataParallel):
         return "replicated"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .signals import DTensor, _local
+from .signals import _local, is_dtensor
 
 
 def _rng_state() -> dict:
@@ -188,7 +188,7 @@ class SnapshotStore:
         # plain local tensors we kept, so copy into the live DTensors' shards where they exist.
         live_state = self.optimizer.state
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if any(isinstance(p, DTensor) for p in params):
+        if any(is_dtensor(p) for p in params):
             dst, src = [], []
             for i, p in enumerate(params):
                 saved = sd["state"].get(i, {})
