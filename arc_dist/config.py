@@ -154,31 +154,24 @@ class ArcConfig:
             self.lr_backoff,
             "use a factor in (0, 1]; 1 disables the backoff",
         )
-        if self.hang_timeout is not None:
-            _check(
-                isinstance(self.hang_timeout, (int, float)) and self.hang_timeout > 0,
-                "hang_timeout",
-                self.hang_timeout,
-                "use seconds > 0, or None to disable the watchdog",
-            )
         _check(
-            isinstance(self.suspect_after, int) and self.suspect_after >= 1,
-            "suspect_after",
-            self.suspect_after,
-            "use an integer >= 1",
+            self.hang_timeout is None
+            or (isinstance(self.hang_timeout, (int, float)) and self.hang_timeout > 0),
+            "hang_timeout",
+            self.hang_timeout,
+            "use seconds > 0, or None to disable the watchdog",
         )
         _check(
-            math.isfinite(self.straggler_ratio) and self.straggler_ratio > 1,
+            isinstance(self.straggler_ratio, (int, float))
+            and math.isfinite(self.straggler_ratio)
+            and self.straggler_ratio > 1,
             "straggler_ratio",
             self.straggler_ratio,
             "use a finite factor > 1, e.g. 1.4 (40% slower than the others)",
         )
-        _check(
-            isinstance(self.straggler_window, int) and self.straggler_window >= 3,
-            "straggler_window",
-            self.straggler_window,
-            "use an integer >= 3",
-        )
+        for name, low in (("suspect_after", 1), ("straggler_window", 3)):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= low, name, v, f"use an integer >= {low}")
         _check(self.hang_grace >= 0, "hang_grace", self.hang_grace, "use seconds >= 0")
         _check(isinstance(self.preflight, bool), "preflight", self.preflight, "use True or False")
         if not isinstance(self.thresholds, Thresholds):
