@@ -6,14 +6,18 @@ progressions mod 64) on the CPU in a few seconds. The Arc-specific part is the t
     trainer = ArcTrainer(model, args, train_dataset=data,
                          arc_callback=ArcTrainerCallback(config=ArcConfig(snapshot_every=10)))
 
-Run it (add ``--chaos ""`` for a fault-free run)::
+Run it (add ``--chaos ""`` for a fault-free run; under torchrun it trains with DDP over gloo,
+here with the NaN on rank 1 only)::
 
     python examples/hf_example.py --chaos nan_loss@35
+    torchrun --standalone --nproc-per-node 2 examples/hf_example.py --chaos nan_loss@35/1
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
 import os
@@ -109,6 +113,7 @@ def main(
         trainer.train(resume_from_checkpoint=True if resume else None)
     assert trainer.arc is not None
     return {
+        "rank": trainer.args.process_index,
         "final_loss": evaluate(model, Progressions(256, seed + 1)),
         "trainer_steps": trainer.state.global_step,
         "arc_steps": trainer.arc.global_step,
@@ -118,16 +123,34 @@ def main(
     }
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A hash of the weights' bytes: equal on every rank when the replicas are identical."""
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--chaos", default="nan_loss@35", help='fault spec (arc_dist.chaos); "" for none')
+    parser.add_argument("--json", action="store_true", help="print one JSON line of results per rank")
     cli = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = main(cli.steps, cli.chaos)
     s = out["stats"]
-    print(
-        f"trainer steps {out['trainer_steps']}, updates in the model {out['arc_steps']}, "
-        f"rollbacks {s['rollbacks']}, skips {s['skips']}, held-out loss {out['final_loss']:.4f}"
-    )
+    if cli.json:
+        print("RESULT " + json.dumps({
+            "rank": out["rank"], "trainer_steps": out["trainer_steps"], "arc_steps": out["arc_steps"],
+            "rollbacks": s["rollbacks"], "failures": s["failures"], "fast_steps": s["fast_steps"],
+            "final_loss": out["final_loss"],
+            "fired": [list(f) for f in out["trainer"].arc.chaos.fired], "weights": weights_digest(out["model"]),
+        }), flush=True)
+    else:
+        print(
+            f"[rank {out['rank']}] trainer steps {out['trainer_steps']}, updates in the model "
+            f"{out['arc_steps']}, rollbacks {s['rollbacks']}, skips {s['skips']}, "
+            f"held-out loss {out['final_loss']:.4f}"
+        )
     raise SystemExit(0 if math.isfinite(out["final_loss"]) else 1)

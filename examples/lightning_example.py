@@ -5,14 +5,18 @@ only Arc-specific line is the callback::
 
     trainer = L.Trainer(max_steps=80, callbacks=[ArcCallback(config=ArcConfig(snapshot_every=10))])
 
-Run it (add ``--chaos ""`` for a fault-free run)::
+Run it (add ``--chaos ""`` for a fault-free run; ``--devices 2`` runs DDP over gloo, with
+Lightning starting the second process, here with the NaN on rank 1 only)::
 
     python examples/lightning_example.py --chaos nan_loss@35
+    python examples/lightning_example.py --devices 2 --chaos nan_loss@35/1
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
 import warnings
@@ -73,13 +77,14 @@ def main(
     root_dir: str | None = None,
     ckpt_path: str | None = None,
     save_to: str | None = None,
+    devices: int = 1,
 ) -> dict:
     """Train, return ``final_loss`` (held-out MSE), ``trainer_steps``, ``arc_steps``, ``stats``
     (Arc's), ``model`` and ``callback``.
 
     ``same_batch`` makes every batch the same one (a full-batch run), so a rolled-back run is
     reproducible to the bit; ``ckpt_path`` resumes a Lightning checkpoint, ``save_to`` writes one
-    at the end.
+    at the end. ``devices > 1`` trains with DDP (gloo); every rank returns its own results.
     """
     torch.manual_seed(seed)
     train = make_data(256 if same_batch else 2048, seed)
@@ -93,7 +98,8 @@ def main(
     callback = ArcCallback(config=config or ArcConfig(snapshot_every=10), chaos=chaos or "")
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=1,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
         max_steps=max_steps,
         callbacks=[callback],
         logger=False,
@@ -109,6 +115,7 @@ def main(
         trainer.save_checkpoint(save_to)
     assert callback.arc is not None
     return {
+        "rank": trainer.global_rank,
         "final_loss": evaluate(model, make_data(512, seed + 1)),
         "trainer_steps": trainer.global_step,
         "arc_steps": callback.arc.global_step,
@@ -118,16 +125,36 @@ def main(
     }
 
 
+def weights_digest(model: nn.Module) -> str:
+    """A hash of the weights' bytes: equal on every rank when the replicas are identical."""
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--chaos", default="nan_loss@35", help='fault spec (arc_dist.chaos); "" for none')
+    parser.add_argument("--devices", type=int, default=1, help="processes (DDP over gloo when > 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line of results per rank")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    out = main(args.steps, args.chaos)
+    out = main(args.steps, args.chaos, devices=args.devices)
     s = out["stats"]
-    print(
-        f"lightning steps {out['trainer_steps']}, updates in the model {out['arc_steps']}, "
-        f"rollbacks {s['rollbacks']}, skips {s['skips']}, held-out loss {out['final_loss']:.4f}"
-    )
+    if args.json:
+        fired = out["callback"].arc.chaos.fired
+        print("RESULT " + json.dumps({
+            "rank": out["rank"], "trainer_steps": out["trainer_steps"], "arc_steps": out["arc_steps"],
+            "rollbacks": s["rollbacks"], "failures": s["failures"], "fast_steps": s["fast_steps"],
+            "final_loss": out["final_loss"],
+            "fired": [list(f) for f in fired], "weights": weights_digest(out["model"]),
+        }), flush=True)
+    else:
+        print(
+            f"[rank {out['rank']}] lightning steps {out['trainer_steps']}, updates in the model "
+            f"{out['arc_steps']}, rollbacks {s['rollbacks']}, skips {s['skips']}, "
+            f"held-out loss {out['final_loss']:.4f}"
+        )
     raise SystemExit(0 if math.isfinite(out["final_loss"]) else 1)

@@ -11,14 +11,20 @@ For each framework:
   to a fault-free run of as many updates; so the trainer's own optimizer step after a rollback
   and the scheduler step the trainer takes anyway leave no trace;
 * Arc's state travels with the framework's checkpoints;
+* with two DDP ranks (gloo) and the NaN on rank 1 only, both ranks roll back together and end
+  with identical weights;
 * misuse fails with a message that says what to do.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
+import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -209,3 +215,58 @@ def test_hf_callback_needs_the_mixin(hf_example, tmp_path):
     with pytest.raises(ValueError, match="more than one"):
         ArcTrainer(hf_example.tiny_gpt2(), args, train_dataset=data,
                    callbacks=[ArcTrainerCallback()], arc_callback=ArcTrainerCallback())
+
+
+# -- two ranks (DDP over gloo) -------------------------------------------------------------
+
+
+def _run_ranks(cmd: list[str], tmp_path: Path, timeout: float = 240) -> list[dict]:
+    """Run a 2-process example and return its per-rank RESULT lines, rank 0 first."""
+    from tests._launchproc import clean_env
+
+    env = clean_env(tmp_path, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, cwd=EXAMPLES.parent, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{cmd} did not finish in {timeout}s:\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    results = [json.loads(m) for m in re.findall(r"RESULT (\{.*?\})", out)]
+    assert sorted(r["rank"] for r in results) == [0, 1], out[-4000:]
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def _assert_ranks_recovered(results: list[dict], steps: int) -> None:
+    # the NaN came from rank 1 alone; both ranks rolled back together and stayed identical
+    assert [r["fired"] for r in results] == [[], [["nan_loss", NAN_STEP, 1]]]
+    for r in results:
+        assert (r["trainer_steps"], r["arc_steps"]) == (steps, steps - LOST)
+        assert (r["rollbacks"], r["failures"]) == (1, 1)
+        assert r["fast_steps"] > 0  # Arc got the DDP module: its signals rode DDP's all-reduce
+        assert math.isfinite(r["final_loss"])
+    assert results[0]["weights"] == results[1]["weights"]
+
+
+@pytest.mark.slow
+def test_lightning_ddp_two_ranks(lightning_example, tmp_path):
+    steps = 60
+    results = _run_ranks(
+        [sys.executable, str(EXAMPLES / "lightning_example.py"), "--devices", "2", "--steps", str(steps),
+         "--chaos", f"nan_loss@{NAN_STEP}/1", "--json"],
+        tmp_path,
+    )
+    _assert_ranks_recovered(results, steps)
+
+
+@pytest.mark.slow
+def test_hf_ddp_two_ranks(hf_example, tmp_path):
+    steps = 60
+    results = _run_ranks(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(EXAMPLES / "hf_example.py"), "--steps", str(steps), "--chaos", f"nan_loss@{NAN_STEP}/1", "--json"],
+        tmp_path,
+    )
+    _assert_ranks_recovered(results, steps)
