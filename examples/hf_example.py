@@ -55,8 +55,14 @@ class Progressions(Dataset):
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=LENGTH, n_embd=32, n_layer=1, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=VOCAB,
+        n_positions=LENGTH,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
 
@@ -108,7 +114,9 @@ def main(
             args,
             train_dataset=Progressions(256 if same_batch else 4096, seed, same=same_batch),
             optimizers=(opt, sched),
-            arc_callback=ArcTrainerCallback(config=config or ArcConfig(snapshot_every=10), chaos=chaos or ""),
+            arc_callback=ArcTrainerCallback(
+                config=config or ArcConfig(snapshot_every=10), chaos=chaos or ""
+            ),
         )
         trainer.train(resume_from_checkpoint=True if resume else None)
     assert trainer.arc is not None
@@ -132,21 +140,38 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--chaos", default="nan_loss@35", help='fault spec (arc_dist.chaos); "" for none')
-    parser.add_argument("--json", action="store_true", help="print one JSON line of results per rank")
+    parser.add_argument(
+        "--chaos", default="nan_loss@35", help='fault spec (arc_dist.chaos); "" for none'
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON line of results per rank"
+    )
     cli = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = main(cli.steps, cli.chaos)
     s = out["stats"]
     if cli.json:
-        print("RESULT " + json.dumps({
-            "rank": out["rank"], "trainer_steps": out["trainer_steps"], "arc_steps": out["arc_steps"],
-            "rollbacks": s["rollbacks"], "failures": s["failures"], "fast_steps": s["fast_steps"],
-            "final_loss": out["final_loss"],
-            "fired": [list(f) for f in out["trainer"].arc.chaos.fired], "weights": weights_digest(out["model"]),
-        }), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "rank": out["rank"],
+                    "trainer_steps": out["trainer_steps"],
+                    "arc_steps": out["arc_steps"],
+                    "rollbacks": s["rollbacks"],
+                    "failures": s["failures"],
+                    "fast_steps": s["fast_steps"],
+                    "final_loss": out["final_loss"],
+                    "fired": [list(f) for f in out["trainer"].arc.chaos.fired],
+                    "weights": weights_digest(out["model"]),
+                }
+            ),
+            flush=True,
+        )
     else:
         print(
             f"[rank {out['rank']}] trainer steps {out['trainer_steps']}, updates in the model "

@@ -34,7 +34,9 @@ DIM = 16
 
 def make_data(n: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(DIM, 1, generator=torch.Generator().manual_seed(1234))  # the same task everywhere
+    w = torch.randn(
+        DIM, 1, generator=torch.Generator().manual_seed(1234)
+    )  # the same task everywhere
     x = torch.randn(n, DIM, generator=g)
     return TensorDataset(x, x @ w + 0.1 * torch.randn(n, 1, generator=g))
 
@@ -134,23 +136,40 @@ def weights_digest(model: nn.Module) -> str:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--chaos", default="nan_loss@35", help='fault spec (arc_dist.chaos); "" for none')
+    parser.add_argument(
+        "--chaos", default="nan_loss@35", help='fault spec (arc_dist.chaos); "" for none'
+    )
     parser.add_argument("--devices", type=int, default=1, help="processes (DDP over gloo when > 1)")
-    parser.add_argument("--json", action="store_true", help="print one JSON line of results per rank")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON line of results per rank"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = main(args.steps, args.chaos, devices=args.devices)
     s = out["stats"]
     if args.json:
         fired = out["callback"].arc.chaos.fired
-        print("RESULT " + json.dumps({
-            "rank": out["rank"], "trainer_steps": out["trainer_steps"], "arc_steps": out["arc_steps"],
-            "rollbacks": s["rollbacks"], "failures": s["failures"], "fast_steps": s["fast_steps"],
-            "final_loss": out["final_loss"],
-            "fired": [list(f) for f in fired], "weights": weights_digest(out["model"]),
-        }), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "rank": out["rank"],
+                    "trainer_steps": out["trainer_steps"],
+                    "arc_steps": out["arc_steps"],
+                    "rollbacks": s["rollbacks"],
+                    "failures": s["failures"],
+                    "fast_steps": s["fast_steps"],
+                    "final_loss": out["final_loss"],
+                    "fired": [list(f) for f in fired],
+                    "weights": weights_digest(out["model"]),
+                }
+            ),
+            flush=True,
+        )
     else:
         print(
             f"[rank {out['rank']}] lightning steps {out['trainer_steps']}, updates in the model "

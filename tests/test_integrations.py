@@ -70,7 +70,8 @@ def _assert_recovered(faulty: dict, clean: dict, fired: list) -> None:
     assert faulty["arc_steps"] == STEPS - LOST and clean["arc_steps"] == STEPS
     assert math.isfinite(faulty["final_loss"])
     assert abs(faulty["final_loss"] - clean["final_loss"]) <= TOLERANCE * clean["final_loss"], (
-        faulty["final_loss"], clean["final_loss"],
+        faulty["final_loss"],
+        clean["final_loss"],
     )
 
 
@@ -106,9 +107,13 @@ def test_lightning_example_recovers_from_nan(lightning_example):
 
 
 def test_lightning_rolled_back_step_leaves_no_trace(lightning_example):
-    faulty = lightning_example.main(STEPS, f"nan_loss@{NAN_STEP}", config=_exact_config(), same_batch=True)
+    faulty = lightning_example.main(
+        STEPS, f"nan_loss@{NAN_STEP}", config=_exact_config(), same_batch=True
+    )
     assert faulty["stats"]["rollbacks"] == 1 and faulty["arc_steps"] == STEPS - LOST
-    clean = lightning_example.main(faulty["arc_steps"], None, config=_exact_config(), same_batch=True)
+    clean = lightning_example.main(
+        faulty["arc_steps"], None, config=_exact_config(), same_batch=True
+    )
     a, b = faulty["callback"].arc, clean["callback"].arc
     assert a.optimizer.state_dict()["state"][0]["step"] == STEPS - LOST  # Adam's own count
     _assert_same_state(a.model, b.model, a.optimizer, b.optimizer, a.scheduler, b.scheduler)
@@ -117,8 +122,14 @@ def test_lightning_rolled_back_step_leaves_no_trace(lightning_example):
 def test_lightning_checkpoint_carries_arc_state(lightning_example, tmp_path):
     ckpt = str(tmp_path / "run.ckpt")
     first = lightning_example.main(50, f"nan_loss@{NAN_STEP}", root_dir=str(tmp_path), save_to=ckpt)
-    assert (first["trainer_steps"], first["arc_steps"], first["stats"]["rollbacks"]) == (50, 50 - LOST, 1)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]["ArcCallback"]["arc"]
+    assert (first["trainer_steps"], first["arc_steps"], first["stats"]["rollbacks"]) == (
+        50,
+        50 - LOST,
+        1,
+    )
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]["ArcCallback"][
+        "arc"
+    ]
     assert saved["global_step"] == 50 - LOST and saved["stats"]["rollbacks"] == 1
 
     resumed = lightning_example.main(70, None, root_dir=str(tmp_path), ckpt_path=ckpt)
@@ -144,8 +155,13 @@ def test_lightning_misuse(lightning_example):
     data = lightning_example.make_data(64, 0)
     loader = torch.utils.data.DataLoader(data, batch_size=32)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, callbacks=[ArcCallback()], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=1,
+        callbacks=[ArcCallback()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     with pytest.raises(ValueError, match="automatic optimization"):
         trainer.fit(Manual(), loader)
@@ -186,7 +202,11 @@ def test_hf_checkpoint_carries_arc_state(hf_example, tmp_path):
 
     out = str(tmp_path / "out")
     first = hf_example.main(50, f"nan_loss@{NAN_STEP}", output_dir=out, save_steps=25)
-    assert (first["trainer_steps"], first["arc_steps"], first["stats"]["rollbacks"]) == (50, 50 - LOST, 1)
+    assert (first["trainer_steps"], first["arc_steps"], first["stats"]["rollbacks"]) == (
+        50,
+        50 - LOST,
+        1,
+    )
     at_25 = torch.load(os.path.join(out, "checkpoint-25", ARC_STATE_FILE), weights_only=True)
     at_50 = torch.load(os.path.join(out, "checkpoint-50", ARC_STATE_FILE), weights_only=True)
     assert (at_25["global_step"], at_25["stats"]["rollbacks"]) == (25, 0)
@@ -206,15 +226,28 @@ def test_hf_callback_needs_the_mixin(hf_example, tmp_path):
 
     with pytest.raises(TypeError, match="model"):
         ArcTrainerCallback(model=None)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to="none",
-                             disable_tqdm=True, save_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+    )
     data = hf_example.Progressions(32, 0)
-    plain = Trainer(hf_example.tiny_gpt2(), args, train_dataset=data, callbacks=[ArcTrainerCallback()])
+    plain = Trainer(
+        hf_example.tiny_gpt2(), args, train_dataset=data, callbacks=[ArcTrainerCallback()]
+    )
     with pytest.raises(RuntimeError, match="ArcTrainerMixin"):
         plain.train()
     with pytest.raises(ValueError, match="more than one"):
-        ArcTrainer(hf_example.tiny_gpt2(), args, train_dataset=data,
-                   callbacks=[ArcTrainerCallback()], arc_callback=ArcTrainerCallback())
+        ArcTrainer(
+            hf_example.tiny_gpt2(),
+            args,
+            train_dataset=data,
+            callbacks=[ArcTrainerCallback()],
+            arc_callback=ArcTrainerCallback(),
+        )
 
 
 # -- two ranks (DDP over gloo) -------------------------------------------------------------
@@ -225,8 +258,15 @@ def _run_ranks(cmd: list[str], tmp_path: Path, timeout: float = 240) -> list[dic
     from tests._launchproc import clean_env
 
     env = clean_env(tmp_path, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(cmd, cwd=EXAMPLES.parent, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=EXAMPLES.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -254,8 +294,17 @@ def _assert_ranks_recovered(results: list[dict], steps: int) -> None:
 def test_lightning_ddp_two_ranks(lightning_example, tmp_path):
     steps = 60
     results = _run_ranks(
-        [sys.executable, str(EXAMPLES / "lightning_example.py"), "--devices", "2", "--steps", str(steps),
-         "--chaos", f"nan_loss@{NAN_STEP}/1", "--json"],
+        [
+            sys.executable,
+            str(EXAMPLES / "lightning_example.py"),
+            "--devices",
+            "2",
+            "--steps",
+            str(steps),
+            "--chaos",
+            f"nan_loss@{NAN_STEP}/1",
+            "--json",
+        ],
         tmp_path,
     )
     _assert_ranks_recovered(results, steps)
@@ -265,8 +314,20 @@ def test_lightning_ddp_two_ranks(lightning_example, tmp_path):
 def test_hf_ddp_two_ranks(hf_example, tmp_path):
     steps = 60
     results = _run_ranks(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(EXAMPLES / "hf_example.py"), "--steps", str(steps), "--chaos", f"nan_loss@{NAN_STEP}/1", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(EXAMPLES / "hf_example.py"),
+            "--steps",
+            str(steps),
+            "--chaos",
+            f"nan_loss@{NAN_STEP}/1",
+            "--json",
+        ],
         tmp_path,
     )
     _assert_ranks_recovered(results, steps)

@@ -72,7 +72,9 @@ class HeldSchedule:
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The ``torch.optim.Optimizer`` under accelerate's ``AcceleratedOptimizer`` (or itself)."""
     inner = getattr(optimizer, "optimizer", None)
-    if type(optimizer).__name__ == "AcceleratedOptimizer" and isinstance(inner, torch.optim.Optimizer):
+    if type(optimizer).__name__ == "AcceleratedOptimizer" and isinstance(
+        inner, torch.optim.Optimizer
+    ):
         return inner
     return optimizer
 

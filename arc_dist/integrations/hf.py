@@ -43,7 +43,9 @@ try:
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as e:
-    raise ImportError("arc_dist.integrations.hf needs transformers: pip install 'arc-dist[hf]'") from e
+    raise ImportError(
+        "arc_dist.integrations.hf needs transformers: pip install 'arc-dist[hf]'"
+    ) from e
 
 if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
     import transformers
@@ -90,7 +92,9 @@ class ArcTrainerCallback(TrainerCallback):
         self._loss.add(loss)
 
     # -- set-up and tear-down ------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+    def on_train_begin(
+        self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs
+    ):
         trainer = self.trainer
         if trainer is None:
             raise RuntimeError(
@@ -109,7 +113,9 @@ class ArcTrainerCallback(TrainerCallback):
             self.arc.close()
         wrapped = trainer.model_wrapped
         module = wrapped if isinstance(wrapped, DistributedDataParallel) else model
-        self.arc = Arc(module, unwrap_optimizer(optimizer), unwrap_scheduler(lr_scheduler), **self.arc_kwargs)
+        self.arc = Arc(
+            module, unwrap_optimizer(optimizer), unwrap_scheduler(lr_scheduler), **self.arc_kwargs
+        )
         saved = self._load_saved(self._resume_from) if self._resume_from else None
         if saved is not None or previous is not None:
             self.arc.load_state_dict(saved if saved is not None else previous)
@@ -154,7 +160,9 @@ class ArcTrainerCallback(TrainerCallback):
             return  # Arc's state is the same on every rank (it is built from agreed signals)
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
-            log.warning("arc_dist: HF checkpoint folder %s not found; Arc's state not saved", folder)
+            log.warning(
+                "arc_dist: HF checkpoint folder %s not found; Arc's state not saved", folder
+            )
             return
         tmp = os.path.join(folder, ARC_STATE_FILE + ".tmp")
         torch.save(self.arc.state_dict(), tmp)
@@ -164,7 +172,9 @@ class ArcTrainerCallback(TrainerCallback):
     def _load_saved(folder: str) -> dict | None:
         path = os.path.join(folder, ARC_STATE_FILE)
         if not os.path.exists(path):
-            log.warning("arc_dist: %s has no %s; Arc starts with fresh state", folder, ARC_STATE_FILE)
+            log.warning(
+                "arc_dist: %s has no %s; Arc starts with fresh state", folder, ARC_STATE_FILE
+            )
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -206,7 +216,9 @@ class ArcTrainerMixin:
         if resume_from_checkpoint is True:
             last = get_last_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
             resume_from_checkpoint = last if last is not None else True  # None: Trainer raises
-        self.arc_callback._resume_from = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        self.arc_callback._resume_from = (
+            resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        )
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
         finally:

@@ -113,7 +113,9 @@ class ArcCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._close()
 
     def _close(self) -> None:
@@ -122,11 +124,15 @@ class ArcCallback(pl.Callback):
             self.arc.close()
 
     # -- the step ------------------------------------------------------------------------
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
         # Lightning has divided it by accumulate_grad_batches: the sum is the step's mean loss
         self._loss.add(loss)
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
         loss = self._loss.take()
         if loss is None or self.arc is None:  # training_step returned None: no backward ran
             return
@@ -154,8 +160,14 @@ class ArcCallback(pl.Callback):
                 batch_size=1,
             )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         # runs after Lightning's update_lr_schedulers("step"): undo a skipped step's scheduler step
         if self._held is not None:
             self._held.restore()
