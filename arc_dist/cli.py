@@ -39,7 +39,9 @@ def _storage_options(pairs: list[str]) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"arc-dist: -o {pair!r} is not KEY=VALUE (e.g. -o endpoint_url=http://host:9000)")
+            raise SystemExit(
+                f"arc-dist: -o {pair!r} is not KEY=VALUE (e.g. -o endpoint_url=http://host:9000)"
+            )
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -49,7 +51,11 @@ def _storage_options(pairs: list[str]) -> dict:
 
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+        "-o",
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="fsspec storage option (repeatable); credentials are better left to the environment",
     )
 
@@ -88,11 +94,17 @@ def _cmd_checkpoints(args) -> int:
         out = []
         for i in infos:
             m = i.manifest
-            out.append({
-                "step": i.step, "state": i.state, "path": storage.to_url(i.path), "bytes": i.nbytes,
-                "world_size": m.world_size if m else None, "unix_time": m.unix_time if m else None,
-                "manifest_error": i.manifest_error,
-            })
+            out.append(
+                {
+                    "step": i.step,
+                    "state": i.state,
+                    "path": storage.to_url(i.path),
+                    "bytes": i.nbytes,
+                    "world_size": m.world_size if m else None,
+                    "unix_time": m.unix_time if m else None,
+                    "manifest_error": i.manifest_error,
+                }
+            )
         print(json.dumps(out, indent=1))
         return 0
     if not infos:
@@ -148,14 +160,17 @@ def _cmd_verify(args) -> int:
                 print(f"    {p}")
         else:
             n = len(info.manifest.files)
-            print(f"step_{info.step}: ok ({info.state}, {n} files, {_human(info.manifest.total_bytes)})")
+            print(
+                f"step_{info.step}: ok ({info.state}, {n} files, {_human(info.manifest.total_bytes)})"
+            )
     return 1 if damaged else 0
 
 
 @subcommand
 def _register_verify(sub) -> None:
     p = sub.add_parser(
-        "verify", help="check every file's size and checksum against the manifests",
+        "verify",
+        help="check every file's size and checksum against the manifests",
         description="Exit code 1 when any checkpoint is damaged (or URL/step_N is not a checkpoint).",
     )
     p.add_argument("url", help="checkpoint root, or one checkpoint: URL/step_N")
@@ -179,11 +194,15 @@ def _cmd_prune(args) -> int:
         print("nothing to prune")
         return 0
     for v in victims:
-        print(f"{'would remove' if args.dry_run else 'removing'} step_{v.step} ({v.state}, {_human(v.nbytes)})")
+        print(
+            f"{'would remove' if args.dry_run else 'removing'} step_{v.step} ({v.state}, {_human(v.nbytes)})"
+        )
     if not args.dry_run:
         removed = retention.delete(storage, victims, logging.getLogger("arc_dist"))
         if len(removed) != len(victims):
-            print(f"removed {len(removed)} of {len(victims)}; see the warnings above", file=sys.stderr)
+            print(
+                f"removed {len(removed)} of {len(victims)}; see the warnings above", file=sys.stderr
+            )
             return 1
     return 0
 
@@ -191,7 +210,8 @@ def _cmd_prune(args) -> int:
 @subcommand
 def _register_prune(sub) -> None:
     p = sub.add_parser(
-        "prune", help="delete old checkpoints and partial directories",
+        "prune",
+        help="delete old checkpoints and partial directories",
         description="Keeps the K newest committed checkpoints and the newest confirmed one; "
         "removes partial directories older than the newest commit. Do not run it while a job "
         "is saving to URL.",
@@ -209,7 +229,8 @@ def _register_report(sub) -> None:
     from . import report
 
     p = sub.add_parser(
-        "report", help="summarise a run's event log; draw report.png and report.html",
+        "report",
+        help="summarise a run's event log; draw report.png and report.html",
         description="Reads RUN_DIR_OR_URL/events.jsonl (and the checkpoints there), prints faults "
         "by kind and rank, recoveries, steps and time lost, checkpoints and the mean time between "
         "failures, and writes report.png and report.html to --out. Needs arc-dist[report].",

@@ -72,7 +72,9 @@ def bench(name: str, width: int, rounds: int, root: str) -> dict:
         blob = bytearray(os.urandom(1 << 20)) * (nbytes >> 20) + bytearray(nbytes % (1 << 20))
         path = os.path.join(root, "raw.bin")
         t0 = time.perf_counter()
-        fsync_write(path, [memoryview(blob)[i : i + (8 << 20)] for i in range(0, len(blob), 8 << 20)])
+        fsync_write(
+            path, [memoryview(blob)[i : i + (8 << 20)] for i in range(0, len(blob), 8 << 20)]
+        )
         raw.append(time.perf_counter() - t0)
         del blob
         os.remove(path)
@@ -97,7 +99,9 @@ def bench(name: str, width: int, rounds: int, root: str) -> dict:
     for verify, out in ((True, load_v), (False, load_nv)):
         for _ in range(rounds):
             fresh, fopt = make(width, seed=1)
-            m2 = CheckpointManager(url, confirm_after=0, verify_on_load=verify, check_writable=False)
+            m2 = CheckpointManager(
+                url, confirm_after=0, verify_on_load=verify, check_writable=False
+            )
             t0 = time.perf_counter()
             step = m2.load({"train": TrainState(fresh, fopt)})
             out.append(time.perf_counter() - t0)

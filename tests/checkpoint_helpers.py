@@ -31,7 +31,12 @@ def _context():
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(
-            ["torch", "torch.distributed.checkpoint", "arc_dist.checkpoint", "tests.checkpoint_helpers"]
+            [
+                "torch",
+                "torch.distributed.checkpoint",
+                "arc_dist.checkpoint",
+                "tests.checkpoint_helpers",
+            ]
         )
     return _CTX
 
@@ -48,7 +53,10 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, outdir: str, arg
     torch.set_num_threads(1)
     if world_size > 0:
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(seconds=30),
         )
     try:
@@ -96,7 +104,9 @@ def run_ranks(
             while any(p.is_alive() for p in procs):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"ranks did not finish within {timeout}s")
-                if died_at is None and any(p.exitcode is not None and p.exitcode < 0 for p in procs):
+                if died_at is None and any(
+                    p.exitcode is not None and p.exitcode < 0 for p in procs
+                ):
                     died_at = time.monotonic()
                 if died_at is not None and time.monotonic() - died_at > grace:
                     break  # the launcher tears the group down once a rank is gone
@@ -128,7 +138,9 @@ def run_ranks(
 # -- a tiny deterministic workload ----------------------------------------------------------
 def make_model(seed: int = 0, width: int = 16) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
+    return nn.Sequential(
+        nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)
+    )
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

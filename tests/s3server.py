@@ -47,7 +47,9 @@ class MotoServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {self.proc.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"moto_server exited with {self.proc.returncode}; see {self.log_path}"
+                )
             try:
                 urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=1).close()
                 return

@@ -64,7 +64,10 @@ class Run:
         self.pos.seen.append(self.step)
 
     def app_state(self) -> dict:
-        return {"train": TrainState(self.model, self.opt, self.sched, self.scaler), "data": self.pos}
+        return {
+            "train": TrainState(self.model, self.opt, self.sched, self.scaler),
+            "data": self.pos,
+        }
 
 
 def manager(url, **kw) -> CheckpointManager:
@@ -76,14 +79,23 @@ def manager(url, **kw) -> CheckpointManager:
 # -- pure parts -----------------------------------------------------------------------------
 def test_manifest_roundtrip_and_rejects_garbage():
     m = make_manifest(
-        7, 2, {".metadata": FileEntry(10, "ab"), "__0_0.distcp": FileEntry(5, "cd")},
-        checksum_algorithm="crc32", config_digest="abc", verdict={"status": "healthy", "loss": float("nan")},
+        7,
+        2,
+        {".metadata": FileEntry(10, "ab"), "__0_0.distcp": FileEntry(5, "cd")},
+        checksum_algorithm="crc32",
+        config_digest="abc",
+        verdict={"status": "healthy", "loss": float("nan")},
     )
     back = Manifest.from_json(m.to_json())
     assert (back.step, back.world_size, back.config_digest, back.total_bytes) == (7, 2, "abc", 15)
     assert back.files == m.files and back.verdict == {"status": "healthy", "loss": "nan"}
     assert "torch" in back.versions and json.loads(m.to_json())["format"] == "arc-dist-checkpoint"
-    for bad in (b"{not json", b"[]", b'{"format": "other"}', json.dumps({"format": "arc-dist-checkpoint"}).encode()):
+    for bad in (
+        b"{not json",
+        b"[]",
+        b'{"format": "other"}',
+        json.dumps({"format": "arc-dist-checkpoint"}).encode(),
+    ):
         with pytest.raises(ManifestError):
             Manifest.from_json(bad)
 
@@ -98,8 +110,14 @@ def _info(step: int, state: str) -> CheckpointInfo:
 
 
 def test_retention_policy():
-    infos = [_info(10, "confirmed"), _info(20, "committed"), _info(25, "partial"),
-             _info(30, "committed"), _info(40, "committed"), _info(50, "partial")]
+    infos = [
+        _info(10, "confirmed"),
+        _info(20, "committed"),
+        _info(25, "partial"),
+        _info(30, "committed"),
+        _info(40, "committed"),
+        _info(50, "partial"),
+    ]
     # keep 2 newest committed (30, 40) + newest confirmed (10); partial 25 is older than the newest
     # commit, partial 50 may still be written: kept
     assert [i.step for i in plan_retention(infos, 2)] == [20, 25]
@@ -137,10 +155,17 @@ def test_roundtrip_restores_every_part(tmp_path):
     mgr2 = manager(tmp_path / "ck")
     assert mgr2.load(fresh.app_state()) == 7
     assert_state_equal(fresh.model.state_dict(), reference_state(7))
-    assert fresh.sched.last_epoch == 7 and fresh.opt.param_groups[0]["lr"] == run.opt.param_groups[0]["lr"]
+    assert (
+        fresh.sched.last_epoch == 7
+        and fresh.opt.param_groups[0]["lr"] == run.opt.param_groups[0]["lr"]
+    )
     assert fresh.scaler.get_scale() == 256.0
     assert (fresh.pos.value, fresh.pos.seen) == (7, [7])
-    assert torch.equal(torch.rand(3), after[0]) and random.random() == after[1] and np.random.rand() == after[2]
+    assert (
+        torch.equal(torch.rand(3), after[0])
+        and random.random() == after[1]
+        and np.random.rand() == after[2]
+    )
     # the optimizer state came back too: both continue identically
     fresh.step = fresh.pos.value
     run.train(3)
@@ -216,7 +241,10 @@ def test_resume_prefers_confirmed_and_warns_without(tmp_path, caplog):
     run.train(4)
     mgr.save(4, run.app_state(), blocking=True)
     mgr.close()
-    with caplog.at_level(logging.WARNING, logger="arc_dist"), manager(tmp_path / "ck", confirm_after=2) as m2:
+    with (
+        caplog.at_level(logging.WARNING, logger="arc_dist"),
+        manager(tmp_path / "ck", confirm_after=2) as m2,
+    ):
         fresh = Run()
         assert m2.load(fresh.app_state()) == 4
     assert "no checkpoint" in caplog.text and "confirmed" in caplog.text
@@ -440,7 +468,9 @@ def _unwritable_worker(rank, world, root):
         CheckpointManager(os.path.join(root, "ck"))
     except CheckpointStorageError as e:
         out["init"] = str(e)
-    mgr = CheckpointManager(os.path.join(root, "ck"), check_writable=False, confirm_after=0, retry_backoff=0.01)
+    mgr = CheckpointManager(
+        os.path.join(root, "ck"), check_writable=False, confirm_after=0, retry_backoff=0.01
+    )
     mgr.save(2, run.app_state(), blocking=False)  # background failure: training goes on
     mgr.wait()
     out["stats"] = mgr.stats()
@@ -473,7 +503,9 @@ def test_permission_denied_is_a_clear_error():
     assert "Permission denied" in out["init"] and "writable" in out["init"]
     s = out["stats"]
     assert s["checkpoints_abandoned"] == 1 and s["checkpoint_retries"] == 0  # not retried: futile
-    assert "Permission denied" in out["blocking"] and "make checkpoint_dir writable" in out["blocking"]
+    assert (
+        "Permission denied" in out["blocking"] and "make checkpoint_dir writable" in out["blocking"]
+    )
     assert out["loaded"] == 1
 
 
@@ -509,7 +541,9 @@ def test_file_size_limit_fails_save_not_training(tmp_path):
     assert len(errors) == 1 and "File too large" in errors[0] and "ulimit" in errors[0]
     assert stats["checkpoints_abandoned"] == 1 and stats["checkpoint_failures"] == 2
     assert step == 1 and trained == 6
-    assert [i.step for i in scan(CheckpointManager(str(tmp_path / "ck")).storage) if i.committed] == [1]
+    assert [
+        i.step for i in scan(CheckpointManager(str(tmp_path / "ck")).storage) if i.committed
+    ] == [1]
 
 
 # -- command line ---------------------------------------------------------------------------

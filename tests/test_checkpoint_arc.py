@@ -69,10 +69,13 @@ def _train_worker(rank, world, url, until, kill_at):
     arc, model, opt, sched, pos = _arc(url)
     start = arc.resume()
     if kill_at is not None and rank == 1:  # SIGKILL in the middle of writing the save at kill_at
+
         def hook(point, detail):
             if point == "write" and arc.global_step >= kill_at and detail[1] > 200:
                 os.kill(os.getpid(), signal.SIGKILL)
+
         arc._checkpoints.fault_hook = hook
+
     def settle(arc):
         # let the previous write finish before the next save is due, so no save is skipped and
         # the set of checkpoints is the same in every run (the writes still overlap 4 steps)
@@ -92,7 +95,9 @@ def test_arc_async_saves_resume_elsewhere_and_fall_back(tmp_path):
     assert_state_equal(r0["state"], reference_state(23))
     # keep 3; step 20 has seen only 2 of the 3 healthy steps that confirm it
     assert [(i.step, i.state) for i in scan(Storage(url))] == [
-        (10, "confirmed"), (15, "confirmed"), (20, "committed")
+        (10, "confirmed"),
+        (15, "confirmed"),
+        (20, "committed"),
     ]
 
     # one rank resumes the 2-rank run: the newest confirmed checkpoint, not the newer unconfirmed
@@ -148,7 +153,10 @@ def _outage_worker(rank, world, url, options, flags):
             if flag("stopped") and seen["stop_step"] is None:
                 seen["stop_step"] = arc.global_step
                 seen["abandoned_before"] = s["checkpoints_abandoned"]
-            if seen["stop_step"] is not None and s["checkpoints_abandoned"] > seen["abandoned_before"]:
+            if (
+                seen["stop_step"] is not None
+                and s["checkpoints_abandoned"] > seen["abandoned_before"]
+            ):
                 if seen["failed_step"] is None:
                     seen["failed_step"] = arc.global_step
                     open(os.path.join(flags, "failed"), "w").close()
@@ -171,13 +179,23 @@ def test_arc_s3_outage_saves_retry_training_goes_on(tmp_path):
     def wait_for(name, timeout=60):
         deadline = time.monotonic() + timeout
         while not (flags / name).exists():
-            assert time.monotonic() < deadline and not job.done(), f"no {name!r} flag: {job.exception() if job.done() else ''}"
+            assert time.monotonic() < deadline and not job.done(), (
+                f"no {name!r} flag: {job.exception() if job.done() else ''}"
+            )
             time.sleep(0.05)
 
     try:
         server.make_bucket("ckpt")
         with ThreadPoolExecutor(1) as pool:
-            job = pool.submit(run_ranks, _outage_worker, 2, "s3://ckpt/arc", server.storage_options(), str(flags), timeout=120)
+            job = pool.submit(
+                run_ranks,
+                _outage_worker,
+                2,
+                "s3://ckpt/arc",
+                server.storage_options(),
+                str(flags),
+                timeout=120,
+            )
             wait_for("committed")
             server.stop()  # the storage goes away while both ranks train and save
             (flags / "stopped").touch()
@@ -190,7 +208,11 @@ def test_arc_s3_outage_saves_retry_training_goes_on(tmp_path):
         server.stop()
     seen, s = r0["seen"], r0["stats"]
     assert seen["failed_step"] > seen["stop_step"]  # training went on during the outage
-    assert s["checkpoint_failures"] >= 2 and s["checkpoint_retries"] >= 1 and s["checkpoints_abandoned"] >= 1
+    assert (
+        s["checkpoint_failures"] >= 2
+        and s["checkpoint_retries"] >= 1
+        and s["checkpoints_abandoned"] >= 1
+    )
     assert s["last_committed_step"] > seen["failed_step"]  # saves succeed again
     assert_state_equal(r0["state"], r1["state"])
     assert_state_equal(r0["state"], reference_state(r0["step"]))

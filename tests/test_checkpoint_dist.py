@@ -59,7 +59,9 @@ def _async_worker(rank, world, url):
         mgr.on_healthy_step(step)
         if step % 3 == 0:
             pos.value = step
-            mgr.save(step, {"train": TrainState(model, opt, sched), "data": PerRank(pos)}, blocking=False)
+            mgr.save(
+                step, {"train": TrainState(model, opt, sched), "data": PerRank(pos)}, blocking=False
+            )
         train_steps(model, opt, step, step + 1, sched)  # DDP's all-reduce runs during the write
     mgr.close()
     return mgr.stats(), full_model_state(model)
@@ -72,7 +74,10 @@ def test_async_saves_during_ddp_training(tmp_path):
     assert_state_equal(m0, reference_state(12))
     for s in (s0, s1):  # both ranks took the same decisions
         assert s["checkpoints"] + s["checkpoints_skipped"] == 4 and s["checkpoint_failures"] == 0
-    assert (s0["checkpoints"], s0["last_committed_step"]) == (s1["checkpoints"], s1["last_committed_step"])
+    assert (s0["checkpoints"], s0["last_committed_step"]) == (
+        s1["checkpoints"],
+        s1["last_committed_step"],
+    )
     infos = scan(CheckpointManager(url).storage)
     assert [i.step for i in infos if i.committed][-1] == s0["last_committed_step"]
     assert all(i.manifest.world_size == 2 for i in infos if i.committed)
@@ -102,7 +107,9 @@ def _save_worker(rank, world, base, kinds, step):
 def _load_worker(rank, world, base, kinds, src_world, step, save_too):
     out = {}
     for kind in kinds:
-        model, opt, sched = _setup(kind, seed=7)  # other initial weights: the load must replace them
+        model, opt, sched = _setup(
+            kind, seed=7
+        )  # other initial weights: the load must replace them
         torch.manual_seed(555 + rank)
         pos = Position(-1)
         mgr = CheckpointManager(f"{base}/{kind}-w{src_world}", confirm_after=0)
@@ -110,8 +117,12 @@ def _load_worker(rank, world, base, kinds, src_world, step, save_too):
         rng = torch.rand(1).item()
         mgr.close()
         state = full_model_state(model)
-        train_steps(model, opt, step, step + 2, sched)  # optimizer and scheduler state resharded too
-        out[kind] = dict(loaded=loaded, rng=rng, pos=pos.value, state=state, after=full_model_state(model))
+        train_steps(
+            model, opt, step, step + 2, sched
+        )  # optimizer and scheduler state resharded too
+        out[kind] = dict(
+            loaded=loaded, rng=rng, pos=pos.value, state=state, after=full_model_state(model)
+        )
     if save_too:
         out["saved"] = _save_worker(rank, world, base, kinds, step)
     return out
@@ -177,7 +188,9 @@ _TRIALS = [
 @pytest.mark.parametrize("victim,point,threshold", _TRIALS)
 def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path, victim, point, threshold):
     url = str(tmp_path / "ck")
-    results = run_ranks(_kill_worker, 2, url, victim, point, threshold, expect_death=True, grace=1.0)
+    results = run_ranks(
+        _kill_worker, 2, url, victim, point, threshold, expect_death=True, grace=1.0
+    )
     assert results[victim] is None  # the victim really died
     infos = {i.step: i for i in scan(CheckpointManager(url).storage)}
     assert infos[4].state == "confirmed"

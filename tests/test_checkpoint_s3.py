@@ -57,12 +57,22 @@ def test_s3_two_ranks_save_verify_fallback_resume(s3_server, s3_bucket, capsys):
         assert SECRET not in logs  # credentials never reach a log line, at any level
     mgr = CheckpointManager(url, storage_options=options)
     infos = scan(mgr.storage)
-    assert [(i.step, i.state, i.manifest.world_size) for i in infos] == [(4, "confirmed", 2), (8, "confirmed", 2)]
+    assert [(i.step, i.state, i.manifest.world_size) for i in infos] == [
+        (4, "confirmed", 2),
+        (8, "confirmed", 2),
+    ]
     for info in infos:
         assert SECRET not in mgr.storage.read_bytes(f"{info.path}/arc_manifest.json").decode()
 
     # the command line sees the same, then finds an altered object
-    opts = ["-o", f"endpoint_url={s3_server.endpoint}", "-o", f"key={options['key']}", "-o", f"secret={SECRET}"]
+    opts = [
+        "-o",
+        f"endpoint_url={s3_server.endpoint}",
+        "-o",
+        f"key={options['key']}",
+        "-o",
+        f"secret={SECRET}",
+    ]
     assert cli(["checkpoints", url, *opts]) == 0 and "confirmed" in capsys.readouterr().out
     assert cli(["verify", url, *opts]) == 0
     shard = f"{infos[1].path}/__1_0.distcp"
@@ -87,8 +97,11 @@ def test_s3_outage_saves_fail_and_retry_while_training_goes_on(tmp_path, caplog)
         model = make_model()
         opt, sched = make_optimizer(model)
         mgr = CheckpointManager(
-            "s3://ckpt/run", storage_options=server.storage_options(), confirm_after=0,
-            max_retries=1, retry_backoff=0.1,
+            "s3://ckpt/run",
+            storage_options=server.storage_options(),
+            confirm_after=0,
+            max_retries=1,
+            retry_backoff=0.1,
         )
         app = {"train": TrainState(model, opt, sched)}
         step = 0

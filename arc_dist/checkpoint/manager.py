@@ -109,7 +109,9 @@ def _flatten_failures(e: BaseException) -> list[BaseException]:
     if isinstance(failures, dict):
         out = []
         for v in failures.values():
-            out.append(v[0] if isinstance(v, tuple) and v and isinstance(v[0], BaseException) else v)
+            out.append(
+                v[0] if isinstance(v, tuple) and v and isinstance(v[0], BaseException) else v
+            )
         return out
     return [e]
 
@@ -257,16 +259,26 @@ class CheckpointManager:
         check_writable: bool = True,
     ) -> None:
         if not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"CheckpointManager(keep={keep!r}) is invalid: keep at least 1 checkpoint")
+            raise ValueError(
+                f"CheckpointManager(keep={keep!r}) is invalid: keep at least 1 checkpoint"
+            )
         if not isinstance(confirm_after, int) or confirm_after < 0:
-            raise ValueError(f"CheckpointManager(confirm_after={confirm_after!r}) is invalid: use an integer >= 0")
+            raise ValueError(
+                f"CheckpointManager(confirm_after={confirm_after!r}) is invalid: use an integer >= 0"
+            )
         checksum = checksum or default_algorithm()
         if checksum not in CHECKSUM_ALGORITHMS:
-            raise ValueError(f"CheckpointManager(checksum={checksum!r}) is invalid: use one of {CHECKSUM_ALGORITHMS}")
+            raise ValueError(
+                f"CheckpointManager(checksum={checksum!r}) is invalid: use one of {CHECKSUM_ALGORITHMS}"
+            )
         if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"CheckpointManager(max_retries={max_retries!r}) is invalid: use an integer >= 0")
+            raise ValueError(
+                f"CheckpointManager(max_retries={max_retries!r}) is invalid: use an integer >= 0"
+            )
         if retry_backoff < 0:
-            raise ValueError(f"CheckpointManager(retry_backoff={retry_backoff!r}) is invalid: use seconds >= 0")
+            raise ValueError(
+                f"CheckpointManager(retry_backoff={retry_backoff!r}) is invalid: use seconds >= 0"
+            )
         self.log = logger or logging.getLogger("arc_dist")
         self.storage = Storage(url, storage_options)
         self.keep, self.confirm_after, self.async_save = keep, confirm_after, async_save
@@ -274,7 +286,9 @@ class CheckpointManager:
         self.max_retries, self.retry_backoff = max_retries, retry_backoff
         self.verify_on_load = verify_on_load
         if not isinstance(io_threads, int) or io_threads < 1:
-            raise ValueError(f"CheckpointManager(io_threads={io_threads!r}) is invalid: use an integer >= 1")
+            raise ValueError(
+                f"CheckpointManager(io_threads={io_threads!r}) is invalid: use an integer >= 1"
+            )
         self.io_threads = io_threads
         #: test-only fault injector: ``hook(point, detail)`` at "write" (file, bytes so far),
         #: "before_manifest" and "after_manifest" (step); tests kill the process from it
@@ -339,7 +353,9 @@ class CheckpointManager:
                 opts = describe_options(self.storage.options)
                 self.log.info(
                     "arc_dist: checkpoints in %s%s (%d step directories found)",
-                    self.storage.display, f" with {opts}" if opts else "", len(self._known_steps),
+                    self.storage.display,
+                    f" with {opts}" if opts else "",
+                    len(self._known_steps),
                 )
         error = self._broadcast(error, self._ctrl_group)
         if error is not None:
@@ -411,10 +427,17 @@ class CheckpointManager:
 
     @staticmethod
     def _state_dict(app_state: dict) -> dict:
-        return {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in app_state.items()}
+        return {
+            k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in app_state.items()
+        }
 
     def save(
-        self, step: int, app_state: dict, *, verdict: dict | None = None, blocking: bool | None = None
+        self,
+        step: int,
+        app_state: dict,
+        *,
+        verdict: dict | None = None,
+        blocking: bool | None = None,
     ) -> None:
         """Collective: checkpoint ``app_state`` as ``step_<step>``.
 
@@ -454,7 +477,8 @@ class CheckpointManager:
             if self.rank == 0:
                 self.log.info(
                     "arc_dist: checkpoint at step %d skipped: the previous save is still writing "
-                    "(raise checkpoint_every if this repeats)", step,
+                    "(raise checkpoint_every if this repeats)",
+                    step,
                 )
             return
         t0 = time.perf_counter()
@@ -529,7 +553,9 @@ class CheckpointManager:
                                 if attempt == 1:
                                     self._replace_dir(job.step)
                                 else:
-                                    retention.uncommit(self.storage, self.storage.step_path(job.step))
+                                    retention.uncommit(
+                                        self.storage, self.storage.step_path(job.step)
+                                    )
                             self._known_steps.add(job.step)
                         writer = self._writer(job.step)
                         dcp.save(job.state, storage_writer=writer, **self._dcp_kwargs())
@@ -555,7 +581,10 @@ class CheckpointManager:
                     if self.rank == 0:
                         self.log.warning(
                             "arc_dist: checkpoint step_%d attempt %d failed (%s); retrying in %.1fs",
-                            job.step, attempt, _describe(e), delay,
+                            job.step,
+                            attempt,
+                            _describe(e),
+                            delay,
                         )
                     time.sleep(delay)
             elapsed = time.perf_counter() - t0
@@ -617,7 +646,8 @@ class CheckpointManager:
         if status == "rejected":
             if self.rank == 0:
                 self.log.info(
-                    "arc_dist: checkpoint step_%d not committed: training rolled back past it", job.step
+                    "arc_dist: checkpoint step_%d not committed: training rolled back past it",
+                    job.step,
                 )
                 self._submit(lambda: self._try_cleanup(job.step))
             return
@@ -638,7 +668,10 @@ class CheckpointManager:
             return
         self.log.info(
             "arc_dist: checkpoint step_%d committed to %s (%.1f MB in %.2fs)",
-            job.step, self.storage.display, nbytes / 1e6, elapsed,
+            job.step,
+            self.storage.display,
+            nbytes / 1e6,
+            elapsed,
         )
         # bookkeeping I/O after the save itself has returned (queued behind this job)
         if rejected:
@@ -685,13 +718,19 @@ class CheckpointManager:
             try:
                 if not self.storage.fs.exists(f"{path}/{MANIFEST_NAME}"):
                     continue  # uncommitted or deleted meanwhile
-                self.storage.write_bytes_atomic(f"{path}/{CONFIRMED_NAME}", confirmation_json(s, a, h))
-                self.log.info("arc_dist: checkpoint step_%d confirmed healthy (%d healthy steps)", s, h)
+                self.storage.write_bytes_atomic(
+                    f"{path}/{CONFIRMED_NAME}", confirmation_json(s, a, h)
+                )
+                self.log.info(
+                    "arc_dist: checkpoint step_%d confirmed healthy (%d healthy steps)", s, h
+                )
             except Exception as e:
                 self._unwritten_confirms.append((s, a, h))
                 self.log.warning(
                     "arc_dist: could not mark step_%d confirmed (%s: %s); will retry",
-                    s, type(e).__name__, e,
+                    s,
+                    type(e).__name__,
+                    e,
                 )
 
     def on_rollback(self, restored_step: int) -> None:
@@ -710,7 +749,8 @@ class CheckpointManager:
     def _uncommit_rejected(self, step: int) -> None:
         self.log.info(
             "arc_dist: uncommitting checkpoint step_%d: training rolled back past it before it was "
-            "confirmed healthy", step,
+            "confirmed healthy",
+            step,
         )
         self._try_cleanup(step)
 
@@ -749,7 +789,8 @@ class CheckpointManager:
             if self.rank == 0:
                 partial = len(infos)
                 self.log.info(
-                    "arc_dist: no checkpoint in %s%s; starting fresh", self.storage.display,
+                    "arc_dist: no checkpoint in %s%s; starting fresh",
+                    self.storage.display,
                     f" ({partial} incomplete step directories ignored)" if partial else "",
                 )
             return None
@@ -758,7 +799,8 @@ class CheckpointManager:
         if not confirmed and self.rank == 0:
             self.log.warning(
                 "arc_dist: no checkpoint in %s is confirmed healthy yet; loading the newest "
-                "committed one", self.storage.display,
+                "committed one",
+                self.storage.display,
             )
         tried = []
         for info in confirmed + unconfirmed:
@@ -771,7 +813,9 @@ class CheckpointManager:
             if self.rank == 0:
                 self.log.warning(
                     "arc_dist: checkpoint step_%d in %s is unusable: %s; trying an older one",
-                    info.step, self.storage.display, why,
+                    info.step,
+                    self.storage.display,
+                    why,
                 )
         raise CheckpointError(
             f"arc_dist: no usable checkpoint in {self.storage.display}; tried {len(tried)}:\n  "
@@ -785,7 +829,11 @@ class CheckpointManager:
         if info.manifest is None:
             return info.manifest_error or "manifest missing"
         names = sorted(info.manifest.files)
-        problems = verify(self.storage, info, names[self.rank :: self.world_size]) if self.verify_on_load else []
+        problems = (
+            verify(self.storage, info, names[self.rank :: self.world_size])
+            if self.verify_on_load
+            else []
+        )
         problems = [p for ps in self._all_gather(problems) for p in ps]
         if problems:
             return "; ".join(problems)
@@ -803,7 +851,9 @@ class CheckpointManager:
         if info.manifest.world_size != self.world_size and self.rank == 0:
             self.log.info(
                 "arc_dist: resharding step_%d from world size %d to %d",
-                info.step, info.manifest.world_size, self.world_size,
+                info.step,
+                info.manifest.world_size,
+                self.world_size,
             )
         try:
             # tensors load in place into the templates (the model's own parameters where
@@ -874,7 +924,9 @@ class CheckpointManager:
             ("shape mismatch", mismatched),
         ):
             if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+                shown = ", ".join(keys[:8]) + (
+                    f", ... ({len(keys) - 8} more)" if len(keys) > 8 else ""
+                )
                 reasons.append(f"{label}: {shown}")
         load_sd = dict(templates)
         for keys in dynamic.values():
@@ -889,7 +941,9 @@ class CheckpointManager:
         why = "does not match the model: " + "; ".join(reasons) if reasons else None
         return load_sd, dynamic, why
 
-    def _after_load(self, info: CheckpointInfo, infos: list[CheckpointInfo], elapsed: float) -> None:
+    def _after_load(
+        self, info: CheckpointInfo, infos: list[CheckpointInfo], elapsed: float
+    ) -> None:
         self._loaded_step = info.step
         with self._lock:
             self._pending = [] if info.confirmed else [_Pending(info.step, committed=True)]
@@ -900,7 +954,10 @@ class CheckpointManager:
         if self.rank == 0:
             self.log.info(
                 "arc_dist: resumed from step_%d (%s, saved at world size %d) in %.2fs",
-                info.step, info.state, info.manifest.world_size if info.manifest else -1, elapsed,
+                info.step,
+                info.state,
+                info.manifest.world_size if info.manifest else -1,
+                elapsed,
             )
             # newer unconfirmed checkpoints belong to a trajectory that is being redone
             for s in stale:

@@ -59,10 +59,18 @@ def delete(storage: Storage, victims: list[CheckpointInfo], logger: logging.Logg
         except OSError as e:
             logger.warning(
                 "arc_dist: could not delete old checkpoint step_%d in %s (%s: %s); will retry "
-                "after the next save", info.step, storage.display, type(e).__name__, e,
+                "after the next save",
+                info.step,
+                storage.display,
+                type(e).__name__,
+                e,
             )
             continue
         removed.append(info.step)
     if removed:
-        logger.info("arc_dist: retention removed %s from %s", [f"step_{s}" for s in removed], storage.display)
+        logger.info(
+            "arc_dist: retention removed %s from %s",
+            [f"step_{s}" for s in removed],
+            storage.display,
+        )
     return removed

@@ -64,7 +64,9 @@ def rng_state() -> dict[str, torch.Tensor]:
     state = {
         "torch": torch.get_rng_state(),
         "python": torch.tensor([version, *mt], dtype=torch.int64),
-        "python_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
+        "python_gauss": torch.tensor(
+            [float("nan") if gauss is None else gauss], dtype=torch.float64
+        ),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -100,7 +102,13 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
             pos, has_gauss, cached = state["numpy_meta"].tolist()
             np.random.set_state(
-                ("MT19937", state["numpy_keys"].numpy().astype("uint32"), int(pos), int(has_gauss), cached)
+                (
+                    "MT19937",
+                    state["numpy_keys"].numpy().astype("uint32"),
+                    int(pos),
+                    int(has_gauss),
+                    cached,
+                )
             )
         except ImportError:
             pass
@@ -128,8 +136,15 @@ class TrainState:
         options: StateDictOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"TrainState(model=...) must be an nn.Module, got {type(model).__name__}")
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+            raise TypeError(
+                f"TrainState(model=...) must be an nn.Module, got {type(model).__name__}"
+            )
+        self.model, self.optimizer, self.scheduler, self.scaler = (
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+        )
         self.rng = rng
         self.options = options or StateDictOptions()
 
@@ -140,9 +155,7 @@ class TrainState:
     def _optimizer_untouched(self) -> bool:
         """No state and no gradients: ``get_state_dict`` will run a zero-LR step to create state."""
         opt = self.optimizer
-        return not opt.state and all(
-            p.grad is None for g in opt.param_groups for p in g["params"]
-        )
+        return not opt.state and all(p.grad is None for g in opt.param_groups for p in g["params"])
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is not None:
@@ -155,7 +168,9 @@ class TrainState:
                 self.optimizer.state.clear()
                 for st in osd.get("state", {}).values():
                     if "step" in st:
-                        st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0
+                        st["step"] = (
+                            torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0
+                        )
             sd: dict[str, Any] = {"model": msd, "optim": osd}
         else:
             sd = {"model": get_model_state_dict(self.model, options=self.options)}
@@ -177,12 +192,15 @@ class TrainState:
         if rank == 0 and any(r >= world for r in saved):
             log.info(
                 "arc_dist: RNG state of ranks %s has no owner at world size %d; dropped",
-                sorted(r for r in saved if r >= world), world,
+                sorted(r for r in saved if r >= world),
+                world,
             )
         if rank not in saved:
             log.info(
                 "[rank %d] arc_dist: the checkpoint has no RNG state for rank %d (saved at a "
-                "smaller world size); this rank keeps its own RNG streams", rank, rank,
+                "smaller world size); this rank keeps its own RNG streams",
+                rank,
+                rank,
             )
             sd.pop("rng")
         return sd
@@ -226,14 +244,19 @@ class PerRank:
         if rank == 0 and any(r >= world for r in saved):
             log.info(
                 "arc_dist: %s state of ranks %s has no owner at world size %d; dropped",
-                type(self.obj).__name__, sorted(r for r in saved if r >= world), world,
+                type(self.obj).__name__,
+                sorted(r for r in saved if r >= world),
+                world,
             )
         if rank in saved or not saved:
             return self.state_dict()
         source = 0 if 0 in saved else min(saved)
         log.info(
             "[rank %d] arc_dist: no %s state saved for rank %d; starting from rank %d's",
-            rank, type(self.obj).__name__, rank, source,
+            rank,
+            type(self.obj).__name__,
+            rank,
+            source,
         )
         return {f"rank_{source}": self.obj.state_dict()}
 

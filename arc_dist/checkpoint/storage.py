@@ -60,7 +60,9 @@ class Storage:
             ) from None
         self.root = root.rstrip("/") or root
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.protocol = (
+            self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        )
 
     def __repr__(self) -> str:
         return f"Storage({redact(self.url)!r})"
@@ -178,5 +180,7 @@ def describe_options(options: dict) -> str:
     """Storage options for a log line: names only for anything that may be a credential."""
     parts = []
     for k, v in sorted(options.items()):
-        parts.append(f"{k}=***" if _SAFE_KEY.search(str(k)) or isinstance(v, dict) else f"{k}={v!r}")
+        parts.append(
+            f"{k}=***" if _SAFE_KEY.search(str(k)) or isinstance(v, dict) else f"{k}={v!r}"
+        )
     return ", ".join(parts)
