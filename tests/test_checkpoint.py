@@ -13,6 +13,8 @@ import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 
@@ -572,3 +574,16 @@ def test_cli_checkpoints_verify_prune(tmp_path, capsys):
     assert cli(["prune", url, "--keep", "1"]) == 0
     assert [i.step for i in scan(mgr.storage)] == [3]
     assert cli(["prune", url, "--keep", "0"]) == 2
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed ``arc-dist`` entry point, in a fresh process."""
+    exe = os.path.join(os.path.dirname(sys.executable), "arc-dist")
+    if not os.path.exists(exe):
+        pytest.skip("arc-dist is not installed in this environment (pip install -e .)")
+    url = str(tmp_path / "ck")
+    with manager(url) as mgr:
+        mgr.save(1, Run().app_state(), blocking=True)
+    _damage(tmp_path / "ck" / "step_1", "truncate")
+    out = subprocess.run([exe, "verify", url], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "step_1: DAMAGED" in out.stdout and "truncated" in out.stdout

@@ -52,6 +52,8 @@ def _setup(kind: str, seed: int = 0):
 
 # -- async saves while DDP trains -------------------------------------------------------------
 def _async_worker(rank, world, url):
+    with pytest.raises(ValueError, match="memory:// is private to each process"):
+        CheckpointManager("memory://shared-by-nobody")  # refused on every rank alike
     model, opt, sched = _setup("ddp")
     pos = Position()
     mgr = CheckpointManager(url, keep=2, confirm_after=2, retry_backoff=0.05)
