@@ -145,6 +145,14 @@ class HashingWriter(FsspecWriter):
         super().__init__(url, sync_files=sync_files, thread_count=thread_count, **storage_options)
         self.fs = _HashingFileSystem(self.fs.fs, algorithm, fault_hook)
 
+    #: an error to raise at set-up: fails this save on every rank through DCP's first collective
+    poison: BaseException | None = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if self.poison is not None:
+            raise self.poison
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+
     @property
     def records(self) -> dict[str, FileEntry]:
         return dict(self.fs.records)

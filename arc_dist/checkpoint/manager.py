@@ -482,14 +482,14 @@ class CheckpointManager:
                 )
             return
         t0 = time.perf_counter()
-        if self.rank == 0 and step in self._known_steps:
-            self._queue.join()  # only rank-0 bookkeeping can be queued: no save is in flight
-            self._replace_dir(step)
         job = _SaveJob(step, verdict, False)
         self._start_pending(job)
         try:
             state = self._state_dict(app_state)
             job.writer = self._writer(step)
+            if self.rank == 0 and step in self._known_steps:
+                self._queue.join()  # only rank-0 bookkeeping can be queued: no save is in flight
+                self._clear_step_dir(step, job.writer, quiet=False)
             job.future = dcp.async_save(
                 state, storage_writer=job.writer, async_stager=self._stager, **self._dcp_kwargs()
             )
@@ -518,14 +518,29 @@ class CheckpointManager:
         if job.pending in self._pending:
             self._pending.remove(job.pending)
 
+    def _clear_step_dir(self, step: int, writer: HashingWriter, *, quiet: bool) -> None:
+        """Rank 0, before ``step`` is written: remove what is there (old or partial).
+
+        If that fails (storage down), the writer is poisoned so that DCP's first collective fails
+        this attempt on every rank alike; a failure on rank 0 alone would leave the other ranks
+        waiting in a collective that rank 0 never joins.
+        """
+        try:
+            if step in self._known_steps:
+                if quiet:
+                    retention.uncommit(self.storage, self.storage.step_path(step))
+                else:
+                    self._replace_dir(step)
+            self._known_steps.add(step)
+        except Exception as e:
+            writer.poison = e
+
     def _replace_dir(self, step: int) -> None:
         """Rank 0: uncommit and delete an existing ``step_<step>`` before it is written again."""
         path = self.storage.step_path(step)
         self.log.info("arc_dist: step_%d exists in %s; replacing it", step, self.storage.display)
         retention.uncommit(self.storage, path)
-        with self._lock:
-            self._known_steps.discard(step)
-            self._pending = [p for p in self._pending if p.step != step]
+        self._known_steps.discard(step)
 
     def _failure_message(self, step: int, e: BaseException, attempts: int | None = None) -> str:
         tries = f" after {attempts} attempt(s)" if attempts else ""
@@ -546,18 +561,11 @@ class CheckpointManager:
                         job.future.result()
                         writer = job.writer
                     else:
+                        writer = self._writer(job.step)
                         if self.rank == 0:
                             # a retry, or a blocking save of a step that exists: start clean
                             # (DCP's planning collective below keeps the others from writing first)
-                            if job.step in self._known_steps:
-                                if attempt == 1:
-                                    self._replace_dir(job.step)
-                                else:
-                                    retention.uncommit(
-                                        self.storage, self.storage.step_path(job.step)
-                                    )
-                            self._known_steps.add(job.step)
-                        writer = self._writer(job.step)
+                            self._clear_step_dir(job.step, writer, quiet=attempt > 1)
                         dcp.save(job.state, storage_writer=writer, **self._dcp_kwargs())
                     if self.rank == 0:
                         self._known_steps.add(job.step)
@@ -829,11 +837,13 @@ class CheckpointManager:
         if info.manifest is None:
             return info.manifest_error or "manifest missing"
         names = sorted(info.manifest.files)
-        problems = (
-            verify(self.storage, info, names[self.rank :: self.world_size])
-            if self.verify_on_load
-            else []
-        )
+        problems: list[str] = []
+        if self.verify_on_load:
+            try:
+                problems = verify(self.storage, info, names[self.rank :: self.world_size])
+            except Exception as e:  # e.g. an object store error that is not an OSError: every
+                # rank must still reach the gather below
+                problems = [f"verification failed on rank {self.rank}: {type(e).__name__}: {e}"]
         problems = [p for ps in self._all_gather(problems) for p in ps]
         if problems:
             return "; ".join(problems)
