@@ -211,3 +211,38 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path, victim, point, thr
         mgr.save(12, {"train": TrainState(model, opt, sched)}, blocking=True)
     # the next commit's retention removed the partial directory and the older checkpoints
     assert [(i.step, i.state) for i in scan(mgr.storage)] == [(12, "confirmed")]
+
+
+# -- a storage failure on rank 0 alone ------------------------------------------------------------
+def _rank0_fails_worker(rank, world, url):
+    from arc_dist.checkpoint import retention
+
+    model, opt, sched = _setup("ddp")
+    mgr = CheckpointManager(url, confirm_after=0, retry_backoff=0.05)
+    app = {"train": TrainState(model, opt, sched)}
+    mgr.save(4, app, blocking=True)
+    real, calls = retention.uncommit, []
+
+    def flaky_uncommit(storage, path):  # rank 0 cannot clear the old step_4 the first time
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error (injected)")
+        real(storage, path)
+
+    retention.uncommit = flaky_uncommit
+    try:
+        mgr.save(4, app, blocking=False)  # step 4 again (as after a rollback): replace it
+        mgr.wait()
+        mgr.save(4, app, blocking=True)
+    finally:
+        retention.uncommit = real
+    mgr.close()
+    return mgr.stats()
+
+
+def test_rank0_only_failure_fails_the_attempt_on_every_rank(tmp_path):
+    s0, s1 = run_ranks(_rank0_fails_worker, 2, str(tmp_path / "ck"), timeout=60)
+    for s in (s0, s1):  # both ranks saw the same attempts: nobody waited in a lone collective
+        assert (s["checkpoints"], s["checkpoint_failures"], s["checkpoint_retries"]) == (3, 1, 1)
+    infos = scan(CheckpointManager(str(tmp_path / "ck")).storage)
+    assert [(i.step, i.state) for i in infos] == [(4, "confirmed")]
