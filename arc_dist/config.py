@@ -93,6 +93,16 @@ class ArcConfig:
     confirm_after: int = 20
     #: write periodic checkpoints in the background (``dcp.async_save``)
     async_checkpoint: bool = True
+    #: keep the newest healthy snapshots in node-local memory too (``local_dir``), so a group
+    #: restarted on the same nodes resumes from at most ``snapshot_every`` steps back without
+    #: remote storage (docs/elastic.md). None: on when ``checkpoint_dir`` is set and the job has
+    #: a run id (``TORCHELASTIC_RUN_ID`` under torchrun, else ``ARC_RUN_ID``)
+    local_snapshots: bool | None = None
+    #: node-local directory of those snapshots; None: ``/dev/shm/arc-dist-<user>-<key>`` (the temp
+    #: dir where /dev/shm is missing). Removed by a clean ``close()``
+    local_dir: str | None = None
+    #: local snapshots kept per rank (2 survives a crash in the middle of writing one)
+    local_keep: int = 2
     #: factor applied to every param group's LR after a rollback (0 < f <= 1)
     lr_backoff: float = 0.5
     #: undo the LR backoff step by step once training has recovered (one factor of
@@ -174,6 +184,24 @@ class ArcConfig:
             _check(isinstance(v, int) and v >= low, name, v, f"use an integer >= {low}")
         _check(self.hang_grace >= 0, "hang_grace", self.hang_grace, "use seconds >= 0")
         _check(isinstance(self.preflight, bool), "preflight", self.preflight, "use True or False")
+        _check(
+            self.local_snapshots is None or isinstance(self.local_snapshots, bool),
+            "local_snapshots",
+            self.local_snapshots,
+            "use True, False or None (on when checkpoint_dir is set)",
+        )
+        _check(
+            self.local_dir is None or (isinstance(self.local_dir, str) and self.local_dir != ""),
+            "local_dir",
+            self.local_dir,
+            "use a node-local directory path (str), or None for /dev/shm",
+        )
+        _check(
+            isinstance(self.local_keep, int) and self.local_keep >= 1,
+            "local_keep",
+            self.local_keep,
+            "use an integer >= 1 (2 survives a crash while one is being written)",
+        )
         if not isinstance(self.thresholds, Thresholds):
             raise TypeError(
                 f"ArcConfig.thresholds must be an arc_dist.config.Thresholds, "

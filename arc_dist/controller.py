@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -184,6 +185,10 @@ class Arc:
                 config_digest=_digest(self.config),
             )
         self._registered: dict[str, Any] = {}
+        # node-local snapshots for fast restarts (local_tier.py); inactive until resume()
+        self._local = self._make_local_tier(checkpoint_dir)
+        self._local_static: dict | None = None
+        self._resume_source: str | None = None
         # the event log (events.py): rank 0 appends to <log_dir>/events.jsonl; no collectives
         self.log_dir = checkpoint_dir if log_dir is None else log_dir
         self.events = EventLog(self.log_dir, storage_options=storage_options, enabled=self.rank == 0)
@@ -330,7 +335,7 @@ class Arc:
                 self._log_verdict(verdict)
             newest = self._snapshots.newest
             if self.global_step % self.config.snapshot_every == 0 and newest.step != self.global_step:
-                self._take_snapshot()
+                self._take_snapshot(persist=verdict.status == HEALTHY)
             if self._checkpoints is not None:
                 if verdict.status == HEALTHY:  # a warning does not count towards confirmation
                     self._checkpoints.on_healthy_step(self.global_step)
@@ -377,6 +382,8 @@ class Arc:
         snap = self._snapshots.newest
         assert snap is not None, "RecoveryPolicy only rolls back when a snapshot exists"
         self._snapshots.restore(snap, self._load_own_state)
+        if self._local is not None:  # newer local snapshots belong to the failed trajectory
+            self._local.on_rollback(snap.step)
         self._policy.on_rollback()
         self._signals.reset_expectations()
         self._ride_loss = None
@@ -429,7 +436,7 @@ class Arc:
             )
         if saved:
             self._save(blocking=True)
-        self.close()
+        self._close(clean=False)  # a restart follows: keep the local snapshots
         raise Preempted(f"arc_dist: preempted (SIGTERM on ranks {ranks}) at step {self.global_step}")
 
     # -- the DDP ride -------------------------------------------------------------------
@@ -550,9 +557,22 @@ class Arc:
     def _load_own_state(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
 
-    def _take_snapshot(self) -> None:
+    def _take_snapshot(self, persist: bool = False) -> None:
+        """``persist``: a verified healthy state, also written to the node-local tier."""
         t0 = time.monotonic()
+        if self._local is not None:
+            self._local.wait()  # its writer may still read the buffers take() is about to reuse
         snap = self._snapshots.take(self.global_step, self._own_state())
+        if persist and self._local is not None and self._local.active:
+            from .resume import model_keys, own_state
+
+            if self._local_static is None:
+                self._local_static = {
+                    "model_keys": model_keys(self.model),
+                    "optimizer": type(self.optimizer).__name__,
+                }
+            own = own_state(self.state_dict(), self._registered)
+            self._local.submit(snap.step, snap, own=own, static=self._local_static)
         self._stats["snapshots"] += 1
         self._rec.snapshot(snap.step, snap.nbytes, time.monotonic() - t0)
         log.debug(
@@ -618,22 +638,101 @@ class Arc:
         self._save(blocking)
 
     def resume(self) -> int:
-        """Collective: load the newest confirmed checkpoint, if any; returns ``global_step``."""
-        if self._checkpoints is None:
+        """Collective: load the newest confirmed checkpoint, if any; returns ``global_step``.
+
+        With the node-local tier on, its newest snapshot is used instead when every rank has it
+        and it is not older than the newest confirmed durable checkpoint (resume.py).
+        """
+        if self._checkpoints is None and self._local is None:
             self._rec.resumed(None, 0.0)
             return self.global_step
         t0 = time.monotonic()
         with self._hang_allowance():
-            step = self._checkpoints.load(self._app_state())
+            if self._local is None:
+                step = saved = self._checkpoints.load(self._app_state())
+                source = "durable" if step is not None else None
+            else:
+                out = self._resume_tiers()
+                step, saved, source = out.step, out.saved_step, out.source
+        self._resume_source = source
         if step is not None:
-            self.global_step = self._saved_step = step
+            self.global_step, self._saved_step = step, saved
             self._ride_loss = None
             self._snapshots.snapshots.clear()
             self._policy.on_rollback()
             self._signals.reset_expectations()
             self._expected_lrs = self._lrs()
-        self._rec.resumed(step, time.monotonic() - t0)
+        self._rec.resumed(step, time.monotonic() - t0, source=source or "durable")
         return self.global_step
+
+    def _make_local_tier(self, checkpoint_dir: str | None):
+        """The node-local tier, or None; the same answer on every rank (config and launcher env)."""
+        want = self.config.local_snapshots
+        if want is False or (want is None and checkpoint_dir is None):
+            return None
+        from .local_tier import Identity, LocalTier, default_local_dir, host_name, run_id_from_env
+
+        run_id = run_id_from_env()
+        if run_id is None:
+            if want:
+                log.warning(
+                    "arc_dist: ArcConfig(local_snapshots=True) has no effect without a run id: "
+                    "set ARC_RUN_ID to a value shared by every restart of this job (torchrun sets "
+                    "TORCHELASTIC_RUN_ID), so a restart can be told from a new run"
+                )
+            return None
+        ident = Identity(
+            run_id=run_id,
+            world_size=self.world_size,
+            rank=self.rank,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            host=host_name(),
+            layout=self.layout,
+            config_digest=_digest(self.config),
+        )
+        root = self.config.local_dir or default_local_dir(checkpoint_dir, run_id)
+        return LocalTier(root, ident, keep=self.config.local_keep)
+
+    def _resume_tiers(self):
+        from .local_tier import host_name
+        from .resume import check_payload, resume_from_tiers
+
+        return resume_from_tiers(
+            tier=self._local,
+            manager=self._checkpoints,
+            group=self.group,
+            rank=self.rank,
+            world_size=self.world_size,
+            load_durable=lambda: self._checkpoints.load(self._app_state()),
+            check_local=lambda p: check_payload(p, self.model, self.optimizer, self._registered),
+            restore_local=self._restore_local,
+            host=host_name(),
+        )
+
+    def _restore_local(self, payload: dict) -> None:
+        """Every rank: put a verified local snapshot into the live objects (as a rollback does)."""
+        from .local_tier import decode_rng, decode_skeleton
+        from .snapshot import Snapshot
+
+        if not self.optimizer.state and any(is_dtensor(p) for p in self._signals.params):
+            # FSDP2 optimizer state is restored in place, into DTensors that must exist first
+            from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+            _init_optim_state(self.optimizer)
+        snap = Snapshot(
+            step=int(payload["step"]),
+            model=list(payload["model"]),
+            optim_tensors=list(payload["optim_tensors"]),
+            optim_skeleton=decode_skeleton(payload["optim_skeleton"]),
+            scheduler=payload["scheduler"],
+            scaler=payload["scaler"],
+            rng=decode_rng(payload["rng"]),
+            extra=payload["extra"],
+        )
+        self._snapshots.restore(snap, self._load_own_state)
+        self.load_state_dict(payload["arc"])
+        for name, obj in self._registered.items():
+            obj.load_state_dict(payload["registered"][name])
 
     def _hang_allowance(self):
         """``hang_grace`` on top of ``hang_timeout`` for a save, a load or the final flush."""
@@ -658,9 +757,17 @@ class Arc:
         )
         if self._checkpoints is not None:
             out.update(self._checkpoints.stats())
+        if self._local is not None:
+            out.update(self._local.stats())
+        out["resume_source"] = self._resume_source
         return out
 
     def close(self) -> None:
+        """The end of training: waits for pending writes, stops threads, removes the local tier."""
+        self._close(clean=True)
+
+    def _close(self, clean: bool) -> None:
+        """``clean=False`` (an exception, a preemption): a restart follows, keep local snapshots."""
         if self._closed:
             return
         self._closed = True
@@ -668,7 +775,11 @@ class Arc:
             if self._checkpoints is not None:
                 with self._hang_allowance():
                     self._checkpoints.close()
+            if self._local is not None:
+                self._local.close(clean=clean)
         finally:
+            if self._local is not None:
+                self._local.close(clean=False)  # idempotent: only stops the writer
             if self._watchdog is not None:
                 self._watchdog.stop()
         self._preemption.uninstall()
@@ -679,8 +790,8 @@ class Arc:
     def __enter__(self) -> Arc:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self._close(clean=exc_type is None)
 
 
 def _digest(config: ArcConfig) -> str:

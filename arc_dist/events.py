@@ -503,15 +503,16 @@ class Recorder:
             values.setdefault("pid", os.getpid())
             self.events.emit("start", None, values=values, flush=True)
 
-    def resumed(self, step: int | None, seconds: float) -> None:
-        """After ``resume()``: a ``load`` record when a checkpoint was loaded, and a ``restart``
-        record when this process continues an earlier one (restart count > 0 or an older log)."""
+    def resumed(self, step: int | None, seconds: float, source: str = "durable") -> None:
+        """After ``resume()``: a ``load`` record when a checkpoint was loaded (``source``:
+        ``"durable"`` or ``"local"``, the node-local snapshot tier), and a ``restart`` record when
+        this process continues an earlier one (restart count > 0 or an older log)."""
         if not self.on:
             return
         if step is not None:
-            nbytes = _checkpoint_bytes(self._checkpoints, step)
+            nbytes = _checkpoint_bytes(self._checkpoints, step) if source == "durable" else None
             self.events.emit("load", step, values={
-                "seconds": seconds, "bytes": nbytes,
+                "source": source, "seconds": seconds, "bytes": nbytes,
                 "MB_per_s": nbytes / 1e6 / seconds if nbytes and seconds > 0 else None,
             })
         prev = self.events.previous

@@ -139,6 +139,16 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     a("--confirm-after", type=int, default=20, help="healthy steps that confirm a checkpoint")
     a("--snapshot-every", type=int, default=10, help="steps between in-memory snapshots")
     a(
+        "--local-dir",
+        default=None,
+        help="node-local folder for the fast-restart snapshots (default: under /dev/shm)",
+    )
+    a(
+        "--no-local-snapshots",
+        action="store_true",
+        help="restarts resume from --checkpoint-dir only, not from node-local snapshots",
+    )
+    a(
         "--hang-timeout",
         type=float,
         default=300.0,
@@ -222,6 +232,8 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
         confirm_after=args.confirm_after,
         hang_timeout=args.hang_timeout or None,
         hang_grace=args.hang_grace,
+        local_snapshots=False if args.no_local_snapshots else None,
+        local_dir=args.local_dir,
     )
     ckpt = None if args.checkpoint_dir.lower() == "none" else args.checkpoint_dir
     arc = Arc(model, opt, sched, checkpoint_dir=ckpt, config=config, chaos=chaos)

@@ -1,0 +1,300 @@
+"""Where ``Arc.resume()`` resumes from: the node-local snapshot tier or durable storage.
+
+Every rank must load the same state, so the choice is a pure function (``choose_source``) of
+data every rank holds after one ``all_gather_object`` on the training group: each rank's usable
+local snapshots (local_tier.py; checked from manifests and file sizes), rank 0's listing of the
+durable checkpoint root, and the snapshots already rejected. The rules:
+
+1. only a (step, lineage) present on *every* rank counts (a rank restarted on another node, a
+   world-size change, a file missing on one rank: durable storage);
+2. the newest such local snapshot wins unless it is older than the newest *confirmed* durable
+   checkpoint (stale); at the same step the local copy wins (the same state, read from memory);
+3. when the durable listing fails, a local snapshot is used if there is one.
+
+A local choice is then verified (checksums, model keys and shapes) on every rank; a failure on
+any rank rejects that snapshot for all and the choice is made again, so ranks never split.
+If restoring fails midway, durable storage is loaded over the half-restored state. Rank 0 logs
+the source, the step and why.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("arc_dist")
+
+LOCAL, DURABLE = "local", "durable"
+
+
+@dataclass(frozen=True, slots=True)
+class DurableView:
+    """Rank 0's look at durable storage, shared with every rank."""
+
+    #: newest confirmed durable checkpoint step, None when there is none
+    confirmed: int | None = None
+    #: confirmed steps (a local resume at one of them need not save it again)
+    confirmed_steps: tuple[int, ...] = ()
+    #: why the listing failed; None when it worked or there is no durable storage
+    error: str | None = None
+    #: False when Arc has no checkpoint_dir
+    configured: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    source: str  # LOCAL or DURABLE
+    step: int | None  # the local snapshot's step; None for DURABLE (the manager picks)
+    lineage: str | None
+    reason: str
+
+
+def choose_source(
+    local: Sequence[Sequence[tuple[int, str]]],
+    durable: DurableView,
+    rejected: Collection[tuple[int, str]] = (),
+    notes: Sequence[Sequence[str]] = (),
+) -> Choice:
+    """Pure: the source every rank resumes from.
+
+    ``local[r]``: rank r's usable (step, lineage) pairs; ``rejected``: pairs that failed
+    verification on some rank; ``notes[r]``: rank r's reasons for unusable snapshots (for the
+    message only).
+    """
+    sets = [set(c) - set(rejected) for c in local]
+    common = set.intersection(*sets) if sets else set()
+    if not common:
+        if not any(local):
+            why = "no local snapshot"
+            hints = [f"rank {r}: {n[0]}" for r, n in enumerate(notes) if n]
+            if hints:
+                why += " usable (" + "; ".join(hints[:4]) + ")"
+        elif not any(sets):
+            why = f"every local snapshot was rejected ({_rejected(rejected)})"
+        else:
+            missing = [r for r, s in enumerate(sets) if not s]
+            newest = max(max(s)[0] for s in sets if s)
+            lacking = [r for r, s in enumerate(sets) if all(st != newest for st, _ in s)]
+            why = (
+                f"no local snapshot is on every rank (step {newest} is missing on ranks "
+                f"{lacking or missing})"
+            )
+            hints = [
+                f"rank {r}: {n[0]}" for r, n in enumerate(notes) if n and r in (lacking or missing)
+            ]
+            if hints:
+                why += ": " + "; ".join(hints[:4])
+        return Choice(DURABLE, None, None, why)
+    step, lineage = max(common)
+    if durable.confirmed is not None and step < durable.confirmed:
+        return Choice(
+            DURABLE, None, None,
+            f"the local snapshot (step {step}) is older than the newest confirmed durable "
+            f"checkpoint (step {durable.confirmed})",
+        )  # fmt: skip
+    if not durable.configured:
+        why = "no durable storage configured"
+    elif durable.error is not None:
+        why = f"durable storage could not be listed ({durable.error})"
+    elif durable.confirmed is None:
+        why = "no confirmed durable checkpoint"
+    else:
+        why = f"newest confirmed durable checkpoint: step {durable.confirmed}"
+    return Choice(LOCAL, step, lineage, why)
+
+
+def _rejected(rejected: Collection[tuple[int, str]]) -> str:
+    return ", ".join(f"step {s}" for s, _ in sorted(rejected)) or "none"
+
+
+def durable_view(manager: Any) -> DurableView:
+    """Rank 0: one listing of the durable root (no manifest reads)."""
+    if manager is None:
+        return DurableView(configured=False)
+    from .checkpoint import scan
+
+    try:
+        infos = scan(manager.storage, read_manifests=False)
+    except Exception as e:  # noqa: BLE001 - an unreachable store must not block a local resume
+        return DurableView(error=f"{type(e).__name__}: {e}")
+    confirmed = tuple(sorted(i.step for i in infos if i.confirmed))
+    return DurableView(confirmed=confirmed[-1] if confirmed else None, confirmed_steps=confirmed)
+
+
+# -- the collective resume ------------------------------------------------------------------------
+@dataclass(slots=True)
+class Outcome:
+    source: str | None  # LOCAL, DURABLE or None (nothing loaded)
+    step: int | None
+    #: the step whose state durable storage already holds (the controller skips re-saving it)
+    saved_step: int | None
+    reason: str
+    nbytes: int = 0
+
+
+class _Group:
+    def __init__(self, group: Any, world_size: int) -> None:
+        self.group, self.world_size = group, world_size
+
+    def gather(self, obj: Any) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        # the training group: resume() is collective on it and nothing else uses it meanwhile
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def resume_from_tiers(
+    *,
+    tier: Any,
+    manager: Any,
+    group: Any,
+    rank: int,
+    world_size: int,
+    load_durable: Callable[[], int | None],
+    check_local: Callable[[dict], str | None],
+    restore_local: Callable[[dict], None],
+    host: str,
+) -> Outcome:
+    """Collective (every rank of ``group``): choose, verify, load; activate the tier's writer.
+
+    ``load_durable()`` loads the newest usable durable checkpoint (``CheckpointManager.load``);
+    ``check_local(payload)`` says why a local payload does not fit the live objects (None: it
+    fits); ``restore_local(payload)`` puts a verified payload into them.
+    """
+    g = _Group(group, world_size)
+    t0 = time.monotonic()
+    cands, notes = tier.candidates()
+    view = durable_view(manager) if rank == 0 else None
+    token = uuid.uuid4().hex[:12] if rank == 0 else None
+    gathered = g.gather((host, cands, notes, view, token))
+    hosts = [x[0] for x in gathered]
+    local = [x[1] for x in gathered]
+    all_notes = [x[2] for x in gathered]
+    view, token = gathered[0][3], gathered[0][4]
+
+    rejected: set[tuple[int, str]] = set()
+    while True:
+        choice = choose_source(local, view, rejected, all_notes)
+        if choice.source != LOCAL:
+            break
+        payload, why = tier.read(choice.step, choice.lineage)
+        if why is None:
+            why = check_local(payload)
+        problems = g.gather(why)
+        if not any(problems):
+            break
+        rejected.add((choice.step, choice.lineage))
+        all_notes = [[f"step_{choice.step}: {p}"] if p else [] for p in problems]
+        if rank == 0:
+            bad = ", ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
+            log.warning("arc_dist: local snapshot step_%d is unusable (%s)", choice.step, bad)
+
+    outcome: Outcome
+    if choice.source == LOCAL:
+        why = None
+        try:
+            restore_local(payload)
+        except Exception as e:  # noqa: BLE001 - validated already: a failure here is a surprise
+            why = f"{type(e).__name__}: {e}"
+        problems = g.gather(why)
+        payload = None
+        if not any(problems):
+            saved = choice.step if choice.step in view.confirmed_steps else None
+            outcome = Outcome(LOCAL, choice.step, saved, choice.reason)
+        else:
+            bad = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
+            choice = Choice(
+                DURABLE, None, None, f"restoring local step_{choice.step} failed ({bad})"
+            )
+            if manager is None:
+                from .errors import CheckpointError
+
+                raise CheckpointError(
+                    f"arc_dist: restoring the local snapshot failed midway ({bad}) and there is "
+                    "no durable checkpoint_dir to fall back to. Fix: set ArcConfig.local_snapshots"
+                    "=False and report this"
+                )
+    if choice.source == DURABLE:
+        step = load_durable() if manager is not None else None
+        outcome = Outcome(DURABLE if step is not None else None, step, step, choice.reason)
+
+    # every rank learns who writes its host's replicated state: the lowest rank on the host
+    leader = min(r for r, h in enumerate(hosts) if h == host)
+    tier.prune(outcome.step if outcome.source == LOCAL else None, host_leader=rank == leader)
+    tier.activate(token, shared_writer=leader)
+    if rank == 0:
+        elapsed = time.monotonic() - t0
+        if outcome.source == LOCAL:
+            log.info(
+                "arc_dist: resumed from the local snapshot tier at step %d (%s) in %.2fs; %s",
+                outcome.step, tier.root, elapsed, outcome.reason,
+            )  # fmt: skip
+        elif tier.enabled:
+            log.info(
+                "arc_dist: local snapshot tier not used: %s; resuming from durable storage%s",
+                outcome.reason, f" (step {outcome.step})" if outcome.step is not None else "",
+            )  # fmt: skip
+    return outcome
+
+
+def model_keys(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, local shape, dtype) of every tensor a snapshot holds, in snapshot order."""
+    from .signals import _local
+
+    return [
+        (k, tuple(_local(t).shape), str(t.dtype))
+        for k, t in model.state_dict(keep_vars=True).items()
+    ]
+
+
+def check_payload(payload: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  registered: dict) -> str | None:  # fmt: skip
+    """Why ``payload`` cannot be restored into these live objects; None when it can."""
+    try:
+        want = [tuple(x) for x in payload["model_keys"]]
+        have = model_keys(model)
+        if [(k, tuple(s), d) for k, s, d in want] != have:
+            missing = [k for k, *_ in have if k not in {w[0] for w in want}]
+            diff = [f"{h[0]}: {list(w[1])} {w[2]} vs model {list(h[1])} {h[2]}"
+                    for w, h in zip(want, have) if w != h]  # fmt: skip
+            return "does not match the model: " + "; ".join(
+                ([f"missing keys {missing[:4]}"] if missing else []) + diff[:4]
+                or [f"{len(want)} tensors saved, the model has {len(have)}"]
+            )
+        if len(payload["model"]) != len(have):
+            return "model tensors missing from the snapshot"
+        if payload.get("optimizer") != type(optimizer).__name__:
+            return (
+                f"saved with optimizer {payload.get('optimizer')}, not {type(optimizer).__name__}"
+            )
+        skel = payload["optim_skeleton"]
+        groups = skel.get("param_groups", [])
+        live = optimizer.param_groups
+        if len(groups) != len(live) or any(
+            len(g["params"]) != len(lg["params"]) for g, lg in zip(groups, live)
+        ):
+            return "does not match the optimizer's parameter groups"
+        missing_reg = sorted(set(registered) - set(payload.get("registered", {})))
+        if missing_reg:
+            return f"no state for registered objects {missing_reg}"
+    except (KeyError, TypeError, AttributeError) as e:
+        return f"payload misses or garbles a field ({e!r})"
+    return None
+
+
+def own_state(arc_state: dict, registered: dict) -> dict:
+    """Training thread, at a snapshot: the small per-rank state, deep-copied (written later)."""
+    return {
+        "arc": copy.deepcopy(arc_state),
+        "registered": {k: copy.deepcopy(o.state_dict()) for k, o in registered.items()},
+    }
