@@ -239,7 +239,7 @@ def resume_from_tiers(
                 "arc_dist: resumed from the local snapshot tier at step %d (%s) in %.2fs; %s",
                 outcome.step, tier.root, elapsed, outcome.reason,
             )  # fmt: skip
-        elif tier.enabled:
+        elif outcome.step is not None or any(local) or any(all_notes):  # not a fresh start
             log.info(
                 "arc_dist: local snapshot tier not used: %s; resuming from durable storage%s",
                 outcome.reason, f" (step {outcome.step})" if outcome.step is not None else "",
