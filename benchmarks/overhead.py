@@ -7,6 +7,10 @@ latency.
 
     python benchmarks/overhead.py                    # 1 process
     torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py   # 2-rank DDP (gloo)
+
+With the original single-process ARC installed (``pip install arc-training scipy``: AGPL,
+used here as a benchmark baseline only, never a dependency), ``--with-arc-training`` adds a
+third twin under its ``arc.core.controller.Controller`` on the same loop.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def mlp(width: int) -> nn.Module:
 
 
 def run(model, opt, arc, x, y, steps: int) -> float:
-    """Median seconds per step over ``steps`` steps."""
+    """Median seconds per step over ``steps`` steps (``arc``: any controller whose
+    ``step(loss)`` returns an object with ``should_skip``, or None)."""
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -50,7 +55,7 @@ def run(model, opt, arc, x, y, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, width: int, rounds: int, steps: int, batch: int) -> dict:
+def bench(name: str, width: int, rounds: int, steps: int, batch: int, other: bool = False) -> dict:
     """Two identical replicas of the job, one plain and one under Arc, trained in alternation."""
     distributed = dist.is_initialized()
 
@@ -65,13 +70,20 @@ def bench(name: str, width: int, rounds: int, steps: int, batch: int) -> dict:
     g = torch.Generator().manual_seed(dist.get_rank() if distributed else 0)
     x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
     arc = Arc(model, opt, config=ArcConfig(snapshot_every=100), chaos="")
-    run(plain_model, plain_opt, None, x, y, 3)  # warm-up
-    run(model, opt, arc, x, y, 3)
-    plain, with_arc = [], []
+    twins = [(plain_model, plain_opt, None), (model, opt, arc)]
+    if other:
+        from arc.core.controller import Controller  # the original ARC (arc-training)
+
+        other_model, other_opt = job()
+        twins.append((other_model, other_opt, Controller(other_model, other_opt)))
+    for m_, o_, c_ in twins:
+        run(m_, o_, c_, x, y, 3)  # warm-up (and Arc's first snapshot)
+    times: list[list[float]] = [[] for _ in twins]
     calls0, syncs0, coll0 = arc._calls, arc.stats()["host_syncs"], arc.stats()["collectives"]
     for _ in range(rounds):
-        plain.append(run(plain_model, plain_opt, None, x, y, steps))
-        with_arc.append(run(model, opt, arc, x, y, steps))
+        for t, (m_, o_, c_) in zip(times, twins):
+            t.append(run(m_, o_, c_, x, y, steps))
+    plain, with_arc = times[0], times[1]
     st = arc.stats()
     calls = arc._calls - calls0
     # snapshot cost against a memcpy of the same bytes
@@ -98,7 +110,12 @@ def bench(name: str, width: int, rounds: int, steps: int, batch: int) -> dict:
     opt.zero_grad(set_to_none=True)
     arc.close()
     p, a = statistics.median(plain), statistics.median(with_arc)
+    extra = {}
+    if other:
+        o = statistics.median(times[2])
+        extra = dict(arc_training_ms=1e3 * o, arc_training_overhead_pct=100 * (o / p - 1))
     return dict(
+        **extra,
         model=name, params=nparams, plain_ms=1e3 * p, arc_ms=1e3 * a, overhead_pct=100 * (a / p - 1),
         collectives_per_step=(st["collectives"] - coll0) / calls, host_syncs_per_step=(st["host_syncs"] - syncs0) / calls,
         snapshot_ms=1e3 * statistics.median(snap_t), memcpy_ms=1e3 * statistics.median(copy_t),
@@ -113,13 +130,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--with-arc-training", action="store_true",
+                    help="also time the original ARC (pip install arc-training scipy)")
     args = ap.parse_args()
     if "RANK" in __import__("os").environ:
         dist.init_process_group("gloo")
     torch.set_num_threads(1 if dist.is_initialized() else 2)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    rows = [bench(s, SIZES[s], args.rounds, args.steps, args.batch) for s in args.sizes.split(",")]
+    rows = [bench(s, SIZES[s], args.rounds, args.steps, args.batch, args.with_arc_training)
+            for s in args.sizes.split(",")]
     if rank == 0:
         if args.json:
             print(json.dumps(rows))
@@ -130,6 +150,10 @@ def main() -> None:
             print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['plain_ms']:.1f} | {r['arc_ms']:.1f} | "
                   f"{r['overhead_pct']:+.1f}% | {r['collectives_per_step']:.0f} | {r['host_syncs_per_step']:.0f} | "
                   f"{r['snapshot_ms']:.1f} | {r['memcpy_ms']:.1f} | {r['rollback_ms']:.1f} |")
+        if args.with_arc_training:
+            print("\n| model | original ARC ms/step | original ARC overhead |\n|---|---|---|")
+            for r in rows:
+                print(f"| {r['model']} | {r['arc_training_ms']:.1f} | {r['arc_training_overhead_pct']:+.1f}% |")
     if dist.is_initialized():
         dist.destroy_process_group()
 
