@@ -266,7 +266,7 @@ class Arc:
             if user_sq is None:  # the job stopped passing grad_norm: measure from now on
                 user_sq = self._signals.grad_sq()
             ride = (user_sq, ride[1], ride[2])
-        if ride is None and not any(p.grad is not None for p in self._signals.params):
+        if ride is None and self._calls == 0 and not any(p.grad is not None for p in self._signals.params):
             raise ValueError(
                 f"Arc.step() at step {self.global_step} found no gradients: call loss.backward() "
                 "before arc.step(loss), and optimizer.zero_grad() after it"
@@ -670,7 +670,8 @@ class Arc:
         want = self.config.local_snapshots
         if want is False or (want is None and checkpoint_dir is None):
             return None
-        from .local_tier import Identity, LocalTier, default_local_dir, host_name, run_id_from_env
+        from .local_format import Identity, default_local_dir, host_name, run_id_from_env
+        from .local_tier import LocalTier
 
         run_id = run_id_from_env()
         if run_id is None:
@@ -694,7 +695,7 @@ class Arc:
         return LocalTier(root, ident, keep=self.config.local_keep)
 
     def _resume_tiers(self):
-        from .local_tier import host_name
+        from .local_format import host_name
         from .resume import check_payload, resume_from_tiers
 
         return resume_from_tiers(
@@ -711,7 +712,7 @@ class Arc:
 
     def _restore_local(self, payload: dict) -> None:
         """Every rank: put a verified local snapshot into the live objects (as a rollback does)."""
-        from .local_tier import decode_rng, decode_skeleton
+        from .local_format import decode_rng, decode_skeleton
         from .snapshot import Snapshot
 
         if not self.optimizer.state and any(is_dtensor(p) for p in self._signals.params):

@@ -20,7 +20,7 @@ Each host's copy is self-sufficient, so the tier works for multi-node jobs as lo
 restarts on the host it ran on. Under FSDP2 and for independent modules every rank writes its
 whole local state.
 
-Each manifest records the step, the lineage (which resume and how many rollbacks produced the
+Each manifest (local_format.py) records the step, the lineage (which resume and how many rollbacks produced the
 state), the run id (``TORCHELASTIC_RUN_ID``), world size, host, local world size, layout, config
 digest and the data file's size and checksum (computed while writing). A file without its
 manifest is not a snapshot. Nothing is fsynced: the tier exists for processes that die on a
@@ -36,229 +36,34 @@ from __future__ import annotations
 
 import copy
 import errno
-import getpass
-import hashlib
-import json
 import logging
-import mmap
 import os
 import queue
 import shutil
-import socket
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .checkpoint.manifest import default_algorithm, new_hasher
+from .checkpoint.manifest import default_algorithm
+from .local_format import (
+    HashingFile,
+    Identity,
+    check_manifest,
+    encode_rng,
+    encode_skeleton,
+    make_manifest,
+    parse_step,
+    read_json,
+    rm,
+    step_dir_name,
+    write_json_atomic,
+)
+from .local_format import checksum as file_checksum
 
 log = logging.getLogger("arc_dist")
-
-FORMAT = "arc-dist-local-snapshot"
-FORMAT_VERSION = 1
-SHM = "/dev/shm"
-
-
-# -- where the tier lives ----------------------------------------------------------------------
-def run_id_from_env(env: dict | None = None) -> str | None:
-    """The id shared by every restart of one job: the elastic agent's run id, or ``ARC_RUN_ID``."""
-    env = os.environ if env is None else env
-    return env.get("TORCHELASTIC_RUN_ID") or env.get("ARC_RUN_ID") or None
-
-
-def default_local_dir(checkpoint_dir: str | None, run_id: str | None, shm: str = SHM) -> str:
-    """``<shm>/arc-dist-<user>-<key>``, or the same under the temp dir when ``shm`` is unusable.
-
-    The key hashes ``checkpoint_dir`` (else the run id): a later run of the same job finds the
-    leftovers of an earlier one on this node, rejects them (another run id) and removes them,
-    so a crashed job does not leave its snapshots in memory forever.
-    """
-    try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        user = str(os.getuid())
-    key = hashlib.sha256((checkpoint_dir or f"run:{run_id}").encode()).hexdigest()[:12]
-    base = (
-        shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else tempfile.gettempdir()
-    )
-    return os.path.join(base, f"arc-dist-{user}-{key}")
-
-
-def _step_dir_name(step: int) -> str:
-    return f"step_{step}"
-
-
-def _parse_step(name: str) -> int | None:
-    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
-
-
-# -- manifests ---------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """What a snapshot must match to be usable by this process."""
-
-    run_id: str
-    world_size: int
-    rank: int
-    local_world_size: int
-    host: str
-    layout: str
-    config_digest: str
-
-
-def make_manifest(ident: Identity, *, step: int, lineage: str, kind: str, shared: str | None,
-                  algorithm: str, file: str, size: int, checksum: str) -> dict:  # fmt: skip
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "step": step,
-        "lineage": lineage, "run_id": ident.run_id, "world_size": ident.world_size,
-        "rank": ident.rank, "local_world_size": ident.local_world_size, "host": ident.host,
-        "layout": ident.layout, "config_digest": ident.config_digest, "shared": shared,
-        "checksum_algorithm": algorithm, "file": {"name": file, "size": size, "checksum": checksum},
-        "unix_time": time.time(),
-    }  # fmt: skip
-
-
-def check_manifest(m: Any, ident: Identity, step: int, *, kind: str = "rank") -> str | None:
-    """Why the manifest ``m`` (parsed JSON) is unusable by this process at ``step``; None if usable.
-
-    A pure function of its arguments. ``kind="shared"`` checks a host's replicated-state manifest,
-    which another rank of this host wrote (no rank or topology check: any replica will do).
-    """
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        return "not an arc-dist local snapshot manifest"
-    if m.get("format_version", 0) > FORMAT_VERSION:
-        return f"format_version {m.get('format_version')} is newer than this arc-dist reads"
-    try:
-        if m["kind"] != kind or int(m["step"]) != step:
-            return f"manifest is a {m['kind']} manifest of step {m['step']}, not {kind} step {step}"
-        if m["run_id"] != ident.run_id:
-            return f"from another run (run id {m['run_id']!r}, this run {ident.run_id!r})"
-        if int(m["world_size"]) != ident.world_size:
-            return f"world size changed (saved at {m['world_size']}, now {ident.world_size})"
-        if m["layout"] != ident.layout:
-            return f"model layout changed (saved {m['layout']}, now {ident.layout})"
-        if m["config_digest"] != ident.config_digest:
-            return "ArcConfig changed since it was written"
-        if kind == "rank":
-            if int(m["rank"]) != ident.rank:
-                return f"written by rank {m['rank']}, not rank {ident.rank}"
-            if m["host"] != ident.host or int(m["local_world_size"]) != ident.local_world_size:
-                return (
-                    f"topology changed (saved on {m['host']} with {m['local_world_size']} local "
-                    f"ranks, now {ident.host} with {ident.local_world_size})"
-                )
-        f = m["file"]
-        if (
-            not isinstance(f["name"], str)
-            or int(f["size"]) < 0
-            or not isinstance(f["checksum"], str)
-        ):
-            return "manifest garbles its file entry"
-        if not isinstance(m["lineage"], str):
-            return "manifest garbles its lineage"
-    except (KeyError, TypeError, ValueError) as e:
-        return f"manifest misses or garbles a field ({e!r})"
-    return None
-
-
-def _read_json(path: str) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read())
-
-
-def _write_json_atomic(path: str, doc: dict) -> None:
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-
-
-def _rm(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-# -- payload encoding: weights_only-loadable ---------------------------------------------------
-_REF = "__arc_tensor_ref__"
-
-
-def encode_skeleton(obj: Any) -> Any:
-    """The snapshot's optimizer skeleton with ``_TensorRef``s as ``{_REF: index}`` dicts."""
-    from .snapshot import _TensorRef
-
-    if isinstance(obj, _TensorRef):
-        return {_REF: obj.index}
-    if isinstance(obj, dict):
-        return {k: encode_skeleton(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(encode_skeleton(v) for v in obj)
-    return obj
-
-
-def decode_skeleton(obj: Any) -> Any:
-    from .snapshot import _TensorRef
-
-    if isinstance(obj, dict):
-        if len(obj) == 1 and _REF in obj:
-            return _TensorRef(int(obj[_REF]))
-        return {k: decode_skeleton(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(decode_skeleton(v) for v in obj)
-    return obj
-
-
-def encode_rng(rng: dict) -> dict:
-    """snapshot._rng_state's dict without NumPy arrays (torch.load(weights_only=True) refuses them)."""
-    out = dict(rng)
-    if "numpy" in rng:
-        kind, keys, pos, has_gauss, cached = rng["numpy"]
-        out["numpy"] = (str(kind), torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss),
-                        float(cached))  # fmt: skip
-    return out
-
-
-def decode_rng(rng: dict) -> dict:
-    out = dict(rng)
-    if "numpy" in rng:
-        kind, keys, pos, has_gauss, cached = rng["numpy"]
-        out["numpy"] = (kind, keys.numpy().astype("uint32"), pos, has_gauss, cached)
-    return out
-
-
-class _HashingFile:
-    """Write-only, sequential: hashes what torch.save writes through it."""
-
-    def __init__(self, raw, algorithm: str) -> None:
-        self._raw, self._hasher, self.size = raw, new_hasher(algorithm), 0
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        self._raw.write(view)
-        self._hasher.update(view)
-        self.size += len(view)
-        return len(view)
-
-    def flush(self) -> None:
-        self._raw.flush()
-
-    def hexdigest(self) -> str:
-        return self._hasher.hexdigest()
-
-
-def _checksum(path: str, algorithm: str) -> tuple[int, str]:
-    h = new_hasher(algorithm)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                h.update(m)
-    return size, h.hexdigest()
 
 
 @dataclass(slots=True)
@@ -306,14 +111,14 @@ class LocalTier:
 
     # -- paths ---------------------------------------------------------------------------------
     def step_dir(self, step: int) -> str:
-        return os.path.join(self.root, _step_dir_name(step))
+        return os.path.join(self.root, step_dir_name(step))
 
     def _steps(self) -> list[int]:
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted((s for s in map(_parse_step, names) if s is not None), reverse=True)
+        return sorted((s for s in map(parse_step, names) if s is not None), reverse=True)
 
     @property
     def lineage(self) -> str:
@@ -345,7 +150,7 @@ class LocalTier:
     def _check_step(self, d: str, step: int) -> tuple[str | None, str]:
         stem = f"rank_{self.ident.rank}"
         try:
-            m = _read_json(os.path.join(d, f"{stem}.json"))
+            m = read_json(os.path.join(d, f"{stem}.json"))
         except FileNotFoundError:
             return f"no {stem}.json (not written, or written by other ranks only)", ""
         except (OSError, ValueError) as e:
@@ -356,7 +161,7 @@ class LocalTier:
         shared = m.get("shared")
         if shared is not None:
             try:
-                sm = _read_json(os.path.join(d, f"{shared}.json"))
+                sm = read_json(os.path.join(d, f"{shared}.json"))
             except FileNotFoundError:
                 return f"the host's replicated state {shared}.json is missing", ""
             except (OSError, ValueError) as e:
@@ -386,15 +191,15 @@ class LocalTier:
         """
         d = self.step_dir(step)
         try:
-            m = _read_json(os.path.join(d, f"rank_{self.ident.rank}.json"))
+            m = read_json(os.path.join(d, f"rank_{self.ident.rank}.json"))
             manifests = [m]
             if m.get("shared"):
-                manifests.insert(0, _read_json(os.path.join(d, f"{m['shared']}.json")))
+                manifests.insert(0, read_json(os.path.join(d, f"{m['shared']}.json")))
             for mf in manifests:
                 if mf["lineage"] != lineage:
                     return None, f"{mf['file']['name']} changed since it was listed"
                 f = mf["file"]
-                size, digest = _checksum(os.path.join(d, f["name"]), mf["checksum_algorithm"])
+                size, digest = file_checksum(os.path.join(d, f["name"]), mf["checksum_algorithm"])
                 if size != int(f["size"]) or digest != f["checksum"]:
                     return None, (
                         f"{f['name']} fails its {mf['checksum_algorithm']} check ({size} bytes, "
@@ -494,23 +299,23 @@ class LocalTier:
             for kind, stem, payload, shared in job.files:
                 os.makedirs(d, exist_ok=True)
                 manifest_path = os.path.join(d, f"{stem}.json")
-                _rm(manifest_path)  # uncommit an older write of this step before replacing it
+                rm(manifest_path)  # uncommit an older write of this step before replacing it
                 data_path = os.path.join(d, f"{stem}.pt")
                 written.append(data_path)
                 with open(data_path, "wb") as raw:
-                    out = _HashingFile(raw, self.algorithm)
+                    out = HashingFile(raw, self.algorithm)
                     torch.save(payload, out)
                 doc = make_manifest(
                     self.ident, step=job.step, lineage=job.lineage, kind=kind, shared=shared,
                     algorithm=self.algorithm, file=f"{stem}.pt", size=out.size,
                     checksum=out.hexdigest(),
                 )  # fmt: skip
-                _write_json_atomic(manifest_path, doc)
+                write_json_atomic(manifest_path, doc)
                 nbytes += out.size
         except OSError as e:
             for p in written:
-                _rm(p[:-3] + ".json")
-                _rm(p)
+                rm(p[:-3] + ".json")
+                rm(p)
             with self._lock:
                 self._stats["local_snapshot_failures"] += 1
             full = e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -556,9 +361,9 @@ class LocalTier:
         """This rank's files of ``step``: manifests first (uncommit), then data; then the empty dir."""
         d = self.step_dir(step)
         for stem in self._own_stems():
-            _rm(os.path.join(d, f"{stem}.json"))
+            rm(os.path.join(d, f"{stem}.json"))
         for stem in self._own_stems():
-            _rm(os.path.join(d, f"{stem}.pt"))
+            rm(os.path.join(d, f"{stem}.pt"))
         try:
             os.rmdir(d)
         except OSError:
@@ -593,12 +398,12 @@ class LocalTier:
         if host_leader:
             try:
                 for name in os.listdir(self.root):
-                    if _parse_step(name) is None and not name.startswith(".probe-"):
+                    if parse_step(name) is None and not name.startswith(".probe-"):
                         path = os.path.join(self.root, name)
                         if os.path.isdir(path):
                             shutil.rmtree(path, ignore_errors=True)
                         else:
-                            _rm(path)
+                            rm(path)
             except FileNotFoundError:
                 pass
 
@@ -616,8 +421,8 @@ class LocalTier:
         for step in self._steps():
             d = self.step_dir(step)
             for stem in self._own_stems():
-                _rm(os.path.join(d, f"{stem}.json"))
-                _rm(os.path.join(d, f"{stem}.pt"))
+                rm(os.path.join(d, f"{stem}.json"))
+                rm(os.path.join(d, f"{stem}.pt"))
             try:
                 os.rmdir(d)
             except OSError:
@@ -630,7 +435,3 @@ class LocalTier:
     def stats(self) -> dict:
         with self._lock:
             return dict(self._stats)
-
-
-def host_name() -> str:
-    return socket.gethostname()

@@ -12,10 +12,14 @@ Paths compared (same model, data, checkpoint interval, monitor interval, 1 resta
 
 * ``arc``: ``python -m arc_dist.launch`` + examples/train_ddp.py; durable DCP checkpoints every
   ``--checkpoint-every`` steps, resume from the newest *confirmed* one (``--confirm-after``);
+  the node-local tier off (``--no-local-snapshots``);
+* ``local``: the same with the node-local snapshot tier on (the default): healthy snapshots every
+  ``--snapshot-every`` steps in /dev/shm, resume from the newest one every rank has;
 * ``plain``: ``torchrun`` + benchmarks/_plain_worker.py: rank 0 ``torch.save``s the model and
   optimizer every ``--checkpoint-every`` steps, every (re)start ``torch.load``s it.
 
     python benchmarks/recovery.py                       # 3 rounds each, markdown table
+    python benchmarks/recovery.py --paths arc,local     # durable vs node-local resume only
     python benchmarks/recovery.py --rounds 5 --json recovery.json
 
 Target on a CPU machine with 2 ranks: kill -> first step <= 5 s.
@@ -70,12 +74,14 @@ def one_round(path: str, args, workdir: Path) -> dict:
         "--log-every", "1", "--throttle", str(args.throttle), "--corpus-bytes", "300000",
         "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
     ]  # fmt: skip
-    if path == "arc":
+    if path in ("arc", "local"):
         cmd = [
             sys.executable, "-m", "arc_dist.launch", "--nproc-per-node=2", "--max-restarts=1",
             f"--monitor-interval={args.monitor_interval}", f"--log-dir={workdir / 'logs'}",
             str(ROOT / "examples" / "train_ddp.py"), *common,
             "--confirm-after", str(args.confirm_after), "--hang-timeout", "0",
+            "--snapshot-every", str(args.snapshot_every),
+            *(["--no-local-snapshots"] if path == "arc" else []),
         ]  # fmt: skip
     else:
         cmd = [
@@ -124,10 +130,11 @@ def one_round(path: str, args, workdir: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--paths", default="arc,plain", help="comma-separated: arc, plain")
+    p.add_argument("--paths", default="arc,local,plain", help="comma-separated: arc, local, plain")
     p.add_argument("--kill-at", type=int, default=30, help="kill once rank 0 reached this step")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--confirm-after", type=int, default=5)
+    p.add_argument("--snapshot-every", type=int, default=5, help="arc paths: snapshot interval")
     p.add_argument("--monitor-interval", type=float, default=0.1)
     p.add_argument("--throttle", type=float, default=0.05, help="sleep per step, seconds")
     p.add_argument("--n-layer", type=int, default=2)
@@ -141,8 +148,9 @@ def main() -> None:
         if args.keep:
             tmp = args.keep
             os.makedirs(tmp, exist_ok=True)
-        for path in args.paths.split(","):
-            for r in range(args.rounds):
+        # rounds interleave the paths, so a change in the machine's load hits them alike
+        for r in range(args.rounds):
+            for path in args.paths.split(","):
                 workdir = Path(tmp) / f"{path}-{r}"
                 workdir.mkdir(exist_ok=False)
                 res = one_round(path, args, workdir)
@@ -153,10 +161,12 @@ def main() -> None:
 
     names = {
         "arc": "arc-dist launcher, DCP checkpoint resume",
+        "local": "arc-dist launcher, node-local snapshot resume (/dev/shm)",
         "plain": "plain torchrun + torch.save resume",
     }
     print(f"\n2 ranks, gloo, CPU, {os.cpu_count()} cores; checkpoint every "
-          f"{args.checkpoint_every} steps; kill at step {args.kill_at}; {args.rounds} rounds\n")  # fmt: skip
+          f"{args.checkpoint_every} steps, snapshot every {args.snapshot_every}; kill at step "
+          f"{args.kill_at}; {args.rounds} rounds\n")  # fmt: skip
     print("| path | kill -> first step, s (median, min-max) | steps lost (median) |")
     print("| --- | --- | --- |")
     for path, rs in results.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from arc_dist.errors import ExitCode
-from arc_dist.local_tier import default_local_dir
+from arc_dist.local_format import default_local_dir
 
 from ._launchproc import events
 from .test_launch_recovery import STEPS, _confirmed_before_restart, _done, _launch

@@ -17,16 +17,18 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
-from arc_dist.local_tier import Identity, check_manifest, default_local_dir, make_manifest
+from arc_dist.local_format import Identity, check_manifest, default_local_dir, make_manifest
 from arc_dist.resume import DURABLE, LOCAL, DurableView, choose_source
 from tests.checkpoint_helpers import (
     Position,
     assert_state_equal,
     batch,
+    full_model_state,
     make_model,
     make_optimizer,
     reference_state,
@@ -117,10 +119,23 @@ def test_config_validates_local_fields():
 
 
 # -- Arc in one process, real files ---------------------------------------------------------------
-def _arc(ckpt: str, local: str, seed: int = 0, **cfg):
+def _wrap(model, kind: str):
+    if kind == "ddp":
+        return DDP(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _arc(ckpt: str, local: str, seed: int = 0, kind: str = "ddp", **cfg):
     model = make_model(seed)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        model = DDP(model)
+        model = _wrap(model, kind)
     opt, sched = make_optimizer(model)
     config = ArcConfig(
         snapshot_every=5, checkpoint_every=4, confirm_after=1, local_dir=local, **cfg
@@ -145,25 +160,21 @@ def _train(arc, model, opt, sched, pos, until: int) -> None:
             arc._checkpoints.wait()  # the same checkpoints in every run
 
 
-def _crashed_run(ckpt: str, local: str, until: int = 13) -> None:
+def _crashed_run(ckpt: str, local: str, until: int = 13, kind: str = "ddp") -> None:
     """Train, then stop as a SIGKILL would leave things: nothing cleaned up."""
-    arc, *rest = _arc(ckpt, local)
+    arc, *rest = _arc(ckpt, local, kind=kind)
     assert arc.resume() == 0
     _train(arc, *rest, until)
     arc._close(clean=False)  # waits for the writers only: the files are what a crash leaves
 
 
-def _plain(model):
-    return {k.removeprefix("module."): v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _resume(ckpt: str, local: str, until: int = 20):
-    arc, model, opt, sched, pos = _arc(ckpt, local, seed=1)  # other initial weights
+def _resume(ckpt: str, local: str, until: int = 20, kind: str = "ddp"):
+    arc, model, opt, sched, pos = _arc(ckpt, local, seed=1, kind=kind)  # other initial weights
     start = arc.resume()
     source = arc.stats()["resume_source"]
     _train(arc, model, opt, sched, pos, until)
     arc.close()
-    return start, source, _plain(model), pos.value
+    return start, source, full_model_state(model), pos.value
 
 
 @pytest.fixture
@@ -260,23 +271,23 @@ def test_tier_is_off_without_a_run_id(tmp_path, monkeypatch):
     arc.close()
 
 
-# -- two gloo ranks under DDP ---------------------------------------------------------------------
-def _ddp_worker(rank, world, ckpt, local, phase):
-    os.environ["TORCHELASTIC_RUN_ID"] = "run-ddp"
+# -- two gloo ranks: DDP (one replicated file per host) and FSDP2 (a shard file per rank) ----------
+def _worker(rank, world, ckpt, local, phase, kind):
+    os.environ["TORCHELASTIC_RUN_ID"] = "run-2"
     if phase == "crash":
-        _crashed_run(ckpt, local)
+        _crashed_run(ckpt, local, kind=kind)
         return None
-    return _resume(ckpt, local)
+    return _resume(ckpt, local, kind=kind)
 
 
 @pytest.mark.slow
 def test_ddp_ranks_share_one_replicated_file_and_agree(tmp_path):
     ckpt, local = str(tmp_path / "ck"), str(tmp_path / "shm")
-    run_ranks(_ddp_worker, 2, ckpt, local, "crash")
+    run_ranks(_worker, 2, ckpt, local, "crash", "ddp")
     assert sorted(os.listdir(Path(local) / "step_10")) == [
         "rank_0.json", "rank_0.pt", "rank_1.json", "rank_1.pt", "shared_w0.json", "shared_w0.pt",
     ]  # fmt: skip
-    r0, r1 = run_ranks(_ddp_worker, 2, ckpt, local, "resume")
+    r0, r1 = run_ranks(_worker, 2, ckpt, local, "resume", "ddp")
     assert r0[:2] == r1[:2] == (10, "local")
     assert_state_equal(r0[2], reference_state(20))
     assert_state_equal(r1[2], reference_state(20))
@@ -284,10 +295,23 @@ def test_ddp_ranks_share_one_replicated_file_and_agree(tmp_path):
 
     # rank 1's own files gone (e.g. it restarted on another node): both ranks take durable storage
     ckpt, local = str(tmp_path / "ck2"), str(tmp_path / "shm2")
-    run_ranks(_ddp_worker, 2, ckpt, local, "crash")
+    run_ranks(_worker, 2, ckpt, local, "crash", "ddp")
     for step in ("step_5", "step_10"):
         for name in ("rank_1.json", "rank_1.pt"):
             os.remove(Path(local) / step / name)
-    r0, r1 = run_ranks(_ddp_worker, 2, ckpt, local, "resume")
+    r0, r1 = run_ranks(_worker, 2, ckpt, local, "resume", "ddp")
     assert r0[:2] == r1[:2] == (8, "durable")
     assert_state_equal(r0[2], reference_state(20))
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_resume_their_shards_from_the_local_tier(tmp_path):
+    ckpt, local = str(tmp_path / "ck"), str(tmp_path / "shm")
+    run_ranks(_worker, 2, ckpt, local, "crash", "fsdp")
+    assert sorted(os.listdir(Path(local) / "step_10")) == [
+        "rank_0.json", "rank_0.pt", "rank_1.json", "rank_1.pt",
+    ]  # fmt: skip
+    r0, r1 = run_ranks(_worker, 2, ckpt, local, "resume", "fsdp")
+    assert r0[:2] == r1[:2] == (10, "local")
+    assert_state_equal(r0[2], reference_state(20))
+    assert_state_equal(r1[2], reference_state(20))
