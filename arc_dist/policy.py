@@ -103,9 +103,10 @@ def _spike(x: float, window: RobustWindow, z_thr: float, ratio: float) -> tuple[
     return (z > z_thr and x - ref > (ratio - 1.0) * abs(ref)), z
 
 
-def _standouts(values: np.ndarray) -> tuple[int, ...]:
+def _standouts(values) -> tuple[int, ...]:
     """Ranks whose value is at least half way from the median to the maximum (one culprit in a
     crowd is named alone; when all ranks agree, all are named)."""
+    values = np.asarray(values, dtype=np.float64)
     med = float(np.median(values))
     top = float(values.max())
     if not math.isfinite(top) or top <= med:
@@ -134,38 +135,42 @@ class HealthPolicy:
         self.last_state_step: float | None = None
 
     # -- pure ---------------------------------------------------------------------------
-    def combine_grad_sq(self, g: np.ndarray) -> float:
+    def combine_grad_sq(self, g) -> float:
+        """Squared norms of the ranks' rows -> the global squared norm (see signals.py)."""
         if self.layout == "sharded":
-            return float(g.sum())
+            return float(sum(g))
         if self.layout == "independent":
-            return float(g.max())
-        return float(g.mean())
+            return float(max(g))
+        return float(sum(g)) / len(g)
 
     def judge(self, m: np.ndarray, *, amp: bool = False) -> Verdict:
+        # every step runs this on a [world, NUM_COLS] matrix: plain Python over its columns is
+        # several times cheaper than numpy calls on arrays this small
         t = self.t
-        valid = m[:, Col.LOSS_VALID] > 0
-        losses = np.where(valid, m[:, Col.LOSS], 0.0)
-        gsq, own = m[:, Col.GRAD_SQ], m[:, Col.LOCAL_GRAD_SQ]
-        grad_norm = math.sqrt(self.combine_grad_sq(gsq)) if np.isfinite(gsq).all() else math.nan
-        has_loss = bool(valid.all())
-        loss = float(losses.mean()) if has_loss else math.nan
+        cols = m.T.tolist()
+        losses = [x if v > 0 else 0.0 for x, v in zip(cols[Col.LOSS], cols[Col.LOSS_VALID])]
+        gsq, own = cols[Col.GRAD_SQ], cols[Col.LOCAL_GRAD_SQ]
+        finite_grads = all(map(math.isfinite, gsq)) and all(map(math.isfinite, own))
+        grad_norm = math.sqrt(self.combine_grad_sq(gsq)) if finite_grads else math.nan
+        has_loss = all(v > 0 for v in cols[Col.LOSS_VALID])
+        loss = sum(losses) / len(losses) if has_loss else math.nan
         base = dict(loss=loss, grad_norm=grad_norm)
 
         def fail(reason: str, ranks, status: str = FAILURE, **details) -> Verdict:
             return Verdict(status, reason, tuple(int(r) for r in ranks), details=details, **base)
 
-        bad = np.nonzero(~np.isfinite(losses))[0]
-        if bad.size:
-            return fail("nonfinite_loss", bad, losses=losses.tolist())
-        if not (np.isfinite(gsq).all() and np.isfinite(own).all()):
+        bad = [r for r, x in enumerate(losses) if not math.isfinite(x)]
+        if bad:
+            return fail("nonfinite_loss", bad, losses=losses)
+        if not finite_grads:
             if amp:  # the GradScaler skips this update and lowers its scale: not a fault
                 return fail("amp_overflow", (), status=WARNING)
-            bad = np.nonzero(~np.isfinite(own))[0]
-            return fail("nonfinite_grad", bad if bad.size else range(len(gsq)))
-        lr = m[:, Col.LR_RATIO]
-        bad = np.nonzero(~(lr <= t.lr_ratio_fail))[0]
-        if bad.size:
-            return fail("lr_spike", bad, lr_ratio=lr.tolist())
+            bad = [r for r, x in enumerate(own) if not math.isfinite(x)]
+            return fail("nonfinite_grad", bad or range(len(gsq)))
+        lr = cols[Col.LR_RATIO]
+        bad = [r for r, x in enumerate(lr) if not x <= t.lr_ratio_fail]
+        if bad:
+            return fail("lr_spike", bad, lr_ratio=lr)
 
         if m[0, Col.DEEP]:  # the more specific diagnosis first (a NaN weight also diverges)
             v = self._judge_deep(m, base)

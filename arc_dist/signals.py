@@ -136,40 +136,26 @@ class SignalCollector:
         local_grad_sq: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dev, f64 = self.device, torch.float64
-        zero = torch.zeros((), dtype=f64, device=dev)
         if grad_sq is None:
             grad_sq = self.grad_sq()
+        # host-known values in one small tensor, device values scattered in with one op
+        host = [0.0] * NUM_COLS
+        host[Col.STATE_STEP] = -1.0
+        host[Col.LR_RATIO], host[Col.STEP_TIME] = lr_ratio, step_time
+        host[Col.PREEMPT], host[Col.DEEP] = float(preempt), float(deep)
+        host[Col.FP_CHECK], host[Col.LOSS_VALID] = float(fingerprint), 1.0
+        cols = [Col.LOSS, Col.GRAD_SQ, Col.LOCAL_GRAD_SQ]
+        vals = [loss.detach().reshape(()), grad_sq, grad_sq if local_grad_sq is None else local_grad_sq]
         if deep:
-            weight_sq = sq_norm(weights_of(self.model_params), dev)
             state_sq, step_max, flags = self._optimizer_state()
-        else:
-            weight_sq, state_sq, flags = zero, zero, zero
-            step_max = torch.full((), -1.0, dtype=f64, device=dev)
-        fp = param_fingerprint(self.model_params + self._state_tensors(), dev) if fingerprint else zero
-        host = torch.tensor([lr_ratio, step_time, float(preempt), float(deep)], dtype=f64)
-        return torch.cat(
-            [
-                torch.stack(
-                    [
-                        loss.detach().reshape(()).to(device=dev, dtype=f64),
-                        grad_sq.to(device=dev, dtype=f64),
-                        weight_sq,
-                        state_sq,
-                        flags,
-                        step_max,
-                    ]
-                ),
-                host.to(dev, non_blocking=True),
-                torch.stack(
-                    [
-                        fp,
-                        torch.full((), float(fingerprint), dtype=f64, device=dev),
-                        (grad_sq if local_grad_sq is None else local_grad_sq).to(dev, f64),
-                        torch.ones((), dtype=f64, device=dev),
-                    ]
-                ),
-            ]
-        )
+            cols += [Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_FLAGS, Col.STATE_STEP]
+            vals += [sq_norm(weights_of(self.model_params), dev), state_sq, flags, step_max]
+        if fingerprint:
+            cols.append(Col.FINGERPRINT)
+            vals.append(param_fingerprint(self.model_params + self._state_tensors(), dev))
+        row = torch.tensor(host, dtype=f64).to(dev, non_blocking=True)
+        row[cols] = torch.stack([v.to(dev, f64) for v in vals])
+        return row
 
     def grad_sq(self) -> torch.Tensor:
         """Squared norm of the gradients this rank holds (one foreach pass)."""
