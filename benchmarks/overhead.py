@@ -11,6 +11,8 @@ latency.
 With the original single-process ARC installed (``pip install arc-training scipy``: AGPL,
 used here as a benchmark baseline only, never a dependency), ``--with-arc-training`` adds a
 third twin under its ``arc.core.controller.Controller`` on the same loop.
+``--divergence-every 0,10,100`` adds Arc twins with those replica-divergence intervals (the
+check only runs under DDP).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def run(model, opt, arc, x, y, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, width: int, rounds: int, steps: int, batch: int, other: bool = False) -> dict:
+def bench(name: str, width: int, rounds: int, steps: int, batch: int, other: bool = False,
+          divergence: tuple[int, ...] = ()) -> dict:
     """Two identical replicas of the job, one plain and one under Arc, trained in alternation."""
     distributed = dist.is_initialized()
 
@@ -76,6 +79,10 @@ def bench(name: str, width: int, rounds: int, steps: int, batch: int, other: boo
 
         other_model, other_opt = job()
         twins.append((other_model, other_opt, Controller(other_model, other_opt)))
+    for every in divergence:  # the same job under Arc with other divergence-check intervals
+        m_, o_ = job()
+        cfg = ArcConfig(snapshot_every=100, divergence_every=every)
+        twins.append((m_, o_, Arc(m_, o_, config=cfg, chaos="")))
     for m_, o_, c_ in twins:
         run(m_, o_, c_, x, y, 3)  # warm-up (and Arc's first snapshot)
     times: list[list[float]] = [[] for _ in twins]
@@ -114,6 +121,10 @@ def bench(name: str, width: int, rounds: int, steps: int, batch: int, other: boo
     if other:
         o = statistics.median(times[2])
         extra = dict(arc_training_ms=1e3 * o, arc_training_overhead_pct=100 * (o / p - 1))
+    first = 3 if other else 2
+    extra["divergence"] = {
+        every: 100 * (statistics.median(t) / p - 1) for every, t in zip(divergence, times[first:])
+    }
     return dict(
         **extra,
         model=name, params=nparams, plain_ms=1e3 * p, arc_ms=1e3 * a, overhead_pct=100 * (a / p - 1),
@@ -130,6 +141,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--divergence-every", default="",
+                    help="comma-separated divergence-check intervals to time as extra Arc twins "
+                         "(0 = off), e.g. 0,10,100")
     ap.add_argument("--with-arc-training", action="store_true",
                     help="also time the original ARC (pip install arc-training scipy)")
     args = ap.parse_args()
@@ -138,7 +152,8 @@ def main() -> None:
     torch.set_num_threads(1 if dist.is_initialized() else 2)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    rows = [bench(s, SIZES[s], args.rounds, args.steps, args.batch, args.with_arc_training)
+    divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
+    rows = [bench(s, SIZES[s], args.rounds, args.steps, args.batch, args.with_arc_training, divergence)
             for s in args.sizes.split(",")]
     if rank == 0:
         if args.json:
@@ -150,6 +165,11 @@ def main() -> None:
             print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['plain_ms']:.1f} | {r['arc_ms']:.1f} | "
                   f"{r['overhead_pct']:+.1f}% | {r['collectives_per_step']:.0f} | {r['host_syncs_per_step']:.0f} | "
                   f"{r['snapshot_ms']:.1f} | {r['memcpy_ms']:.1f} | {r['rollback_ms']:.1f} |")
+        if divergence:
+            print("\n| model | " + " | ".join(f"divergence_every={v}" for v in divergence) + " |")
+            print("|---|" + "---|" * len(divergence))
+            for r in rows:
+                print(f"| {r['model']} | " + " | ".join(f"{r['divergence'][v]:+.1f}%" for v in divergence) + " |")
         if args.with_arc_training:
             print("\n| model | original ARC ms/step | original ARC overhead |\n|---|---|---|")
             for r in rows:
