@@ -86,5 +86,7 @@ class MotoServer:
         import s3fs
 
         fs = s3fs.S3FileSystem(**self.storage_options())
-        if not fs.exists(name):
+        try:
             fs.mkdir(name)
+        except FileExistsError:  # e.g. recreated meanwhile by a writer's makedirs
+            pass
