@@ -103,6 +103,13 @@ def _spike(x: float, window: RobustWindow, z_thr: float, ratio: float) -> tuple[
     return (z > z_thr and x - ref > (ratio - 1.0) * abs(ref)), z
 
 
+def _blame(values, refs, ratio: float) -> tuple[int, ...]:
+    """Ranks whose own value passes the ratio test against their reference; the standouts when
+    none does on its own (the spike only shows in the combined value)."""
+    bad = tuple(r for r, (v, ref) in enumerate(zip(values, refs)) if v - ref > (ratio - 1.0) * abs(ref))
+    return bad or _standouts(values)
+
+
 def _standouts(values) -> tuple[int, ...]:
     """Ranks whose value is at least half way from the median to the maximum (one culprit in a
     crowd is named alone; when all ranks agree, all are named)."""
@@ -129,6 +136,8 @@ class HealthPolicy:
         self.loss = RobustWindow(thresholds.window)
         self.grad = RobustWindow(thresholds.window)
         self.healthy_seen = 0
+        # each rank's own gradient squared norms on recent healthy steps (who is to blame)
+        self.own: deque[list[float]] = deque(maxlen=thresholds.window)
         # last deep-check values along the current trajectory (cleared on rollback)
         self.last_weight: np.ndarray | None = None  # per-rank squared norms
         self.last_state: np.ndarray | None = None
@@ -182,26 +191,36 @@ class HealthPolicy:
             if bad:
                 return fail("replica_divergence", bad, fingerprints=m[:, Col.FINGERPRINT].tolist())
 
+        def blame_loss() -> tuple[int, ...]:
+            med, _, recent = self.loss.stats()
+            return _blame(losses, [max(med, recent)] * len(losses), t.loss_ratio_warn)
+
+        def blame_grad() -> tuple[int, ...]:
+            if not self.own:
+                return _standouts(own)
+            refs = np.median(np.asarray(self.own, dtype=np.float64), axis=0).tolist()
+            return _blame(own, refs, t.grad_ratio_warn**2)
+
         warm = self.healthy_seen >= t.warmup_steps
         if warm:
             if has_loss:
                 is_fail, z = _spike(loss, self.loss, t.zscore_fail, t.loss_ratio_fail)
                 if is_fail:
-                    return fail("loss_spike", _standouts(losses), zscore=z, median=self.loss.stats()[0])
+                    return fail("loss_spike", blame_loss(), zscore=z, median=self.loss.stats()[0])
             is_fail, gz = _spike(grad_norm, self.grad, t.zscore_fail, t.grad_ratio_fail)
             if is_fail:
-                return fail("grad_explosion", _standouts(own), zscore=gz, median=self.grad.stats()[0])
+                return fail("grad_explosion", blame_grad(), zscore=gz, median=self.grad.stats()[0])
             if has_loss:
                 is_warn, z = _spike(loss, self.loss, t.zscore_warn, t.loss_ratio_warn)
                 if is_warn:
-                    return fail("loss_spike", _standouts(losses), status=WARNING, zscore=z)
+                    return fail("loss_spike", blame_loss(), status=WARNING, zscore=z)
             is_warn, gz = _spike(grad_norm, self.grad, t.zscore_warn, t.grad_ratio_warn)
             if is_warn:
-                return fail("grad_explosion", _standouts(own), status=WARNING, zscore=gz)
+                return fail("grad_explosion", blame_grad(), status=WARNING, zscore=gz)
         elif len(self.grad) >= 3:
             med = self.grad.stats()[0]
             if med > 0 and grad_norm > t.grad_ratio_warmup * med:
-                return fail("grad_explosion", _standouts(own), median=med)
+                return fail("grad_explosion", blame_grad(), median=med)
         return Verdict(HEALTHY, **base)
 
     def _judge_deep(self, m: np.ndarray, base: dict) -> Verdict | None:
@@ -246,6 +265,7 @@ class HealthPolicy:
             if add_loss and math.isfinite(verdict.loss):
                 self.loss.add(verdict.loss)
             self.grad.add(verdict.grad_norm)
+            self.own.append(m[:, Col.LOCAL_GRAD_SQ].tolist())
             self.healthy_seen += 1
         if m[0, Col.DEEP]:
             self.last_weight = m[:, Col.WEIGHT_SQ].copy()

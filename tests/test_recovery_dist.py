@@ -94,8 +94,7 @@ TWO_RANK = {
     "reference-mlp": dict(model="mlp"),
     "reference-lm": dict(model="lm", opt="adamw", warmup=True, steps=150),
     **{f"one-{k}": dict(model="mlp", chaos=f"{k}@{FAULT_STEP}/1") for k in ONE_RANK_FAULTS},
-    "all-nan_loss": dict(model="mlp", chaos=f"nan_loss@{FAULT_STEP}"),
-    "all-lr_spike": dict(model="mlp", chaos=f"lr_spike@{FAULT_STEP}"),
+    **{f"all-{k}": dict(model="mlp", chaos=f"{k}@{FAULT_STEP}") for k in ONE_RANK_FAULTS},
     "lm-three-faults": dict(model="lm", opt="adamw", warmup=True, steps=150,
                             chaos="nan_loss@30/1 grad_explosion@50/0 lr_spike@65/1"),
     "persistent": dict(model="mlp", chaos=f"nan_loss@{FAULT_STEP}/1!"),
@@ -177,11 +176,11 @@ def test_fault_on_one_rank_is_rolled_back_everywhere(two, kind):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", ["all-nan_loss", "all-lr_spike"])
-def test_fault_on_all_ranks(two, name):
-    first = _assert_recovered(two, name, "reference-mlp")
+@pytest.mark.parametrize("kind", list(ONE_RANK_FAULTS))
+def test_fault_on_all_ranks(two, kind):
+    first = _assert_recovered(two, f"all-{kind}", "reference-mlp")
     failures = [e for e in first["events"] if e[1] == "failure"]
-    assert len(failures) == 1 and failures[0][3] == (0, 1)
+    assert [(e[2], e[3]) for e in failures] == [(ONE_RANK_FAULTS[kind], (0, 1))]
 
 
 @pytest.mark.timeout(300)
