@@ -414,6 +414,10 @@ def build_command(spec: LaunchSpec, *, agent_error_file: str) -> tuple[list[str]
     # the agent's own record (its root-cause copy, or its own error such as a rendezvous
     # timeout); workers get their own TORCHELASTIC_ERROR_FILE from the agent
     env["TORCHELASTIC_ERROR_FILE"] = agent_error_file
+    # torchrun gives workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after SIGTERM (a final
+    # checkpoint) before SIGKILL; keep it inside our own wait so torchrun reports back in time
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = f"{max(1.0, spec.shutdown_timeout - 10):g}"
     return cmd, env
 
 

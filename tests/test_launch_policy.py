@@ -140,6 +140,7 @@ def test_flags_env_defaults_and_command(tmp_path, monkeypatch):
     monkeypatch.setenv("ARC_MAX_RESTARTS", "7")
     monkeypatch.setenv("PET_NPROC_PER_NODE", "4")
     monkeypatch.setenv("ARC_RDZV_ID", "job-42")
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     spec, dry = parse_args(
         ["--nnodes=1:2", "--rdzv-endpoint=10.0.0.1:29400", "--max-restarts=2",
          "--torchrun-arg=--tee=3", str(script), "--lr", "3e-4"]
@@ -157,7 +158,8 @@ def test_flags_env_defaults_and_command(tmp_path, monkeypatch):
     assert cmd[-3:] == [str(script), "--lr", "3e-4"]
     line = format_command(cmd, env)
     assert line.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
-    assert shlex.split(line)[2:] == cmd
+    assert shlex.split(line)[len(env):] == cmd
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "20"  # inside the launcher's own 30 s
 
 
 @pytest.mark.parametrize(
