@@ -223,7 +223,7 @@ class CheckpointManager:
         storage_options: passed to fsspec (e.g. ``endpoint_url``, ``key``, ``secret``); never logged.
         keep: committed checkpoints kept; the newest confirmed one is kept in addition.
         confirm_after: healthy steps after a checkpoint before it counts as confirmed (0: at once).
-        async_save: default for ``blocking`` in :meth:`save` calls that do not say.
+        async_save: what ``save(..., blocking=None)`` does (the controller passes ``blocking``).
         process_group: the ranks that save together (default: the default group). Constructing
             the manager creates two gloo groups with ``dist.new_group``: every rank of the default
             group must construct it, in the same order as other group creations.
@@ -437,11 +437,12 @@ class CheckpointManager:
         app_state: dict,
         *,
         verdict: dict | None = None,
-        blocking: bool | None = None,
+        blocking: bool | None = True,
     ) -> None:
         """Collective: checkpoint ``app_state`` as ``step_<step>``.
 
-        ``blocking=None`` uses the constructor's ``async_save``. A blocking save raises
+        ``blocking=False`` writes in the background; ``None`` uses the constructor's
+        ``async_save``. A blocking save raises
         :class:`CheckpointStorageError` when every attempt failed; a background save logs and
         counts its failure instead, and training goes on.
         """
