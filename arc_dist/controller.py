@@ -368,6 +368,8 @@ class Arc:
                 "restore. Lower the learning rate or inspect the data around this step."
             )
             self._rec.unrecoverable(self.global_step, verdict, message)
+            if self._local is not None:  # no retry will resume from them: free the memory
+                self._local.close(clean=True)
             raise UnrecoverableError(message)
         self._rollback(verdict, decision.drop)
         return Action(self.global_step, FAILURE, True, True, **base)

@@ -315,3 +315,23 @@ def test_fsdp2_ranks_resume_their_shards_from_the_local_tier(tmp_path):
     assert r0[:2] == r1[:2] == (10, "local")
     assert_state_equal(r0[2], reference_state(20))
     assert_state_equal(r1[2], reference_state(20))
+
+
+def test_unrecoverable_error_frees_the_local_tier(tmp_path, run_id):
+    from arc_dist import UnrecoverableError
+
+    local = tmp_path / "shm"
+    arc, model, opt, sched, pos = _arc(str(tmp_path / "ck"), str(local), max_rollbacks=1)
+    arc.resume()
+    _train(arc, model, opt, sched, pos, 12)
+    assert sorted(os.listdir(local)) == ["step_10", "step_5"]
+    with pytest.raises(UnrecoverableError):  # a NaN loss on every step from here on
+        while True:
+            x, y = batch(arc.global_step)
+            loss = ((model(x) - y) ** 2).mean() * float("nan")
+            loss.backward()
+            if not arc.step(loss).should_skip:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert not local.exists()  # no retry resumes from it (the launcher exits 11)
+    arc.close()
