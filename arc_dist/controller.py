@@ -601,15 +601,25 @@ class Arc:
             self._stats[k] = int(v)
 
     # -- durability ----------------------------------------------------------------------
-    def register(self, name: str, obj: Any) -> None:
-        """Save and restore ``obj`` (with ``state_dict``/``load_state_dict``) in checkpoints."""
+    def register(self, name: str, obj: Any, *, per_rank: bool = False) -> None:
+        """Save and restore ``obj`` (with ``state_dict``/``load_state_dict``) in checkpoints.
+
+        ``per_rank=True`` for state that differs between ranks (a sampler's position, a
+        data-loader worker's RNG): DCP keeps one copy of values saved under the same key by
+        several ranks, so each rank's copy is stored under its own key, and a rank that did
+        not exist in the saving job gets rank 0's.
+        """
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise TypeError(
                 f"Arc.register({name!r}, ...) needs an object with state_dict() and "
                 f"load_state_dict(), got {type(obj).__name__}"
             )
-        if name in ("model", "optim", "arc") or name in self._registered:
+        if name in ("train", "arc") or name in self._registered:
             raise ValueError(f"Arc.register: the name {name!r} is taken; choose another")
+        if per_rank:
+            from .checkpoint import PerRank
+
+            obj = PerRank(obj)
         self._registered[name] = obj
 
     def _app_state(self) -> dict:
