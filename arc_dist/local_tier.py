@@ -302,9 +302,16 @@ class LocalTier:
                 rm(manifest_path)  # uncommit an older write of this step before replacing it
                 data_path = os.path.join(d, f"{stem}.pt")
                 written.append(data_path)
-                with open(data_path, "wb") as raw:
-                    out = HashingFile(raw, self.algorithm)
-                    torch.save(payload, out)
+                # a new file, renamed into place: a reader's memory map of the old one (a
+                # restored registered object may still hold its tensors) is never truncated
+                tmp = f"{data_path}.{uuid.uuid4().hex[:8]}.tmp"
+                try:
+                    with open(tmp, "wb") as raw:
+                        out = HashingFile(raw, self.algorithm)
+                        torch.save(payload, out)
+                    os.replace(tmp, data_path)
+                finally:
+                    rm(tmp)
                 doc = make_manifest(
                     self.ident, step=job.step, lineage=job.lineage, kind=kind, shared=shared,
                     algorithm=self.algorithm, file=f"{stem}.pt", size=out.size,
@@ -365,6 +372,9 @@ class LocalTier:
         for stem in self._own_stems():
             rm(os.path.join(d, f"{stem}.pt"))
         try:
+            for name in os.listdir(d):  # temp files of a write that was killed
+                if name.endswith(".tmp") and name.split(".pt.")[0] in self._own_stems():
+                    rm(os.path.join(d, name))
             os.rmdir(d)
         except OSError:
             pass  # other ranks' files are still there
@@ -419,14 +429,7 @@ class LocalTier:
         if not (clean and self.enabled):
             return
         for step in self._steps():
-            d = self.step_dir(step)
-            for stem in self._own_stems():
-                rm(os.path.join(d, f"{stem}.json"))
-                rm(os.path.join(d, f"{stem}.pt"))
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+            self._remove_own(step)
         try:
             os.rmdir(self.root)
         except OSError:

@@ -324,6 +324,7 @@ def test_unrecoverable_error_frees_the_local_tier(tmp_path, run_id):
     arc, model, opt, sched, pos = _arc(str(tmp_path / "ck"), str(local), max_rollbacks=1)
     arc.resume()
     _train(arc, model, opt, sched, pos, 12)
+    arc._local.wait()  # the write of step 10 runs in the background
     assert sorted(os.listdir(local)) == ["step_10", "step_5"]
     with pytest.raises(UnrecoverableError):  # a NaN loss on every step from here on
         while True:
