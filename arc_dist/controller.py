@@ -681,6 +681,12 @@ class Arc:
         """The node-local tier, or None; the same answer on every rank (config and launcher env)."""
         want = self.config.local_snapshots
         if want is False or (want is None and checkpoint_dir is None):
+            if self.config.local_dir is not None and self.rank == 0:
+                log.warning(
+                    "arc_dist: ArcConfig(local_dir=%r) has no effect: local snapshots are off "
+                    "(local_snapshots=%r, checkpoint_dir=%r)", self.config.local_dir, want,
+                    checkpoint_dir,
+                )  # fmt: skip
             return None
         from .local_format import Identity, default_local_dir, host_name, run_id_from_env
         from .local_tier import LocalTier

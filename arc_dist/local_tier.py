@@ -34,7 +34,6 @@ counted, and a full ``/dev/shm`` switches the tier off for the rest of the run.
 
 from __future__ import annotations
 
-import copy
 import errno
 import logging
 import os
@@ -44,6 +43,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -70,7 +70,27 @@ log = logging.getLogger("arc_dist")
 class _Job:
     step: int
     lineage: str
-    files: list[tuple[str, str, dict, str | None]]  # (kind, stem, payload, shared stem)
+    snap: Any  # snapshot.Snapshot: read by the writer, untouched until wait() returns
+    own: dict
+    static: dict
+    files: list[tuple[str, str, str | None]]  # (kind, stem, the shared stem a rank file needs)
+
+    def payload(self, kind: str, whole: bool) -> dict:
+        """What a file holds: ``shared`` the replicated state, ``rank`` this rank's own (plus
+        the replicated state when ``whole``: no shared file under this layout)."""
+        snap = self.snap
+        replicated = {
+            **self.static,
+            "model": snap.model,
+            "optim_tensors": snap.optim_tensors,
+            "optim_skeleton": encode_skeleton(snap.optim_skeleton),
+            "scheduler": snap.scheduler,
+            "scaler": snap.scaler,
+        }
+        if kind == "shared":
+            return replicated
+        own = {"step": self.step, "rng": encode_rng(snap.rng), "extra": snap.extra, **self.own}
+        return {**replicated, **own} if whole else own
 
 
 class LocalTier:
@@ -242,30 +262,14 @@ class LocalTier:
         """
         if not self.active:
             return
-        rank_part = {
-            "step": step,
-            "rng": encode_rng(snap.rng),
-            "extra": copy.deepcopy(snap.extra),
-            **own,
-        }
-        replicated = {
-            **static,
-            "model": snap.model,
-            "optim_tensors": snap.optim_tensors,
-            "optim_skeleton": encode_skeleton(snap.optim_skeleton),
-            "scheduler": snap.scheduler,
-            "scaler": snap.scaler,
-        }
         rank_stem = f"rank_{self.ident.rank}"
         shared = self.shared_stem
-        files: list[tuple[str, str, dict, str | None]] = []
-        if shared is None:
-            files.append(("rank", rank_stem, {**replicated, **rank_part}, None))
-        else:
-            if self.shared_writer == self.ident.rank:
-                files.append(("shared", shared, replicated, None))
-            files.append(("rank", rank_stem, rank_part, shared))
-        self._queue.put(_Job(step, self.lineage, files))
+        files: list[tuple[str, str, str | None]] = []
+        if shared is not None and self.shared_writer == self.ident.rank:
+            files.append(("shared", shared, None))
+        files.append(("rank", rank_stem, shared))
+        # encoding and serialising happen on the writer thread: the step pays nothing more
+        self._queue.put(_Job(step, self.lineage, snap, own, static, files))
 
     def wait(self) -> None:
         """Block until the snapshot being written (if any) is on disk."""
@@ -296,7 +300,8 @@ class LocalTier:
         written: list[str] = []
         nbytes = 0
         try:
-            for kind, stem, payload, shared in job.files:
+            for kind, stem, shared in job.files:
+                payload = job.payload(kind, whole=self.shared_stem is None)
                 os.makedirs(d, exist_ok=True)
                 manifest_path = os.path.join(d, f"{stem}.json")
                 rm(manifest_path)  # uncommit an older write of this step before replacing it
