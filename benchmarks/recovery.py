@@ -16,10 +16,14 @@ Paths compared (same model, data, checkpoint interval, monitor interval, 1 resta
 * ``local``: the same with the node-local snapshot tier on (the default): healthy snapshots every
   ``--snapshot-every`` steps in /dev/shm, resume from the newest one every rank has;
 * ``plain``: ``torchrun`` + benchmarks/_plain_worker.py: rank 0 ``torch.save``s the model and
-  optimizer every ``--checkpoint-every`` steps, every (re)start ``torch.load``s it.
+  optimizer every ``--checkpoint-every`` steps, every (re)start ``torch.load``s it;
+* ``ray``: examples/train_ray.py under Ray Train (a private local Ray instance): a worker
+  SIGKILLs itself at ``--kill-at``, Ray restarts the worker group, ``arc.resume()`` continues
+  (benchmarks/ray_overhead.py, run in a subprocess of its own).
 
     python benchmarks/recovery.py                       # 3 rounds each, markdown table
     python benchmarks/recovery.py --paths arc,local     # durable vs node-local resume only
+    python benchmarks/recovery.py --paths arc,plain,ray # beside the Ray Train path
     python benchmarks/recovery.py --rounds 5 --json recovery.json
 
 Target on a CPU machine with 2 ranks: kill -> first step <= 5 s.
@@ -127,10 +131,27 @@ def one_round(path: str, args, workdir: Path) -> dict:
     }
 
 
+def _ray_rounds(args, tmp: Path) -> list[dict]:
+    """The Ray Train path through benchmarks/ray_overhead.py, in a process of its own."""
+    out = tmp / "ray.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "ray_overhead.py"), "--repeats", str(args.rounds),
+           "--crash-at", str(args.kill_at), "--checkpoint-every", str(args.checkpoint_every),
+           "--confirm-after", str(args.confirm_after), "--steps", str(args.kill_at + 15),
+           "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    runs = json.loads(out.read_text())["runs"]
+    for i, r in enumerate(runs):
+        print(f"ray round {i}: kill -> first step {r['kill_to_first_resumed_step_s']:.2f} s, "
+              f"steps lost {r['steps_lost']} (resumed at {r['resumed_from']})", flush=True)  # fmt: skip
+    return [{"kill_to_step_s": r["kill_to_first_resumed_step_s"], "steps_lost": r["steps_lost"]}
+            for r in runs]  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--paths", default="arc,local,plain", help="comma-separated: arc, local, plain")
+    p.add_argument("--paths", default="arc,local,plain",
+                   help="comma-separated: arc, local, plain, ray")
     p.add_argument("--kill-at", type=int, default=30, help="kill once rank 0 reached this step")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--confirm-after", type=int, default=5)
@@ -149,8 +170,11 @@ def main() -> None:
             tmp = args.keep
             os.makedirs(tmp, exist_ok=True)
         # rounds interleave the paths, so a change in the machine's load hits them alike
+        paths = args.paths.split(",")
+        if "ray" in paths:
+            results["ray"] = _ray_rounds(args, Path(tmp))
         for r in range(args.rounds):
-            for path in args.paths.split(","):
+            for path in (p for p in paths if p != "ray"):
                 workdir = Path(tmp) / f"{path}-{r}"
                 workdir.mkdir(exist_ok=False)
                 res = one_round(path, args, workdir)
@@ -163,6 +187,7 @@ def main() -> None:
         "arc": "arc-dist launcher, DCP checkpoint resume",
         "local": "arc-dist launcher, node-local snapshot resume (/dev/shm)",
         "plain": "plain torchrun + torch.save resume",
+        "ray": "Ray Train restart + arc.resume() (DCP checkpoint)",
     }
     print(f"\n2 ranks, gloo, CPU, {os.cpu_count()} cores; checkpoint every "
           f"{args.checkpoint_every} steps, snapshot every {args.snapshot_every}; kill at step "
