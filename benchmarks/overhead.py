@@ -41,6 +41,9 @@ def mlp(width: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+CLIP = None  # --clip: every twin clips its gradients; Arc reuses the norm
+
+
 def run(model, opt, arc, x, y, steps: int) -> float:
     """Median seconds per step over ``steps`` steps (``arc``: any controller whose
     ``step(loss)`` returns an object with ``should_skip``, or None)."""
@@ -49,7 +52,13 @@ def run(model, opt, arc, x, y, steps: int) -> float:
         t0 = time.perf_counter()
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
-        skip = arc.step(loss).should_skip if arc is not None else False
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP) if CLIP else None
+        if arc is None:
+            skip = False
+        elif norm is not None and isinstance(arc, Arc):
+            skip = arc.step(loss, grad_norm=norm).should_skip
+        else:
+            skip = arc.step(loss).should_skip
         if not skip:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -141,6 +150,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--clip", type=float, default=None,
+                    help="every twin clips gradients to this norm; Arc reuses the norm it returns")
     ap.add_argument("--divergence-every", default="",
                     help="comma-separated divergence-check intervals to time as extra Arc twins "
                          "(0 = off), e.g. 0,10,100")
@@ -152,13 +163,16 @@ def main() -> None:
     torch.set_num_threads(1 if dist.is_initialized() else 2)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    global CLIP
+    CLIP = args.clip
     divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
     rows = [bench(s, SIZES[s], args.rounds, args.steps, args.batch, args.with_arc_training, divergence)
             for s in args.sizes.split(",")]
     if rank == 0:
         if args.json:
             print(json.dumps(rows))
-        print(f"world size {world}, batch {args.batch}/rank, median of {args.rounds} rounds x {args.steps} steps")
+        clip = f", all twins clip to {args.clip} (Arc reuses the norm)" if args.clip else ""
+        print(f"world size {world}, batch {args.batch}/rank, median of {args.rounds} rounds x {args.steps} steps{clip}")
         print("| model | params | plain ms/step | Arc ms/step | overhead | collectives/step | host syncs/step | snapshot ms | memcpy ms | rollback ms |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
