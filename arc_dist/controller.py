@@ -26,6 +26,7 @@ from .agreement import Agreement, comm_device
 from .config import ArcConfig
 from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
 from .events import EventLog, Recorder
+from .lr import LRGuard
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .preemption import PreemptionHandler
 from .signals import Col, DDPRide, SignalCollector, is_dtensor, layout_of, ride_row
@@ -149,9 +150,8 @@ class Arc:
         self._calls = 0  # step() calls, rollbacks included: decides deep-check steps
         self._fast_steps = 0  # steps judged from the DDP ride alone (no collective of our own)
         self._saved_step: int | None = None  # the step whose state the newest save holds
-        self._lr_scale = 1.0
-        self._lr_restore_at = 0
-        self._expected_lrs: list[float] | None = None
+        self._lr = LRGuard(optimizer, scheduler, backoff=self.config.lr_backoff,
+                           restore=self.config.lr_restore, recovery_steps=self.config.recovery_steps)  # fmt: skip
         self._last_step_end: float | None = None
         self._preemption = PreemptionHandler()
         if self.config.handle_sigterm:
@@ -194,7 +194,7 @@ class Arc:
         self.events = EventLog(self.log_dir, storage_options=storage_options, enabled=self.rank == 0)
         self._rec = Recorder(
             self.events, metrics_every=metrics_every, checkpoints=self._checkpoints,
-            context=lambda: {"lr": self._lrs()[0], "lr_scale": self._lr_scale},
+            context=lambda: {"lr": self._lr.lrs()[0], "lr_scale": self._lr.scale},
         )
         self._rec.start(world_size=self.world_size, layout=self.layout, checkpoint_dir=checkpoint_dir)
         # started last: the first step's allowance (hang_grace) also covers resume() and the
@@ -293,7 +293,7 @@ class Arc:
                 deep=deep,
                 grad_sq=ride[0] if ride is not None else user_sq,
                 local_grad_sq=ride[1] if ride is not None else None,
-                lr_ratio=self._lr_ratio(),
+                lr_ratio=self._lr.ratio(),
                 step_time=busy,
                 preempt=self._preemption.requested,
                 fingerprint=compare,
@@ -346,8 +346,8 @@ class Arc:
                 if due and self.global_step != self._saved_step:
                     self._save(blocking=not self.config.async_checkpoint)
             self.global_step += 1
-            self._maybe_restore_lr()
-            self._expected_lrs = self._lrs()
+            self._lr.maybe_restore(self.global_step, self.rank)
+            self._lr.remember()
             return Action(self.global_step, verdict.status, False, False, **base)
         if decision.kind == "skip":
             self._stats["skips"] += 1
@@ -391,23 +391,20 @@ class Arc:
         self._ride_loss = None
         if snap.step != self._saved_step:
             self._saved_step = None  # training will reach that step again along another path
-        self._lr_scale *= self.config.lr_backoff
-        self._scale_lr(self._lr_scale / snap.extra["lr_scale"])
-        self._expected_lrs = self._lrs()
-        self._lr_restore_at = failed_at + self.config.recovery_steps
+        self._lr.back_off(snap.extra["lr_scale"], failed_at)
         self.global_step = snap.step
         self._stats["rollbacks"] += 1
         if self._checkpoints is not None:
             self._checkpoints.on_rollback(snap.step)
         self._rec.rollback(failed_at, snap.step, verdict.reason, verdict.bad_ranks,
-                           time.monotonic() - t0, drop, self._lr_scale)
+                           time.monotonic() - t0, drop, self._lr.scale)
         if self.rank == 0:
             log.warning(
                 "arc_dist: failure at step %d (%s, ranks %s, loss=%.4g, grad_norm=%.4g)%s: rolled "
                 "back to step %d in %.3fs, lr x%.3g (cumulative %.3g)",
                 failed_at, verdict.reason, list(verdict.bad_ranks), verdict.loss, verdict.grad_norm,
                 " escalated to an older snapshot" if drop else "", snap.step,
-                time.monotonic() - t0, self.config.lr_backoff, self._lr_scale,
+                time.monotonic() - t0, self.config.lr_backoff, self._lr.scale,
             )
 
     def _log_verdict(self, verdict: Verdict) -> None:
@@ -447,7 +444,7 @@ class Arc:
         return ride_row(
             local_grad_norm,
             self._ride_loss,
-            lr_ratio=self._lr_ratio(),
+            lr_ratio=self._lr.ratio(),
             busy=self._ride_busy,
             preempt=self._preemption.requested,
         )
@@ -508,52 +505,9 @@ class Arc:
                 )
             raise ArcError(f"arc_dist: restarting the group without suspect ranks {bad}")
 
-    # -- learning rate -----------------------------------------------------------------
-    def _lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
-
-    def _lr_ratio(self) -> float:
-        """How far the current LR exceeds what explains it (the scheduler, else the last step)."""
-        lrs = self._lrs()
-        expected = self._expected_lrs
-        if self.scheduler is not None and hasattr(self.scheduler, "get_last_lr"):
-            try:
-                expected = [float(x) for x in self.scheduler.get_last_lr()]
-            except (AttributeError, RuntimeError):
-                pass
-        if not expected or len(expected) != len(lrs):
-            return 1.0
-        ratios = [lr / e if e > 0 else (1.0 if lr <= 0 else math.inf) for lr, e in zip(lrs, expected)]
-        return max(ratios) if all(math.isfinite(r) for r in ratios) and all(math.isfinite(x) for x in lrs) else math.inf
-
-    def _maybe_restore_lr(self) -> None:
-        if not self.config.lr_restore or self._lr_scale >= 1.0 or self.global_step < self._lr_restore_at:
-            return
-        factor = min(1.0 / self.config.lr_backoff, 1.0 / self._lr_scale)
-        self._lr_scale *= factor
-        self._scale_lr(factor)
-        self._lr_restore_at = self.global_step + self.config.recovery_steps
-        if self.rank == 0:
-            log.info("arc_dist: recovered at step %d; lr scale back to %.3g", self.global_step, self._lr_scale)
-
-    def _scale_lr(self, factor: float) -> None:
-        """Scale every group's LR, and the scheduler's bases so its next step keeps the factor."""
-        if factor == 1.0:
-            return
-        for g in self.optimizer.param_groups:
-            for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-                if key in g and isinstance(g[key], (int, float)):
-                    g[key] = g[key] * factor
-        sched = self.scheduler
-        if sched is not None:
-            if hasattr(sched, "base_lrs"):
-                sched.base_lrs = [x * factor for x in sched.base_lrs]
-            if hasattr(sched, "_last_lr"):
-                sched._last_lr = [x * factor for x in sched._last_lr]
-
     # -- snapshots and own state ---------------------------------------------------------
     def _own_state(self) -> dict:
-        return {"global_step": self.global_step, "lr_scale": self._lr_scale}
+        return {"global_step": self.global_step, "lr_scale": self._lr.scale}
 
 
     def _load_own_state(self, state: dict) -> None:
@@ -586,7 +540,7 @@ class Arc:
         """The controller's own state (saved in checkpoints under the key ``"arc"``)."""
         return {
             "global_step": self.global_step,
-            "lr_scale": self._lr_scale,
+            "lr_scale": self._lr.scale,
             "policy": self._policy.state_dict(),
             "recovery": self._recovery.state_dict(),
             "stats": dict(self._stats),
@@ -594,7 +548,7 @@ class Arc:
 
     def load_state_dict(self, sd: dict) -> None:
         self.global_step = int(sd["global_step"])
-        self._lr_scale = float(sd["lr_scale"])
+        self._lr.scale = float(sd["lr_scale"])
         self._policy.load_state_dict(sd["policy"])
         self._recovery.load_state_dict(sd["recovery"])
         for k, v in sd.get("stats", {}).items():
@@ -673,7 +627,7 @@ class Arc:
             self._snapshots.snapshots.clear()
             self._policy.on_rollback()
             self._signals.reset_expectations()
-            self._expected_lrs = self._lrs()
+            self._lr.remember()
         self._rec.resumed(step, time.monotonic() - t0, source=source or "durable")
         return self.global_step
 
@@ -765,7 +719,7 @@ class Arc:
             fast_steps=self._fast_steps,
             collectives=self._agree.collectives,
             host_syncs=self._agree.host_syncs,
-            lr_scale=self._lr_scale,
+            lr_scale=self._lr.scale,
             # the last step's agreed health signals (NaN before the first step)
             loss=self._last.loss if self._last is not None else math.nan,
             grad_norm=self._last.grad_norm if self._last is not None else math.nan,
