@@ -128,7 +128,13 @@ class Arc:
         self._ride_loss: torch.Tensor | None = None  # this step's loss, sent with the next step
         self._ride_busy = 0.0
         self._loss_judged = True  # the loss the next ride carries was already judged
-        if isinstance(model, nn.parallel.DistributedDataParallel) and self.world_size > 1:
+        if (
+            isinstance(model, nn.parallel.DistributedDataParallel)
+            and self.world_size > 1
+            # the ride's matrix has a row per rank of DDP's group: it must be Arc's group
+            and dist.get_world_size(model.process_group) == self.world_size
+            and dist.get_rank(model.process_group) == self.rank
+        ):
             try:
                 self._ride = DDPRide(model, model.process_group, self._ride_row)
             except RuntimeError as e:  # the job registered its own comm hook
