@@ -5,6 +5,8 @@ injected on rank 1 (a NaN loss, a gradient explosion, an LR spike; override with
 then prints what arc-dist saw and did, and the two final losses side by side.
 
     torchrun --standalone --nproc-per-node 2 examples/demo.py      # or: bash launch/demo.sh
+
+``ARC_DEMO_STEPS`` shortens it (the tests run 150 steps).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
 
-STEPS = 300
+STEPS = int(os.environ.get("ARC_DEMO_STEPS", 300))
 FAULTS = os.environ.get("ARC_CHAOS", "nan_loss@60/1 grad_explosion@130/1 lr_spike@200/1")
 TEXT = (open(os.__file__).read() * 2)[:200_000]  # a corpus that ships with Python
 VOCAB = sorted(set(TEXT))
