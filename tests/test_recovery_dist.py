@@ -55,7 +55,12 @@ def _run(rank, world, sc: dict) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     data = Data(sc["model"], rank, sc.get("seed", 0))
     config = ArcConfig(snapshot_every=10, deep_check_every=10, max_rollbacks=2, recovery_steps=10)
-    arc = Arc(wrapped, opt, sched, config=config, chaos=sc.get("chaos", ""))
+    group = None
+    if sc.get("own_group"):  # a process group of its own instead of the default one
+        import torch.distributed as dist
+
+        group = dist.new_group(list(range(world)), backend="gloo")
+    arc = Arc(wrapped, opt, sched, config=config, chaos=sc.get("chaos", ""), process_group=group)
     out = {"error": None}
     try:
         out["events"] = train(wrapped, opt, arc, data, sc.get("steps", STEPS), max_calls=400, sched=sched,
@@ -98,6 +103,7 @@ TWO_RANK = {
     "lm-three-faults": dict(model="lm", opt="adamw", warmup=True, steps=150,
                             chaos="nan_loss@30/1 grad_explosion@50/0 lr_spike@65/1"),
     "persistent": dict(model="mlp", chaos=f"nan_loss@{FAULT_STEP}/1!"),
+    "own-group-nan_loss": dict(model="mlp", own_group=True, chaos=f"nan_loss@{FAULT_STEP}/1"),
     "clip-clean": dict(model="lm", opt="adamw", warmup=True, clip=1.0, steps=120),
     "clip-grad_explosion": dict(model="mlp", clip=1.0, chaos="grad_explosion@43/1"),
 }
@@ -228,3 +234,10 @@ def test_reusing_the_clipping_norm(two):
     first = _assert_recovered(two, "clip-grad_explosion", "reference-mlp")
     failures = [e for e in first["events"] if e[1] == "failure"]
     assert [(e[2], e[3]) for e in failures] == [("grad_explosion", (1,))]
+
+
+@pytest.mark.timeout(300)
+def test_a_given_process_group(two):
+    first = _assert_recovered(two, "own-group-nan_loss", "reference-mlp")
+    failures = [e for e in first["events"] if e[1] == "failure"]
+    assert [(e[2], e[3]) for e in failures] == [("nonfinite_loss", (1,))]
