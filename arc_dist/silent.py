@@ -90,3 +90,20 @@ class StragglerTracker:
         if not self.history:
             return []
         return [float(x) for x in np.median(np.stack(self.history), axis=0)]
+
+
+def replica_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's parameters and buffers: equal on every replica of a healthy
+    data-parallel run (a quick check for tests, examples and fire drills).
+
+    Sharded (FSDP2) tensors are gathered first, which is a collective: call it on every rank.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in module.state_dict().values():
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

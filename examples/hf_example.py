@@ -16,7 +16,6 @@ here with the NaN on rank 1 only)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from arc_dist import ArcConfig
 from arc_dist.integrations.hf import ArcTrainer, ArcTrainerCallback
+from arc_dist.silent import replica_digest
 
 VOCAB, LENGTH = 64, 16
 
@@ -131,14 +131,6 @@ def main(
     }
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """A hash of the weights' bytes: equal on every rank when the replicas are identical."""
-    h = hashlib.sha256()
-    for t in model.state_dict().values():
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,7 +159,7 @@ if __name__ == "__main__":
                     "fast_steps": s["fast_steps"],
                     "final_loss": out["final_loss"],
                     "fired": [list(f) for f in out["trainer"].arc.chaos.fired],
-                    "weights": weights_digest(out["model"]),
+                    "weights": replica_digest(out["model"]),
                 }
             ),
             flush=True,

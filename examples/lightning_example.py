@@ -15,7 +15,6 @@ Lightning starting the second process, here with the NaN on rank 1 only)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from arc_dist import ArcConfig
 from arc_dist.integrations.lightning import ArcCallback
+from arc_dist.silent import replica_digest
 
 DIM = 16
 
@@ -127,14 +127,6 @@ def main(
     }
 
 
-def weights_digest(model: nn.Module) -> str:
-    """A hash of the weights' bytes: equal on every rank when the replicas are identical."""
-    h = hashlib.sha256()
-    for t in model.state_dict().values():
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,7 +157,7 @@ if __name__ == "__main__":
                     "fast_steps": s["fast_steps"],
                     "final_loss": out["final_loss"],
                     "fired": [list(f) for f in fired],
-                    "weights": weights_digest(out["model"]),
+                    "weights": replica_digest(out["model"]),
                 }
             ),
             flush=True,

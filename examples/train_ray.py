@@ -28,7 +28,6 @@ Fire drill (faults fire only in a fresh run, not after a resume, unless --chaos-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from train_ddp import report as report_event  # noqa: E402
 import arc_dist.ray as arc_ray  # noqa: E402
 from arc_dist import Arc, ArcConfig  # noqa: E402
 from arc_dist.chaos import inject, parse  # noqa: E402
+from arc_dist.silent import replica_digest  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -70,14 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     # under Ray the default checkpoint folder is <storage-path>/<name>/arc
     p.set_defaults(checkpoint_dir=None, log_every=20)
     return p
-
-
-def params_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter: equal on every replica of a healthy data-parallel run."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -184,7 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
         step=arc.global_step,
         resumed_from=start,
         loss=final,
-        digest=params_digest(model),
+        digest=replica_digest(model),
         stats={k: v for k, v in stats.items() if isinstance(v, (int, float))},
     )
     if rank == 0:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from arc_dist.silent import replica_digest as params_digest  # noqa: F401 - re-exported for the tests
 
 
 def make_model(kind: str, seed: int = 0) -> nn.Module:
@@ -72,14 +73,6 @@ def eval_loss(model, data: Data) -> float:
         v = float(data.loss(model, data.eval))
         model.train(was)
     return v
-
-
-def params_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for p in model.parameters():
-        t = p.full_tensor() if hasattr(p, "full_tensor") else p
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def train(model, opt, arc, data: Data, steps: int, max_calls: int | None = None, sched=None,
