@@ -37,6 +37,7 @@ class Agreement:
         self.device, self.ncols = device, ncols
         self.collectives = 0
         self.host_syncs = 0
+        self._mat: torch.Tensor | None = None  # reused every step
 
     def reduce(self, row: torch.Tensor) -> np.ndarray:
         """Collective over ``group``: every rank calls it once per step, in the same order."""
@@ -44,7 +45,9 @@ class Agreement:
         if self.group is None or self.world_size == 1:
             mat = row.reshape(1, -1)
         else:
-            mat = torch.zeros(self.world_size, self.ncols, dtype=torch.float64, device=self.device)
+            if self._mat is None:
+                self._mat = torch.empty(self.world_size, self.ncols, dtype=torch.float64, device=self.device)
+            mat = self._mat.zero_()
             mat[self.rank] = row
             dist.all_reduce(mat, op=dist.ReduceOp.SUM, group=self.group)
             self.collectives += 1

@@ -601,7 +601,6 @@ class Arc:
                 self._checkpoints.save(self.global_step, self._app_state(), verdict=verdict, blocking=blocking)
         finally:
             self._rec.poll_checkpoints()  # a blocking save's outcome is known now
-        self._stats["checkpoints"] = self._checkpoints.stats().get("checkpoints", 0)
 
     def save(self, blocking: bool = True) -> None:
         """Collective: a durable checkpoint of the current state now."""

@@ -262,7 +262,6 @@ class DDPRide:
         self._matrix: torch.Tensor | None = None
         #: when this rank's last gradient bucket was ready (its own work done, no waiting)
         self.ready_at: float | None = None
-        self.rides = 0
         #: take norms of the reduced buckets (off when the job hands Arc its clipping norm)
         self.measure = True
 
@@ -280,10 +279,11 @@ class DDPRide:
                 fut = dist.all_reduce(buf, group=pg, async_op=True).get_future()
                 return fut.then(reduced)
             self._local0 = buf.norm() * self.world_size  # undo the division: this rank's own
-            mat = torch.zeros(self.world_size, NUM_COLS, dtype=buf.dtype, device=buf.device)
-            mat[self.rank] = self.row_fn(self._local0).to(buf.dtype)
-            n = buf.numel()
-            both = torch.cat([buf, mat.view(-1)])
+            # one buffer: the bucket, then the zero matrix with this rank's row filled in
+            n, row_at = buf.numel(), buf.numel() + self.rank * NUM_COLS
+            both = buf.new_zeros(n + self.world_size * NUM_COLS)
+            both[:n] = buf
+            both[row_at : row_at + NUM_COLS] = self.row_fn(self._local0)
 
             def split(fut) -> torch.Tensor:
                 out = fut.value()[0]
@@ -308,5 +308,4 @@ class DDPRide:
         out = post, self._local0.to(torch.float64).square(), self._matrix.to(torch.float64)
         self._post.clear()
         self._matrix = self._local0 = None
-        self.rides += 1
         return out

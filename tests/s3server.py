@@ -9,21 +9,16 @@ pass to s3fs; the secret is a recognisable string so tests can assert it never r
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
+from tests._dist import free_port
+
 SECRET = "s3cr3t-never-log-me"
 KEY = "AKIAARCDISTTEST"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MotoServer:

@@ -36,13 +36,13 @@ from arc_dist.checkpoint.manifest import (
 from arc_dist.checkpoint.retention import plan_retention
 from arc_dist.cli import main as cli
 from arc_dist.errors import CheckpointError
+from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,
     assert_state_equal,
     make_model,
     make_optimizer,
     reference_state,
-    run_ranks,
     train_steps,
 )
 

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from arc_dist import Arc, ArcConfig, CheckpointError
 from arc_dist.checkpoint import CheckpointStorageError, scan
 from arc_dist.checkpoint.storage import Storage
+from tests._dist import free_port, run_ranks
 from tests.checkpoint_helpers import (
     Position,
     assert_state_equal,
@@ -31,9 +32,8 @@ from tests.checkpoint_helpers import (
     make_model,
     make_optimizer,
     reference_state,
-    run_ranks,
 )
-from tests.s3server import SECRET, MotoServer, free_port
+from tests.s3server import SECRET, MotoServer
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist.checkpoint import CheckpointManager, PerRank, TrainState, scan
+from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,
     assert_state_equal,
@@ -24,7 +25,6 @@ from tests.checkpoint_helpers import (
     make_model,
     make_optimizer,
     reference_state,
-    run_ranks,
     train_steps,
 )
 

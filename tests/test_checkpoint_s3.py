@@ -14,15 +14,15 @@ import torch
 
 from arc_dist.checkpoint import CheckpointManager, TrainState, scan
 from arc_dist.cli import main as cli
+from tests._dist import free_port, run_ranks
 from tests.checkpoint_helpers import (
     assert_state_equal,
     make_model,
     make_optimizer,
     reference_state,
-    run_ranks,
     train_steps,
 )
-from tests.s3server import SECRET, MotoServer, free_port
+from tests.s3server import SECRET, MotoServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -158,7 +158,10 @@ def test_restart_after_a_crash_records_steps_and_time_lost(tmp_path, monkeypatch
     arc = Arc(model, opt, checkpoint_dir=d, config=config, metrics_every=5)
     assert arc.resume() == 0
     train(model, opt, arc, Data("mlp", 0), 37)
-    arc.events.flush()  # what reached storage before the process died (no close())
+    # what reached storage before the process died (no close()): the event log, and step_30's
+    # confirmation, which the manager writes in the background
+    arc.events.flush()
+    arc._checkpoints.wait()
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     model2 = make_model("mlp", seed=1)
     opt2 = torch.optim.Adam(model2.parameters(), lr=3e-3)

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from arc_dist import Arc, ArcConfig
 from arc_dist.local_format import Identity, check_manifest, default_local_dir, make_manifest
 from arc_dist.resume import DURABLE, LOCAL, DurableView, choose_source
+from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,
     assert_state_equal,
@@ -32,7 +33,6 @@ from tests.checkpoint_helpers import (
     make_model,
     make_optimizer,
     reference_state,
-    run_ranks,
 )
 
 pytestmark = pytest.mark.timeout(120)

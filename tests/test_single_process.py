@@ -12,6 +12,7 @@ from torch import nn
 from arc_dist import Arc, ArcConfig, UnrecoverableError
 
 from ._workload import Data, eval_loss, make_model, params_digest, train
+from .checkpoint_helpers import Position
 
 
 def _setup(chaos="", model_kind="mlp", **cfg):
@@ -158,34 +159,23 @@ def test_context_manager_closes():
         arc.step(torch.tensor(1.0))
 
 
-class _Position:
-    def __init__(self, i=0):
-        self.i = i
-
-    def state_dict(self):
-        return {"i": torch.tensor(self.i)}
-
-    def load_state_dict(self, sd):
-        self.i = int(sd["i"])
-
-
 @pytest.mark.parametrize("per_rank", [False, True])
 def test_registered_state_round_trips(tmp_path, per_rank):
     url = f"memory://arc-register-{per_rank}"
     model, opt, _, data = _setup()
     arc = Arc(model, opt, checkpoint_dir=url, config=ArcConfig(async_checkpoint=False), chaos="")
-    pos = _Position()
+    pos = Position()
     arc.register("data", pos, per_rank=per_rank)
     with pytest.raises(ValueError, match="taken"):
         arc.register("data", pos)
     train(model, opt, arc, data, 7)
-    pos.i = 7
+    pos.value = 7
     arc.save()
     arc.close()
     model2, opt2, _, _ = _setup()
     arc2 = Arc(model2, opt2, checkpoint_dir=url, config=ArcConfig(async_checkpoint=False), chaos="")
-    pos2 = _Position()
+    pos2 = Position()
     arc2.register("data", pos2, per_rank=per_rank)
-    assert arc2.resume() == 7 and pos2.i == 7
+    assert arc2.resume() == 7 and pos2.value == 7
     assert params_digest(model2) == params_digest(model)
     arc2.close()
