@@ -29,7 +29,7 @@ from .events import EventLog, Recorder
 from .lr import LRGuard
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .preemption import PreemptionHandler
-from .signals import Col, DDPRide, SignalCollector, is_dtensor, layout_of, ride_row
+from .signals import Col, DDPRide, SignalCollector, is_dtensor, layout_of, ride_row, uncompiled
 from .silent import StragglerTracker
 from .snapshot import SnapshotStore
 from .watchdog import Watchdog
@@ -128,15 +128,16 @@ class Arc:
         self._ride_loss: torch.Tensor | None = None  # this step's loss, sent with the next step
         self._ride_busy = 0.0
         self._loss_judged = True  # the loss the next ride carries was already judged
+        ddp = uncompiled(model)
         if (
-            isinstance(model, nn.parallel.DistributedDataParallel)
+            isinstance(ddp, nn.parallel.DistributedDataParallel)
             and self.world_size > 1
             # the ride's matrix has a row per rank of DDP's group: it must be Arc's group
-            and dist.get_world_size(model.process_group) == self.world_size
-            and dist.get_rank(model.process_group) == self.rank
+            and dist.get_world_size(ddp.process_group) == self.world_size
+            and dist.get_rank(ddp.process_group) == self.rank
         ):
             try:
-                self._ride = DDPRide(model, model.process_group, self._ride_row)
+                self._ride = DDPRide(ddp, ddp.process_group, self._ride_row)
             except RuntimeError as e:  # the job registered its own comm hook
                 log.info("arc_dist: keeping the job's DDP comm hook (%s); one collective per step", e)
         self._policy = HealthPolicy(self.config.thresholds, self.layout, self.world_size)

@@ -68,11 +68,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its ``OptimizedModule`` keeps it as ``_orig_mod``):
+    ``torch.compile(DDP(model))`` is still DDP, with DDP's process group and comm hooks."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def layout_of(model: nn.Module, world_size: int) -> str:
     """``"replicated"``, ``"sharded"`` or ``"independent"`` (see the module docstring)."""
     if any(is_dtensor(p) for p in model.parameters()):
         return "sharded"
-    if world_size == 1 or isinstance(model, nn.parallel.DistributedDataParallel):
+    if world_size == 1 or isinstance(uncompiled(model), nn.parallel.DistributedDataParallel):
         return "replicated"
     return "independent"
 
