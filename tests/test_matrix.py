@@ -164,7 +164,7 @@ def _problems(
             out.append(
                 f"rank {r}: fault fired {res['fired']}, expected {'one' if injected else 'none'}"
             )
-    early = [e for e in events if e[0] < fault.step]
+    early = [e for e in events if e[0] < fault.step and e[4]]
     if early:
         out.append(f"acted on before the fault at step {fault.step}: {early}")
     if not any(e[4] for e in events):  # skipped or rolled back
