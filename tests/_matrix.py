@@ -29,13 +29,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
 
-from ._workload import Data, make_model, params_digest
+from ._workload import Data, eval_loss, make_model, params_digest
 
 LAYOUTS = ("single", "ddp", "fsdp")
 STEPS = 60
-#: after the policy's warm-up (20 healthy steps) and the snapshot at step 30
-FAULT_STEP = 33
-#: steps at which the loop unfreezes layers (before the fault, after warm-up)
+#: the step at which the loop unfreezes layers (after the policy's warm-up of 20 healthy steps)
 UNFREEZE_STEP = 25
 SNAPSHOT_EVERY = 10
 
@@ -120,12 +118,7 @@ class Setup:
             self.scheduler.step()
 
     def eval_loss(self) -> float:
-        with torch.no_grad():
-            was = self.model.training
-            self.model.eval()
-            value = float(self.data.loss(self.model, self.data.eval))
-            self.model.train(was)
-        return value
+        return eval_loss(self.model, self.data)
 
 
 @dataclass(frozen=True)
@@ -332,7 +325,7 @@ WARMUP = 10
 
 
 def linear_warmup_decay(ctx: Ctx) -> Setup:
-    """LambdaLR: linear warm-up from 0, then linear decay (as ``get_linear_schedule_with_warmup``)."""
+    """LambdaLR: linear warm-up from 0, then linear decay (``get_linear_schedule_with_warmup``)."""
 
     def factor(s):
         return s / WARMUP if s < WARMUP else max(0.0, (STEPS - s) / (STEPS - WARMUP))
@@ -341,7 +334,7 @@ def linear_warmup_decay(ctx: Ctx) -> Setup:
 
 
 def cosine_warmup(ctx: Ctx) -> Setup:
-    """LambdaLR: cosine decay after a linear warm-up from 0 (``get_cosine_schedule_with_warmup``)."""
+    """LambdaLR: cosine decay after a linear warm-up from 0 (as HF's cosine schedule)."""
 
     def factor(s):
         if s < WARMUP:
@@ -560,9 +553,9 @@ def stateful_sampler(ctx: Ctx) -> Setup:
         return problems
 
     return Setup(
-        model, opt, sampler, arc_kwargs=dict(checkpoint_dir=url), config=dict(checkpoint_every=every),
-        before_step=before_step, attach=lambda arc: arc.register("sampler", sampler, per_rank=True),
-        check=check,
+        model, opt, sampler, arc_kwargs=dict(checkpoint_dir=url),
+        config=dict(checkpoint_every=every), before_step=before_step,
+        attach=lambda arc: arc.register("sampler", sampler, per_rank=True), check=check,
     )  # fmt: skip
 
 
@@ -579,12 +572,16 @@ def resume_empty_dir(ctx: Ctx) -> Setup:
             problems.append("no checkpoint was written")
         return problems
 
+    url = os.path.join(ctx.workdir, "ckpt")
     return Setup(
-        model, opt, Data("mlp", ctx.rank), arc_kwargs=dict(checkpoint_dir=os.path.join(ctx.workdir, "ckpt")),
-        config=dict(checkpoint_every=20), attach=lambda arc: resumed.append(arc.resume()), check=check,
+        model, opt, Data("mlp", ctx.rank), arc_kwargs=dict(checkpoint_dir=url),
+        config=dict(checkpoint_every=20), attach=lambda arc: resumed.append(arc.resume()),
+        check=check,
     )  # fmt: skip
 
 
+# Faults fire at step 33: after the policy's warm-up (20 healthy steps) and the snapshot at 30;
+# the one at 27 rolls back past the unfreezing at step 25.
 PATTERNS = [
     Pattern("alternating_heads", alternating_heads, "nan_loss@33"),
     Pattern("unfreeze_in_optimizer", unfreeze_in_optimizer, "grad_explosion@33"),
@@ -685,9 +682,6 @@ def cell_file(outdir: str, layout: str, name: str, variant: str, rank: int) -> s
 def run_layout(rank: int, world: int, layout: str, names: list[str], workdir: str,
                outdir: str) -> None:  # fmt: skip
     """Every cell of ``layout`` for ``names`` in turn on this rank (spawned by tests/_dist.py)."""
-    if layout == "fsdp":
-        import torch.distributed.fsdp  # noqa: F401 - DTensor before Arc looks for it
-
     for name in names:
         for variant in VARIANTS:
             celldir = os.path.join(workdir, f"{layout}-{name}-{variant}")

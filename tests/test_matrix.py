@@ -86,7 +86,7 @@ def _cells():
 
 
 def _run_layout(layout: str, tmp_path_factory) -> tuple[dict, str | None]:
-    """{(pattern, variant): [per-rank result or None]} and why the group stopped early, if it did."""
+    """{(pattern, variant): [per-rank result or None]}, and why the group stopped early."""
     names = [p.name for p in PATTERNS if layout in p.layouts]
     workdir = str(tmp_path_factory.mktemp(f"matrix-{layout}"))
     outdir = str(tmp_path_factory.mktemp(f"matrix-{layout}-out"))
@@ -132,9 +132,9 @@ def _problems(
     missing = [r for r, res in enumerate(ranks) if res is None]
     if missing:
         return [f"no result from ranks {missing}: the group stopped ({stopped})"]
-    errors = [f"rank {r}: {res['error']}" for r, res in enumerate(ranks) if res["error"]]
-    if errors:
-        return errors
+    failed = [(r, res) for r, res in enumerate(ranks) if res["error"]]
+    if failed:
+        return [f"rank {r}: {res['error']}" for r, res in failed] + [failed[0][1]["trace"]]
     out = []
     events = ranks[0]["events"]
     if any(res["events"] != events for res in ranks):
