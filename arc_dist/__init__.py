@@ -1,6 +1,6 @@
 """arc-dist: fault tolerance for multi-node PyTorch training.
 
-Wrap the loop with :class:`Arc`; see README.md and ``shared/api.md`` for the contract. The
+Wrap the loop with :class:`Arc`; see README.md and ``docs/api.md`` for the contract. The
 controller (and torch) load on first use, so ``python -m arc_dist.launch`` and other tools that
 only need the configuration or the exit codes start fast.
 """

@@ -84,7 +84,7 @@ def _validate(model, optimizer, scheduler, config, process_group) -> None:
 
 
 class Arc:
-    """Protects a training loop; see ``shared/api.md`` for the contract."""
+    """Protects a training loop; see ``docs/api.md`` for the contract."""
 
     def __init__(
         self,
