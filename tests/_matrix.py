@@ -240,7 +240,7 @@ def alternating_heads(ctx: Ctx) -> Setup:
 
 
 def _unfreeze(ctx: Ctx, *, add_group: bool) -> Setup:
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")), find_unused=True)
+    model = ctx.wrap(make_model("mlp"), find_unused=True)
     first = ctx.inner(model)[0]
     first.requires_grad_(False)
     if add_group:  # the optimizer only learns about the layer when it is unfrozen
@@ -295,7 +295,7 @@ def mixture_of_experts(ctx: Ctx) -> Setup:
 
 
 def _loop_set_lr(ctx: Ctx, lr_at: Callable[[int], float]) -> Setup:
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+    model = ctx.wrap(make_model("mlp"))
     opt = torch.optim.Adam(model.parameters(), lr=lr_at(0))
 
     def before_step(step):
@@ -316,7 +316,7 @@ def manual_step_decay(ctx: Ctx) -> Setup:
 
 
 def _with_scheduler(ctx: Ctx, make: Callable[[torch.optim.Optimizer], Any], lr=1e-2) -> Setup:
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+    model = ctx.wrap(make_model("mlp"))
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     return Setup(model, opt, Data("mlp", ctx.rank), scheduler=make(opt))
 
@@ -386,7 +386,7 @@ MICRO_BATCHES = 4
 
 def gradient_accumulation(ctx: Ctx) -> Setup:
     """4 micro-batches per step, gradients synchronised on the last one only."""
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+    model = ctx.wrap(make_model("mlp"))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     data = Data("mlp", ctx.rank, batch=8)
 
@@ -403,17 +403,22 @@ def gradient_accumulation(ctx: Ctx) -> Setup:
     return Setup(model, opt, data, forward_backward=forward_backward)
 
 
+def _autocast_loss(model: nn.Module, data: Data, dtype: torch.dtype) -> torch.Tensor:
+    """The forward pass in ``dtype`` under ``torch.autocast``, the loss in float32."""
+    x, y = data.next()
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+    return F.mse_loss(out.float(), y)
+
+
 def bf16_autocast(ctx: Ctx) -> Setup:
     """The forward pass under ``torch.autocast`` in bfloat16 (AdamW)."""
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+    model = ctx.wrap(make_model("mlp"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = Data("mlp", ctx.rank)
 
     def forward_backward(step):
-        x, y = data.next()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        loss = F.mse_loss(out.float(), y)
+        loss = _autocast_loss(model, data, torch.bfloat16)
         loss.backward()
         return loss, None
 
@@ -423,16 +428,13 @@ def bf16_autocast(ctx: Ctx) -> Setup:
 def fp16_grad_scaler(ctx: Ctx) -> Setup:
     """float16 autocast with a GradScaler: ``unscale_``, ``clip_grad_norm_``, the norm handed to
     ``arc.step``, ``scaler.step``/``update`` (SGD with momentum)."""
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+    model = ctx.wrap(make_model("mlp"))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu")
     data = Data("mlp", ctx.rank)
 
     def forward_backward(step):
-        x, y = data.next()
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = model(x)
-        loss = F.mse_loss(out.float(), y)
+        loss = _autocast_loss(model, data, torch.float16)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         return loss, torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -446,7 +448,7 @@ def fp16_grad_scaler(ctx: Ctx) -> Setup:
 
 def compiled(ctx: Ctx) -> Setup:
     """``torch.compile`` on the model as the layout trains it (after DDP, as torch recommends)."""
-    model = torch.compile(ctx.wrap(_seeded(lambda: make_model("mlp"))))
+    model = torch.compile(ctx.wrap(make_model("mlp")))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def check(arc):
@@ -457,13 +459,13 @@ def compiled(ctx: Ctx) -> Setup:
 
 def sgd_momentum(ctx: Ctx) -> Setup:
     """SGD with Nesterov momentum."""
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+    model = ctx.wrap(make_model("mlp"))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     return Setup(model, opt, Data("mlp", ctx.rank))
 
 
 def adagrad(ctx: Ctx) -> Setup:
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+    model = ctx.wrap(make_model("mlp"))
     opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
     return Setup(model, opt, Data("mlp", ctx.rank))
 
@@ -520,7 +522,7 @@ def stateful_sampler(ctx: Ctx) -> Setup:
     every = 20
 
     def build():
-        model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+        model = ctx.wrap(make_model("mlp"))
         return model, torch.optim.Adam(model.parameters(), lr=3e-3), ShuffleSampler(ctx.rank)
 
     model, opt, sampler = build()
@@ -562,7 +564,7 @@ def stateful_sampler(ctx: Ctx) -> Setup:
 def resume_empty_dir(ctx: Ctx) -> Setup:
     """``resume()`` on an empty checkpoint directory (the first launch), then train with
     periodic checkpoints."""
-    model = ctx.wrap(_seeded(lambda: make_model("mlp")))
+    model = ctx.wrap(make_model("mlp"))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     resumed = []
 
