@@ -592,9 +592,14 @@ class Arc:
             )
         if name in ("train", "arc") or name in self._registered:
             raise ValueError(f"Arc.register: the name {name!r} is taken; choose another")
-        if per_rank:
-            from .checkpoint import PerRank
+        from .checkpoint import PerRank, Reshard
 
+        if reshard not in [r.value for r in Reshard]:
+            raise ValueError(
+                f"Arc.register({name!r}, reshard={reshard!r}) is invalid: choose one of "
+                f"{[r.value for r in Reshard]}"
+            )
+        if per_rank:
             obj = PerRank(obj, reshard, name=name)
         elif reshard != "error" and self.rank == 0:
             log.warning(
@@ -606,7 +611,7 @@ class Arc:
 
     def _hold_registered(self) -> None:
         """Every ``step()`` ends here: the registered state the next step's saves write."""
-        self._held = {name: copy.deepcopy(obj.state_dict()) for name, obj in self._registered.items()}
+        self._held = {n: copy.deepcopy(obj.state_dict()) for n, obj in self._registered.items()}
 
     def _app_state(self, live: bool = True) -> dict:
         """What a checkpoint holds. ``live=False`` (a save inside ``step()``): the registered

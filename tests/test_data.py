@@ -196,3 +196,16 @@ def test_per_rank_state_at_another_world_size_needs_a_choice(tmp_path):
         assert "ResumableDistributedSampler" in message
     assert r0["copy_rank0"] == r1["copy_rank0"] == ("resumed", 1, 41)
     assert r0["keep_own"] == ("resumed", 1, 41) and r1["keep_own"] == ("resumed", 1, -2)
+
+
+def test_register_names_the_reshard_choices(caplog):
+    model = make_model(0)
+    opt, _ = make_optimizer(model)
+    arc = Arc(model, opt)
+    choices = r"\['error', 'copy_rank0', 'keep_own'\]"
+    with pytest.raises(ValueError, match=rf"reshard='rank0'\) is invalid: choose one of {choices}"):
+        arc.register("it", Position(), per_rank=True, reshard="rank0")
+    with caplog.at_level(logging.WARNING, logger="arc_dist"):
+        arc.register("it", Position(), reshard="keep_own")
+    assert "has no effect without per_rank=True" in caplog.text
+    arc.close()
