@@ -14,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from arc_dist import Arc, ArcConfig, ReshardError, ResumableDistributedSampler
+from arc_dist import Arc, ArcConfig, CheckpointError, ReshardError, ResumableDistributedSampler
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import Position, make_model, make_optimizer
 
@@ -93,12 +93,25 @@ def test_resumed_complete_epoch_is_empty_and_set_epoch_elsewhere_discards(caplog
     assert s3.state_dict()["position"] == 0 and len(list(s3)) == 4
 
 
-def test_load_refuses_another_data_order():
+def test_load_refuses_another_data_order(tmp_path):
     s = ResumableDistributedSampler(_dataset(8), 1, 0, seed=0)
     state = s.state_dict()
     other = ResumableDistributedSampler(_dataset(9), 1, 0, seed=1)
     with pytest.raises(ValueError, match=r"seed: saved 0, now 1; dataset_len: saved 8, now 9"):
         other.load_state_dict(state)
+
+    # through Arc: the checkpoint is unusable, and resume() says why instead of starting over
+    for n in (8, 9):
+        model = make_model(0)
+        opt, _ = make_optimizer(model)
+        arc = Arc(model, opt, checkpoint_dir=str(tmp_path), config=ArcConfig(confirm_after=0))
+        arc.register("sampler", ResumableDistributedSampler(_dataset(n)))
+        if n == 8:
+            arc.save()
+        else:
+            with pytest.raises(CheckpointError, match="dataset_len: saved 8, now 9"):
+                arc.resume()
+        arc.close()
 
 
 # -- a DDP run resumed at another world size --------------------------------------------------
