@@ -577,6 +577,8 @@ class Arc:
         ``step()`` returned: a data position then counts the batches trained on, not the one in
         flight, so a resumed run trains on that batch too. Advance such state before
         ``step()`` (as a loader does when it yields the batch); ``save()`` takes it as it is.
+        ``obj.state_dict()`` is called and deep-copied at the end of every ``step()``: keep it
+        small (a position, not a buffer of samples).
 
         ``per_rank=True`` for state that differs between ranks (a data iterator, a loader
         worker's RNG): each rank's copy is stored under its own key. ``reshard`` says what a
