@@ -44,10 +44,7 @@ _PARAM_GROUP = (
     "a rollback to a snapshot taken before optimizer.add_param_group raises 'loaded state dict "
     "has a different number of parameter groups'"
 )
-_RESUME = (
-    "resume() after a final save() returns the older confirmed checkpoint (step 20), and the "
-    "sampler state saved inside step() already counts that step's batch (one batch skipped)"
-)
+_RESUME = "resume() after a final save() returns the older confirmed checkpoint (step 20)"
 
 #: (pattern, layout, variant) -> why the cell fails today
 KNOWN: dict[tuple[str, str, str], str] = {}
