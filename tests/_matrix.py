@@ -582,12 +582,13 @@ def resume_empty_dir(ctx: Ctx) -> Setup:
     )  # fmt: skip
 
 
-# Faults fire at step 33: after the policy's warm-up (20 healthy steps) and the snapshot at 30;
-# the one at 27 rolls back past the unfreezing at step 25.
+# Faults fire at step 33: after the policy's warm-up (20 healthy steps) and the snapshot at 30.
+# Damage (nan_weights) where the pattern is about what a rollback restores: the one at 27 rolls
+# back past the unfreezing at step 25, the GradScaler's across a rollback.
 PATTERNS = [
     Pattern("alternating_heads", alternating_heads, "nan_loss@33"),
     Pattern("unfreeze_in_optimizer", unfreeze_in_optimizer, "grad_explosion@33"),
-    Pattern("unfreeze_add_param_group", unfreeze_add_param_group, "nan_loss@27"),
+    Pattern("unfreeze_add_param_group", unfreeze_add_param_group, "nan_weights@27"),
     # not under FSDP2: it reduce-scatters only the gradients a rank has, so a block one rank uses
     # and another does not makes their collectives differ (gloo aborts), with or without Arc
     Pattern("data_dependent_branch", data_dependent_branch, "nan_weights@33", ("single", "ddp")),
