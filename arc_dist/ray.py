@@ -21,7 +21,7 @@ Inside the loop (every worker)::
     def train_loop_per_worker(config):
         model = ray.train.torch.prepare_model(build_model())   # DDP
         arc = Arc(model, opt, checkpoint_dir=arc_ray.checkpoint_dir(), config=...)
-        arc.resume()                                  # after a Ray restart: newest confirmed
+        arc.resume()                                  # after a Ray restart: newest healthy
         while arc.global_step < steps:
             ...
             action = arc.step(loss)

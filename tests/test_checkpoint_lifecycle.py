@@ -24,6 +24,7 @@ from arc_dist.checkpoint.manifest import (
     FileEntry,
     make_manifest,
 )
+from arc_dist.cli import main as cli
 from arc_dist.events import read_events
 from tests.checkpoint_helpers import (
     Position,
@@ -242,6 +243,17 @@ def test_final_checkpoint_beats_an_older_confirmed_one_and_nothing_is_deleted(tm
         mgr.wait()
     assert "newer step_50 left in place" in caplog.text
     assert _states(ck) == [(20, "confirmed"), (47, "committed"), (50, "committed")]
+
+
+def test_cli_prune_keeps_the_newest_healthy_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    run = Run()
+    with _manager(ck, keep=5, confirm_after=100) as mgr:
+        for step, status in ((10, "healthy"), (20, "healthy"), (30, "warning"), (40, "warning")):
+            mgr.save(step, run.app_state(), verdict={"status": status})
+    assert cli(["prune", str(ck), "--keep", "1"]) == 0
+    assert "removing step_10" in capsys.readouterr().out
+    assert [s for s, _ in _states(ck)] == [20, 40]  # 20: what a resume would load
 
 
 def test_resumed_unconfirmed_checkpoint_survives_retention_and_a_rollback(tmp_path):
