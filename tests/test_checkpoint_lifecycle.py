@@ -29,12 +29,12 @@ from arc_dist.events import read_events
 from tests.checkpoint_helpers import (
     Position,
     assert_state_equal,
-    batch,
     make_model,
     make_optimizer,
     reference_state,
 )
 from tests.test_checkpoint import Run
+from tests.test_local_tier import _train as train_arc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -286,15 +286,7 @@ def _arc_run(url: str, steps: int, **cfg) -> Arc:
     pos = Position()
     arc.register("data", pos)
     arc.resume()
-    while arc.global_step < steps:
-        x, y = batch(arc.global_step)
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        if not arc.step(loss).should_skip:
-            opt.step()
-            sched.step()
-            pos.value = arc.global_step
-        opt.zero_grad(set_to_none=True)
+    train_arc(arc, model, opt, sched, pos, steps)
     arc.close()
     return arc
 

@@ -24,6 +24,12 @@ from ._launchproc import EXAMPLES, LaunchProc, events, example_args
 pytestmark = pytest.mark.slow
 
 
+def _final_checkpoint_step(out: str) -> int:
+    m = re.search(r"SIGTERM on ranks \[[\d, ]+\] at step (\d+): writing a final checkpoint", out)
+    assert m, out[-3000:]
+    return int(m.group(1))
+
+
 @pytest.mark.timeout(420)
 def test_sigterm_writes_a_final_checkpoint_exits_retry_and_the_restart_resumes(tmp_path):
     report, ckpt = tmp_path / "report.jsonl", tmp_path / "ckpt"
@@ -43,9 +49,7 @@ def test_sigterm_writes_a_final_checkpoint_exits_retry_and_the_restart_resumes(t
         run.cleanup()
     out = run.output
     assert rc == ExitCode.RETRY, out[-3000:]
-    m = re.search(r"SIGTERM on ranks \[[\d, ]+\] at step (\d+): writing a final checkpoint", out)
-    assert m, out[-3000:]
-    at = int(m.group(1))
+    at = _final_checkpoint_step(out)
     assert 46 <= at < 60
     # the periodic saves at 20 and 40 (both confirmed 5 steps later), then the final one
     infos = [c for c in scan(Storage(str(ckpt))) if c.committed]
@@ -74,14 +78,11 @@ def test_sigterm_at_step_47_restart_in_the_same_launch_resumes_at_47(tmp_path):
     run = LaunchProc(tmp_path, ["--nproc-per-node=2", "--max-restarts=1"], EXAMPLES / "train_ddp.py",
                      args)  # fmt: skip
     try:
-        rc = run.wait(300)
+        assert run.wait(300) == ExitCode.OK, run.output[-3000:]
     finally:
         run.cleanup()
     out = run.output
-    assert rc == ExitCode.OK, out[-3000:]
-    m = re.search(r"SIGTERM on ranks \[1\] at step (\d+): writing a final checkpoint", out)
-    assert m, out[-3000:]
-    at = int(m.group(1))
+    at = _final_checkpoint_step(out)
     assert at in (47, 48)  # the signal lands in step 47; under DDP its flag may ride on step 48
     starts = [e for e in events(report) if e["event"] == "start" and e["rank"] == 0]
     assert [(s["restart"], s["step"]) for s in starts] == [(0, 0), (1, at)], starts

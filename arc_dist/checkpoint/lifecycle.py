@@ -89,6 +89,9 @@ class Outcome:
     pruned: tuple[int, ...] = ()
 
 
+_NOTHING = Outcome()
+
+
 class Lifecycle:
     """One rank's view of the checkpoints of a run, and the rules applied to it."""
 
@@ -151,7 +154,7 @@ class Lifecycle:
                 if p.committed and p.healthy_steps >= self.confirm_after:
                     ready.append(p)
         if not ready:
-            return Outcome()
+            return _NOTHING
         confirmed = self._confirm(ready)
         return Outcome(confirmed=confirmed, pruned=self._prune())
 
