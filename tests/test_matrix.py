@@ -44,7 +44,6 @@ _PARAM_GROUP = (
     "a rollback to a snapshot taken before optimizer.add_param_group raises 'loaded state dict "
     "has a different number of parameter groups'"
 )
-_RESUME = "resume() after a final save() returns the older confirmed checkpoint (step 20)"
 
 #: (pattern, layout, variant) -> why the cell fails today
 KNOWN: dict[tuple[str, str, str], str] = {}
@@ -66,7 +65,6 @@ _known("manual_warmup", ("fsdp",), VARIANTS, f"{_FSDP_RESTORE}; {_POLICY_LR}")
 _known("unfreeze_add_param_group", ("single", "ddp"), ("fault",), _PARAM_GROUP)
 _known("unfreeze_add_param_group", ("fsdp",), ("fault",), f"{_FSDP_RESTORE}; {_PARAM_GROUP}")
 _known("fp16_grad_scaler", ("single", "ddp", "fsdp"), ("fault",), _SCALER)
-_known("stateful_sampler", ("single", "ddp", "fsdp"), VARIANTS, _RESUME)
 
 BY_NAME = {p.name: p for p in PATTERNS}
 WORLD = {"single": 1, "ddp": 2, "fsdp": 2}
