@@ -173,6 +173,7 @@ def _problems(
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("name,layout,variant", list(_cells()))
 def test_cell(matrix, name, layout, variant):
