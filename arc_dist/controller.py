@@ -285,7 +285,8 @@ class Arc:
         # identical across replicas, become rollback targets. So does the step after a skip:
         # damaged state behind a one-step anomaly is then found at once.
         snapshot_step = self.global_step % self.config.snapshot_every == 0
-        after_skip = self._last is not None and self._last.should_skip and not self._last.rolled_back
+        last = self._last
+        after_skip = last is not None and last.should_skip and not last.rolled_back
         deep = snapshot_step or after_skip or self._calls % self.config.deep_check_every == 0
         compare = self._check_divergence and (
             snapshot_step or self._calls % self.config.divergence_every == 0

@@ -51,7 +51,9 @@ class LRGuard:
         if self.scheduler is None and self._applied is not None and self.scale != 1.0:
             for i, g in enumerate(self.optimizer.param_groups):
                 lr = g["lr"]
-                if isinstance(lr, (int, float)) and (i >= len(self._applied) or lr != self._applied[i]):
+                if isinstance(lr, (int, float)) and (
+                    i >= len(self._applied) or lr != self._applied[i]
+                ):
                     g["lr"] = lr * self.scale
         self.remember()
 
@@ -69,7 +71,9 @@ class LRGuard:
             return 1.0
         if len(expected) != len(lrs):
             return 1.0
-        ratios = [lr / e if e > 0 else (1.0 if lr <= 0 else math.inf) for lr, e in zip(lrs, expected)]
+        ratios = [
+            lr / e if e > 0 else (1.0 if lr <= 0 else math.inf) for lr, e in zip(lrs, expected)
+        ]
         return max(ratios)
 
     def after_restore(self, snapshot_scale: float, failed_at: int, back_off: bool) -> None:

@@ -133,6 +133,8 @@ def _spike(x: float, window: RobustWindow, z_thr: float, ratio: float) -> tuple[
     alone fires on low-noise runs, a ratio alone on noisy or trending ones (gradient norms often
     grow for a while); a real spike jumps above both.
     """
+    if len(window) < 3:
+        return False, 0.0
     s = window.stats()
     if s.log:
         if not x > 0:
@@ -147,7 +149,9 @@ def _spike(x: float, window: RobustWindow, z_thr: float, ratio: float) -> tuple[
 def _blame(values, refs, ratio: float) -> tuple[int, ...]:
     """Ranks whose own value passes the ratio test against their reference; the standouts when
     none does on its own (the spike only shows in the combined value)."""
-    bad = tuple(r for r, (v, ref) in enumerate(zip(values, refs)) if v - ref > (ratio - 1.0) * abs(ref))
+    bad = tuple(
+        r for r, (v, ref) in enumerate(zip(values, refs)) if v - ref > (ratio - 1.0) * abs(ref)
+    )
     return bad or _standouts(values)
 
 
@@ -256,9 +260,13 @@ class HealthPolicy:
             details = {**late.details, "late": True, "late_loss": late.loss}
             return dataclasses.replace(late, skip=False, details=details, **base)
         found = v or g
-        return self._escalate(found, base, streak) if found is not None else Verdict(HEALTHY, **base)
+        return (
+            self._escalate(found, base, streak) if found is not None else Verdict(HEALTHY, **base)
+        )
 
-    def _losses(self, cols, col: int = Col.LOSS, valid: int = Col.LOSS_VALID) -> tuple[list[float], float]:
+    def _losses(
+        self, cols, col: int = Col.LOSS, valid: int = Col.LOSS_VALID
+    ) -> tuple[list[float], float]:
         losses = [x if v > 0 else 0.0 for x, v in zip(cols[col], cols[valid])]
         has_loss = all(v > 0 for v in cols[valid])
         return (losses if has_loss else []), (sum(losses) / len(losses) if has_loss else math.nan)
@@ -273,16 +281,27 @@ class HealthPolicy:
             return None
         bad = [r for r, x in enumerate(losses) if not math.isfinite(x)]
         if bad:
-            return Verdict(WARNING, "nonfinite_loss", tuple(bad), skip=True, details={"losses": losses})
+            return Verdict(
+                WARNING, "nonfinite_loss", tuple(bad), skip=True, details={"losses": losses}
+            )
         if not self.warm:
             return None
         t = self.t
-        for thr, ratio, skip in ((t.zscore_fail, t.loss_ratio_fail, True), (t.zscore_warn, t.loss_ratio_warn, False)):
+        for thr, ratio, skip in (
+            (t.zscore_fail, t.loss_ratio_fail, True),
+            (t.zscore_warn, t.loss_ratio_warn, False),
+        ):
             hit, z = _spike(loss, self.loss, thr, ratio)
             if hit:
                 s = self.loss.stats()
                 ranks = _blame(losses, [max(s.median, s.recent)] * len(losses), t.loss_ratio_warn)
-                return Verdict(WARNING, "loss_spike", ranks, skip=skip, details={"zscore": z, "median": s.median})
+                return Verdict(
+                    WARNING,
+                    "loss_spike",
+                    ranks,
+                    skip=skip,
+                    details={"zscore": z, "median": s.median},
+                )
         return None
 
     def _judge_grad(self, grad_norm: float, own: list[float]) -> Verdict | None:
@@ -297,9 +316,14 @@ class HealthPolicy:
         if not self.warm:
             med = self.grad.stats().median if len(self.grad) >= 3 else 0.0
             if med > 0 and grad_norm > t.grad_ratio_warmup * med:
-                return Verdict(WARNING, "grad_explosion", blame(), skip=True, details={"median": med})
+                return Verdict(
+                    WARNING, "grad_explosion", blame(), skip=True, details={"median": med}
+                )
             return None
-        for thr, ratio, skip in ((t.zscore_fail, t.grad_ratio_fail, True), (t.zscore_warn, t.grad_ratio_warn, False)):
+        for thr, ratio, skip in (
+            (t.zscore_fail, t.grad_ratio_fail, True),
+            (t.zscore_warn, t.grad_ratio_warn, False),
+        ):
             hit, z = _spike(grad_norm, self.grad, thr, ratio)
             if hit:
                 details = {"zscore": z, "median": self.grad.stats().median}

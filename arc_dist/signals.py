@@ -172,7 +172,8 @@ class SignalCollector:
             cols.append(Col.LATE_LOSS)
             vals.append(late_loss.reshape(()))
         if deep:
-            cols += [Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_COMMON_SQ, Col.STATE_BASE_SQ, Col.STATE_FLAGS]
+            cols += [Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_COMMON_SQ, Col.STATE_BASE_SQ]
+            cols.append(Col.STATE_FLAGS)
             vals += [sq_norm(weights_of(self.model_params), dev), *self._optimizer_state()]
         if fingerprint:
             cols.append(Col.FINGERPRINT)
@@ -273,9 +274,9 @@ def ride_row(
     gradient norm."""
     dev = local_grad_norm.device
     row = torch.zeros(NUM_COLS, dtype=torch.float64, device=dev)
-    host = torch.tensor([lr_ratio, lr, busy, float(preempt), float(loss is not None)], dtype=torch.float64)
+    host = [lr_ratio, lr, busy, float(preempt), float(loss is not None)]
     cols = [Col.LR_RATIO, Col.LR, Col.STEP_TIME, Col.PREEMPT, Col.LOSS_VALID]
-    row[cols] = host.to(dev, non_blocking=True)
+    row[cols] = torch.tensor(host, dtype=torch.float64).to(dev, non_blocking=True)
     if loss is not None:
         row[Col.LOSS] = loss.reshape(()).to(dev, torch.float64)
     row[Col.LOCAL_GRAD_SQ] = local_grad_norm.to(torch.float64).square()

@@ -1,4 +1,5 @@
-"""Pure tests of the decision logic, the config validation and the chaos grammar (no processes)."""
+"""Pure tests of the decision logic, the config validation and the chaos grammar, and of the
+measurements behind the decisions on a real optimizer (no processes)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from arc_dist import ArcConfig, Thresholds
 from arc_dist.chaos import parse
+from arc_dist.lr import LRGuard
 from arc_dist.policy import (
     FAILURE,
     HEALTHY,
@@ -18,13 +22,30 @@ from arc_dist.policy import (
     RecoveryPolicy,
     Verdict,
 )
-from arc_dist.signals import NUM_COLS, Col, StateFlag
+from arc_dist.signals import NUM_COLS, Col, SignalCollector, StateFlag
 
 
-def row(loss=1.0, grad_sq=1.0, lr_ratio=1.0, lr=1e-3, deep=False, weight_sq=0.0, state_sq=0.0,
-        common_sq=0.0, base_sq=0.0, flags=0.0, late=None):
+def row(
+    loss=1.0,
+    grad_sq=1.0,
+    lr_ratio=1.0,
+    lr=1e-3,
+    deep=False,
+    weight_sq=0.0,
+    state_sq=0.0,
+    common_sq=0.0,
+    base_sq=0.0,
+    flags=0.0,
+    late=None,
+):
     r = np.zeros(NUM_COLS)
-    r[Col.LOSS], r[Col.GRAD_SQ], r[Col.LR_RATIO], r[Col.LR], r[Col.DEEP] = loss, grad_sq, lr_ratio, lr, float(deep)
+    r[Col.LOSS], r[Col.GRAD_SQ], r[Col.LR_RATIO], r[Col.LR], r[Col.DEEP] = (
+        loss,
+        grad_sq,
+        lr_ratio,
+        lr,
+        float(deep),
+    )
     r[Col.WEIGHT_SQ], r[Col.STATE_SQ], r[Col.STATE_FLAGS] = weight_sq, state_sq, flags
     r[Col.STATE_COMMON_SQ], r[Col.STATE_BASE_SQ] = common_sq, base_sq
     r[Col.LOCAL_GRAD_SQ], r[Col.LOSS_VALID] = grad_sq, 1.0
@@ -37,7 +58,12 @@ def warmed(world=2, layout="replicated", n=40, seed=0, **kw) -> HealthPolicy:
     pol = HealthPolicy(Thresholds(), layout, world, **kw)
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        m = np.stack([row(loss=2.0 + 0.05 * rng.standard_normal(), grad_sq=1.0 + 0.1 * rng.random()) for _ in range(world)])
+        m = np.stack(
+            [
+                row(loss=2.0 + 0.05 * rng.standard_normal(), grad_sq=1.0 + 0.1 * rng.random())
+                for _ in range(world)
+            ]
+        )
         v = pol.judge(m)
         assert v.status == HEALTHY
         pol.observe(m, v)
@@ -173,7 +199,11 @@ def test_lr_evidence_is_the_scheduler_or_the_other_ranks():
     for lr in (0.0, 1e-5, 0.1, 1e-3):
         assert pol.judge(np.stack([row(lr=lr), row(lr=lr)])).status == HEALTHY
     assert pol.judge(np.stack([row(lr_ratio=math.inf), row()])).reason == "lr_spike"
-    assert HealthPolicy(Thresholds(), "independent", 2).judge(np.stack([row(lr=1e-3), row(lr=0.1)])).healthy
+    assert (
+        HealthPolicy(Thresholds(), "independent", 2)
+        .judge(np.stack([row(lr=1e-3), row(lr=0.1)]))
+        .healthy
+    )
 
 
 def test_deep_checks():
@@ -182,11 +212,19 @@ def test_deep_checks():
     pol.observe(base, pol.judge(base))
     v = pol.judge(np.stack([row(deep=True, weight_sq=4.0), row(deep=True, weight_sq=math.nan)]))
     assert (v.reason, v.bad_ranks) == ("nonfinite_weights", (1,))
-    v = pol.judge(np.stack([row(deep=True, weight_sq=4.0), row(deep=True, weight_sq=4.0, state_sq=math.nan)]))
+    v = pol.judge(
+        np.stack([row(deep=True, weight_sq=4.0), row(deep=True, weight_sq=4.0, state_sq=math.nan)])
+    )
     assert (v.reason, v.bad_ranks) == ("optimizer_state", (1,))
     # the state norm is compared over the parameters present at both checks
-    v = pol.judge(np.stack([row(deep=True, weight_sq=4.0, common_sq=1e10, base_sq=1.0),
-                            row(deep=True, weight_sq=4.0, common_sq=1.0, base_sq=1.0)]))
+    v = pol.judge(
+        np.stack(
+            [
+                row(deep=True, weight_sq=4.0, common_sq=1e10, base_sq=1.0),
+                row(deep=True, weight_sq=4.0, common_sq=1.0, base_sq=1.0),
+            ]
+        )
+    )
     assert (v.reason, v.bad_ranks) == ("optimizer_state", (0,))
     grown = row(deep=True, weight_sq=4.0, state_sq=1e10, common_sq=1.1, base_sq=1.0)
     assert pol.judge(np.stack([grown, grown])).healthy  # new parameters gained state
@@ -277,3 +315,120 @@ def test_chaos_grammar():
         parse("nan_loss30")
     with pytest.raises(ValueError, match="unknown fault kind"):
         parse("meteor@3")
+
+
+# -- measurements behind the verdicts (in process: a real optimizer, no process group) -------
+
+
+def _deep(collector, pol) -> Verdict:
+    r = collector.row(torch.tensor(1.0), deep=True, grad_sq=torch.tensor(1.0, dtype=torch.float64))
+    m = r.numpy()[None]
+    v = pol.judge(m)
+    pol.observe(m, v)
+    return v
+
+
+def _two_heads():
+    torch.manual_seed(0)
+    trunk, heads = nn.Linear(4, 8), nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1)])
+    model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+    return model, trunk, heads
+
+
+def test_parameters_without_gradients_on_some_steps_are_not_damage():
+    """Alternating heads with AdamW: the per-parameter step counters differ, and the head that
+    joins late gains state; neither is flagged. Clearing the state, or corrupting it, still is."""
+    model, trunk, heads = _two_heads()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    col = SignalCollector(model, opt, torch.device("cpu"))
+    pol = HealthPolicy(Thresholds(warmup_steps=3), "replicated", 1)
+    x = torch.randn(16, 4)
+    for step in range(40):
+        head = heads[0] if step < 10 or step % 3 else heads[1]  # head 1 joins at step 12
+        head(torch.tanh(trunk(x))).pow(2).mean().backward()
+        if step % 5 == 4:
+            counters = {float(st["step"]) for st in opt.state.values()}
+            v = _deep(col, pol)
+            assert v.healthy, (step, v, counters)
+        pol.healthy_seen += 1
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert len({float(st["step"]) for st in opt.state.values()}) > 1
+    for p in heads[1].parameters():  # a parameter losing its state is not damage either
+        opt.state.pop(p)
+    assert _deep(col, pol).healthy
+    next(iter(opt.state.values()))["exp_avg_sq"].mul_(1e8)
+    assert _deep(col, pol).reason == "optimizer_state"
+    col.reset_expectations()
+    _deep(col, pol)
+    opt.state.clear()
+    v = _deep(col, pol)
+    assert (v.reason, v.details["flags"]) == ("optimizer_state", ["LOST"])
+
+
+def test_a_step_counter_going_back_is_flagged():
+    model, trunk, heads = _two_heads()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    col = SignalCollector(model, opt, torch.device("cpu"))
+    pol = HealthPolicy(Thresholds(warmup_steps=3), "replicated", 1)
+    for _ in range(3):
+        heads[0](trunk(torch.randn(4, 4))).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert _deep(col, pol).healthy
+    opt.state[trunk.weight]["step"].fill_(1.0)
+    v = _deep(col, pol)
+    assert (v.reason, v.details["flags"]) == ("optimizer_state", ["STEP_BACK"])
+
+
+def _guard(opt, sched=None, recovery_steps=5):
+    return LRGuard(opt, sched, backoff=0.5, restore=True, recovery_steps=recovery_steps)
+
+
+def test_the_backoff_is_a_multiplier_on_the_lr_the_loop_sets():
+    """A loop that sets the LR itself every step (warm-up from 0, then a manual decay), with a
+    recurring failure in between: Arc's backoff stays on top of the loop's LR, the LR is never
+    a spike, and the backoff is undone once training recovered."""
+    w = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.0)
+    guard = _guard(opt)
+    pol = warmed(world=1)
+
+    def schedule(s):
+        return 1e-2 * min(1.0, s / 10) * (0.5 if s >= 30 else 1.0)
+
+    seen = []
+    for s in range(60):
+        opt.param_groups[0]["lr"] = schedule(s)  # the loop, before arc.step
+        guard.follow_loop()
+        assert guard.ratio() == 1.0
+        m = np.stack([row(lr=max(guard.lrs()))])
+        assert pol.judge(m).healthy
+        if s in (20, 21):  # two rollbacks without recovery: the second backs off
+            guard.after_restore(guard.scale, failed_at=s, back_off=s == 21)
+        else:
+            guard.maybe_restore(s + 1, rank=0)
+            guard.remember()
+        seen.append((s, guard.scale, opt.param_groups[0]["lr"]))
+    by_step = {s: (scale, lr) for s, scale, lr in seen}
+    assert by_step[20] == (1.0, pytest.approx(schedule(20)))
+    assert by_step[23] == (0.5, pytest.approx(0.5 * schedule(23)))  # the loop cannot undo it
+    assert by_step[24][0] == 0.5 and by_step[27][0] == 1.0  # restored recovery_steps later
+    assert by_step[40] == (1.0, pytest.approx(schedule(40)))
+
+
+def test_the_backoff_scales_an_attached_scheduler():
+    w = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    guard = _guard(opt, sched)
+    guard.remember()
+    guard.after_restore(1.0, failed_at=0, back_off=True)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+        guard.follow_loop()
+        assert guard.ratio() == pytest.approx(1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 0.1 * 4 / 10)
+    opt.param_groups[0]["lr"] *= 100  # nothing explains it: a spike
+    assert guard.ratio() == pytest.approx(100.0)
