@@ -126,6 +126,7 @@ class Arc:
         # under DDP the signals ride on DDP's gradient all-reduce (signals.DDPRide)
         self._ride: DDPRide | None = None
         self._ride_loss: torch.Tensor | None = None  # this step's loss, sent with the next step
+        self._ride_loss_judged = True  # ... after this step judged it (the collective path)
         self._ride_busy = 0.0
         if (
             isinstance(model, nn.parallel.DistributedDataParallel)
@@ -310,7 +311,7 @@ class Arc:
                 preempt=self._preemption.requested,
                 fingerprint=compare,
                 # the previous step's loss if it rode here unjudged: judged now, never dropped
-                late_loss=self._ride_loss,
+                late_loss=None if self._ride_loss_judged else self._ride_loss,
             )
             m = self._agree.reduce(row)  # one collective and one host sync
             verdict = self._policy.judge(m, amp=self.scaler is not None)
@@ -330,8 +331,10 @@ class Arc:
         if failing and self._recovery.failed_at is None:
             self._rec.recovered(self.global_step)
         self._rec.on_step(action)
-        # the ride carries a loss the next step judges; one judged here already stays home
-        self._ride_loss = loss.detach() if fast and not action.should_skip else None
+        # the ride carries this loss with the next step: to judge (on the fast path nothing has)
+        # or only to report
+        self._ride_loss = loss.detach() if not action.should_skip else None
+        self._ride_loss_judged = not fast
         self._last = action
         self._last_step_end = time.monotonic()
         if self._watchdog is not None:
@@ -462,6 +465,7 @@ class Arc:
             lr=max(self._lr.lrs()),
             busy=self._ride_busy,
             preempt=self._preemption.requested,
+            loss_judged=self._ride_loss_judged,
         )
 
     def _judge_ride(self, ride) -> tuple[Any, Verdict | None]:

@@ -244,7 +244,8 @@ class HealthPolicy:
         # a skip-level anomaly there counts towards the streak and a lesser one is reported.
         late = self._judge_late(cols)
         streak = self.streak + (late is not None and late.skip)
-        v = self._judge_loss(losses, loss)
+        judged = any(x > 0 for x in cols[Col.LOSS_JUDGED])  # reported only
+        v = None if judged else self._judge_loss(losses, loss)
         if v is not None and v.skip:
             return self._escalate(v, base, streak)
         if not finite_grads:
@@ -387,7 +388,7 @@ class HealthPolicy:
             self.streak += 1 + late_skip
         elif applied:
             self.streak = 0
-            if math.isfinite(verdict.loss):
+            if math.isfinite(verdict.loss) and not cols[Col.LOSS_JUDGED][0] > 0:
                 self.loss.add(verdict.loss)
             if math.isfinite(verdict.grad_norm):
                 self.grad.add(verdict.grad_norm)

@@ -56,6 +56,7 @@ class Col(enum.IntEnum):
     STATE_BASE_SQ = 15  # those parameters' STATE_COMMON_SQ at the last deep check (0: none)
     LATE_LOSS = 16  # the previous step's loss when it rode on DDP's all-reduce unjudged
     LATE_VALID = 17  # 1 when LATE_LOSS holds such a loss
+    LOSS_JUDGED = 18  # 1 when its own step judged LOSS already (a ride after a collective step)
 
 
 NUM_COLS = len(Col)
@@ -268,14 +269,15 @@ def ride_row(
     lr: float,
     busy: float,
     preempt: bool,
+    loss_judged: bool = False,
 ) -> torch.Tensor:
-    """The row bucket 0 carries: the previous step's loss (if it was not judged yet), this
-    step's LR and SIGTERM flag, the previous step's busy time and this rank's own bucket-0
-    gradient norm."""
+    """The row bucket 0 carries: the previous step's loss (if any; ``loss_judged`` when its own
+    step judged it already), this step's LR and SIGTERM flag, the previous step's busy time and
+    this rank's own bucket-0 gradient norm."""
     dev = local_grad_norm.device
     row = torch.zeros(NUM_COLS, dtype=torch.float64, device=dev)
-    host = [lr_ratio, lr, busy, float(preempt), float(loss is not None)]
-    cols = [Col.LR_RATIO, Col.LR, Col.STEP_TIME, Col.PREEMPT, Col.LOSS_VALID]
+    host = [lr_ratio, lr, busy, float(preempt), float(loss is not None), float(loss_judged)]
+    cols = [Col.LR_RATIO, Col.LR, Col.STEP_TIME, Col.PREEMPT, Col.LOSS_VALID, Col.LOSS_JUDGED]
     row[cols] = torch.tensor(host, dtype=torch.float64).to(dev, non_blocking=True)
     if loss is not None:
         row[Col.LOSS] = loss.reshape(()).to(dev, torch.float64)

@@ -154,6 +154,13 @@ def test_a_loss_spike_seen_late_on_the_ride_is_not_dropped():
     # late trouble followed by trouble now: two anomalies in a row, over max_skips=1
     v = pol.judge(np.stack([row(late=math.nan), row(loss=math.nan, late=2.0)]))
     assert (v.status, v.reason, v.details["persistent"]) == (FAILURE, "nonfinite_loss", 2)
+    # a loss its own step judged already rides along to be reported, not judged or learnt again
+    judged = np.stack([row(loss=40.0), row(loss=40.0)])
+    judged[:, Col.LOSS_JUDGED] = 1.0
+    v = pol.judge(judged)
+    assert v.healthy and v.loss == 40.0
+    pol.observe(judged, v)
+    assert 40.0 not in pol.loss.values
     pol = warmed(max_skips=3)
     m = np.stack([row(loss=2.0, late=math.nan), row(loss=math.nan, late=2.0)])
     v = pol.judge(m)
