@@ -96,9 +96,8 @@ def main() -> None:
         print(f"   final loss {faulty:.4f} ({time.time() - t0:.1f}s)")
         print(f"\n{'run':12s}{'final loss':>12s}{'rollbacks':>11s}{'skips':>7s}{'steps':>7s}")
         print(f"{'fault-free':12s}{clean:12.4f}{0:11d}{0:7d}{STEPS:7d}")
-        print(
-            f"{'faulty':12s}{faulty:12.4f}{stats['rollbacks']:11d}{stats['skips']:7d}{stats['steps']:7d}"
-        )
+        counts = f"{stats['rollbacks']:11d}{stats['skips']:7d}{stats['steps']:7d}"
+        print(f"{'faulty':12s}{faulty:12.4f}{counts}")
         ok = abs(faulty - clean) <= 0.15 * clean
         print("recovered: final loss within 15% of the fault-free run" if ok else "NOT recovered")
     dist.destroy_process_group()

@@ -31,7 +31,8 @@ def test_demo_recovers_from_each_injected_fault(tmp_path):
     )  # fmt: skip
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
-    verdicts = re.findall(r"verdict (\w+)\s+(\w+)\s+ranks \[1\] -> (rolled back|update skipped)", text)
+    line = r"verdict (\w+)\s+(\w+)\s+ranks \[1\] -> (rolled back|update skipped)"
+    verdicts = re.findall(line, text)
     # one-step anomalies skip their update; an LR the scheduler does not explain rolls back
     assert verdicts == [
         ("warning", "nonfinite_loss", "update skipped"),
