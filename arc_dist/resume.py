@@ -293,8 +293,7 @@ def check_payload(payload: dict, model: torch.nn.Module, optimizer: torch.optim.
 
 
 def own_state(arc_state: dict, registered: dict) -> dict:
-    """Training thread, at a snapshot: the small per-rank state, deep-copied (written later)."""
-    return {
-        "arc": copy.deepcopy(arc_state),
-        "registered": {k: copy.deepcopy(o.state_dict()) for k, o in registered.items()},
-    }
+    """Training thread, at a snapshot: the small per-rank state, deep-copied (written later).
+
+    ``registered``: each registered object's state dict, by name."""
+    return {"arc": copy.deepcopy(arc_state), "registered": copy.deepcopy(registered)}

@@ -1,6 +1,6 @@
 """End to end: ``Arc`` with durable checkpoints, on real gloo ranks, real files and a real S3 server.
 
-The loop is the one of shared/api.md. With identical batches on every rank, a DDP run's state at
+The loop is the one of docs/api.md. With identical batches on every rank, a DDP run's state at
 step N equals a single-process run's (tests/checkpoint_helpers.reference_state), so a resumed run
 can be checked bit for bit, also at another world size.
 """

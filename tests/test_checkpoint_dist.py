@@ -89,7 +89,7 @@ def test_async_saves_during_ddp_training(tmp_path):
 
 # -- resharding -----------------------------------------------------------------------------
 def _app(model, opt, sched, pos):
-    return {"train": TrainState(model, opt, sched), "data": PerRank(pos)}
+    return {"train": TrainState(model, opt, sched), "data": PerRank(pos, "copy_rank0")}
 
 
 def _save_worker(rank, world, base, kinds, step):

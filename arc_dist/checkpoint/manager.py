@@ -54,7 +54,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from ..errors import ArcError, CheckpointError, ExitCode
+from ..errors import ArcError, CheckpointError, ExitCode, ReshardError
 from . import retention
 from .catalog import CheckpointInfo, scan, verify
 from .dcp_io import FaultHook, HashingWriter, SafeLoadPlanner, SafeReader
@@ -854,6 +854,8 @@ class CheckpointManager:
         try:
             md = SafeReader(url, storage_options=self.storage.options).read_metadata()
             load_sd, dynamic, why = self._load_template(app_state, md)
+        except ReshardError:
+            raise  # the job must choose; every rank raises it here (same keys), nothing loaded
         except Exception as e:
             why = f"DCP metadata unreadable ({type(e).__name__}: {e})"
         why = next((w for w in self._all_gather(why) if w), None)
