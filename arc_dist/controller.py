@@ -374,8 +374,11 @@ class Arc:
             self._log_verdict(verdict)
             if self.scaler is not None:
                 # the update is skipped, so scaler.step/update are not called; lower the scale
-                # as GradScaler.update would after an overflow
-                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+                # as GradScaler.update would after an overflow (a finite outlier keeps it)
+                scale = self.scaler.get_scale()
+                if not math.isfinite(verdict.grad_norm):
+                    scale *= self.scaler.get_backoff_factor()
+                self.scaler.update(scale)
             self.optimizer.zero_grad(set_to_none=True)
             return Action(self.global_step, verdict.status, True, False, **base)
         self._stats["failures"] += 1
