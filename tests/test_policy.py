@@ -24,31 +24,21 @@ from arc_dist.policy import (
 )
 from arc_dist.signals import NUM_COLS, Col, SignalCollector, StateFlag
 
+#: row() keywords -> columns, and the values a healthy row has
+_NAMES = {
+    "loss": Col.LOSS, "grad_sq": Col.GRAD_SQ, "lr_ratio": Col.LR_RATIO, "lr": Col.LR,
+    "deep": Col.DEEP, "weight_sq": Col.WEIGHT_SQ, "state_sq": Col.STATE_SQ,
+    "common_sq": Col.STATE_COMMON_SQ, "base_sq": Col.STATE_BASE_SQ, "flags": Col.STATE_FLAGS,
+}  # fmt: skip
+_HEALTHY = {"loss": 1.0, "grad_sq": 1.0, "lr_ratio": 1.0, "lr": 1e-3}
 
-def row(
-    loss=1.0,
-    grad_sq=1.0,
-    lr_ratio=1.0,
-    lr=1e-3,
-    deep=False,
-    weight_sq=0.0,
-    state_sq=0.0,
-    common_sq=0.0,
-    base_sq=0.0,
-    flags=0.0,
-    late=None,
-):
+
+def row(late=None, **values):
+    """One rank's signal row; ``late``: the previous step's loss riding along unjudged."""
     r = np.zeros(NUM_COLS)
-    r[Col.LOSS], r[Col.GRAD_SQ], r[Col.LR_RATIO], r[Col.LR], r[Col.DEEP] = (
-        loss,
-        grad_sq,
-        lr_ratio,
-        lr,
-        float(deep),
-    )
-    r[Col.WEIGHT_SQ], r[Col.STATE_SQ], r[Col.STATE_FLAGS] = weight_sq, state_sq, flags
-    r[Col.STATE_COMMON_SQ], r[Col.STATE_BASE_SQ] = common_sq, base_sq
-    r[Col.LOCAL_GRAD_SQ], r[Col.LOSS_VALID] = grad_sq, 1.0
+    for name, v in {**_HEALTHY, **values}.items():
+        r[_NAMES[name]] = float(v)
+    r[Col.LOCAL_GRAD_SQ], r[Col.LOSS_VALID] = r[Col.GRAD_SQ], 1.0
     if late is not None:
         r[Col.LATE_LOSS], r[Col.LATE_VALID] = late, 1.0
     return r
