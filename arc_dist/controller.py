@@ -357,13 +357,14 @@ class Arc:
                 self._take_snapshot(persist=verdict.status == HEALTHY)
             if self._checkpoints is not None:
                 if verdict.status == HEALTHY:  # a warning does not count towards confirmation
-                    self._checkpoints.on_healthy_step(self.global_step)
+                    targets = [s.step for s in self._snapshots.snapshots]
+                    self._checkpoints.on_healthy_step(self.global_step, rollback_targets=targets)
                 every = self.config.checkpoint_every
                 # not when this exact state is what the newest checkpoint holds (just resumed,
                 # or rolled back to it): re-writing it would uncommit it for nothing
                 due = every and self.global_step > 0 and self.global_step % every == 0
                 if due and self.global_step != self._saved_step:
-                    self._save(blocking=not self.config.async_checkpoint)
+                    self._save(not self.config.async_checkpoint, verdict.status)
             self.global_step += 1
             self._lr.maybe_restore(self.global_step, self.rank)
             self._lr.remember()
@@ -458,7 +459,7 @@ class Arc:
                 int(Preempted.exit_code),
             )
         if saved:
-            self._save(blocking=True)
+            self._save(True, verdict.status)
         self._close(clean=False)  # a restart follows: keep the local snapshots
         raise Preempted(f"arc_dist: preempted (SIGTERM on ranks {ranks}) at step {self.global_step}")
 
@@ -644,9 +645,10 @@ class Arc:
             **(self._registered if live else self._held),
         }
 
-    def _save(self, blocking: bool, live: bool = False) -> None:
+    def _save(self, blocking: bool, status: str, live: bool = False) -> None:
+        """``status``: the agreed verdict on the state saved; a restart prefers healthy ones."""
         assert self._checkpoints is not None
-        verdict = {"status": self._last.status if self._last else HEALTHY, "step": self.global_step}
+        verdict = {"status": status, "step": self.global_step}
         self._rec.checkpoint_start(self.global_step, blocking)
         self._saved_step = self.global_step
         try:
@@ -661,13 +663,18 @@ class Arc:
         """Collective: a durable checkpoint of the current state now."""
         if self._checkpoints is None:
             raise ValueError("Arc.save() needs Arc(checkpoint_dir=...); none was given")
-        self._save(blocking, live=True)
+        last = self._last
+        # after a rollback or a skipped update the state is one that was judged healthy before
+        changed = last is not None and not last.should_skip
+        self._save(blocking, last.status if changed else HEALTHY, live=True)
 
     def resume(self) -> int:
-        """Collective: load the newest confirmed checkpoint, if any; returns ``global_step``.
+        """Collective: load the newest healthy checkpoint, if any; returns ``global_step``.
 
-        With the node-local tier on, its newest snapshot is used instead when every rank has it
-        and it is not older than the newest confirmed durable checkpoint (resume.py).
+        Healthy: saved under a healthy verdict (the final checkpoint on SIGTERM included) or
+        confirmed (docs/checkpoints.md). With the node-local tier on, its newest snapshot is used
+        instead when every rank has it and it is not older than that durable checkpoint
+        (resume.py).
         """
         if self._checkpoints is None and self._local is None:
             self._rec.resumed(None, 0.0)
