@@ -127,8 +127,8 @@ class Arc:
         # under DDP the signals ride on DDP's gradient all-reduce (signals.DDPRide)
         self._ride: DDPRide | None = None
         self._ride_loss: torch.Tensor | None = None  # this step's loss, sent with the next step
+        self._ride_loss_judged = True  # ... after this step judged it (the collective path)
         self._ride_busy = 0.0
-        self._loss_judged = True  # the loss the next ride carries was already judged
         ddp = uncompiled(model)
         if (
             isinstance(ddp, nn.parallel.DistributedDataParallel)
@@ -141,7 +141,9 @@ class Arc:
                 self._ride = DDPRide(ddp, ddp.process_group, self._ride_row)
             except RuntimeError as e:  # the job registered its own comm hook
                 log.info("arc_dist: keeping the job's DDP comm hook (%s); one collective per step", e)
-        self._policy = HealthPolicy(self.config.thresholds, self.layout, self.world_size)
+        self._policy = HealthPolicy(
+            self.config.thresholds, self.layout, self.world_size, max_skips=self.config.max_skips
+        )
         # replicas are compared only where they must be bit-identical (DDP)
         self._check_divergence = (
             self.config.divergence_every > 0 and self.layout == "replicated" and self.world_size > 1
@@ -267,6 +269,7 @@ class Arc:
         start = time.monotonic()
         if self.chaos is not None:
             self.chaos.before_check()
+        self._lr.follow_loop()  # an LR the loop set is its schedule: Arc's backoff goes on top
         user_sq = self._user_grad_sq(grad_norm) if grad_norm is not None else None
         ride = self._ride.take() if self._ride is not None else None
         if self._ride is not None:
@@ -283,9 +286,12 @@ class Arc:
         if not self._snapshots.snapshots:
             self._take_snapshot()  # the first rollback target: the state this run starts from
         # snapshot steps always run the deep (and divergence) checks: only verified states,
-        # identical across replicas, become rollback targets
+        # identical across replicas, become rollback targets. So does the step after a skip:
+        # damaged state behind a one-step anomaly is then found at once.
         snapshot_step = self.global_step % self.config.snapshot_every == 0
-        deep = snapshot_step or self._calls % self.config.deep_check_every == 0
+        last = self._last
+        after_skip = last is not None and last.should_skip and not last.rolled_back
+        deep = snapshot_step or after_skip or self._calls % self.config.deep_check_every == 0
         compare = self._check_divergence and (
             snapshot_step or self._calls % self.config.divergence_every == 0
         )
@@ -303,16 +309,16 @@ class Arc:
                 grad_sq=ride[0] if ride is not None else user_sq,
                 local_grad_sq=ride[1] if ride is not None else None,
                 lr_ratio=self._lr.ratio(),
+                lr=max(self._lr.lrs()),
                 step_time=busy,
                 preempt=self._preemption.requested,
                 fingerprint=compare,
+                # the previous step's loss if it rode here unjudged: judged now, never dropped
+                late_loss=None if self._ride_loss_judged else self._ride_loss,
             )
             m = self._agree.reduce(row)  # one collective and one host sync
             verdict = self._policy.judge(m, amp=self.scaler is not None)
         self._ride_busy = busy
-        # a ride carries the previous step's loss: after a collective step it is known already
-        add_loss = not (fast and self._loss_judged)
-        self._loss_judged = not fast
         self._fast_steps += fast
         self._track_stragglers(m)
         if verdict.reason == "replica_divergence":
@@ -322,13 +328,16 @@ class Arc:
         decision = self._recovery.decide(verdict, [s.step for s in self._snapshots.snapshots])
         step_judged = self.global_step
         self._rec.verdict(step_judged, verdict, decision.kind)
-        action = self._act(m, verdict, decision, add_loss)
+        action = self._act(m, verdict, decision)
         failing = self._recovery.failed_at is not None
         self._recovery.record(decision, step_judged, self.global_step if action.rolled_back else None)
         if failing and self._recovery.failed_at is None:
             self._rec.recovered(self.global_step)
         self._rec.on_step(action)
+        # the ride carries this loss with the next step: to judge (on the fast path nothing has)
+        # or only to report
         self._ride_loss = loss.detach() if not action.should_skip else None
+        self._ride_loss_judged = not fast
         self._last = action
         if self._registered:
             self._hold_registered()
@@ -337,10 +346,10 @@ class Arc:
             self._watchdog.beat()
         return action
 
-    def _act(self, m, verdict: Verdict, decision: Decision, add_loss: bool = True) -> Action:
+    def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
         base = dict(reason=verdict.reason, bad_ranks=verdict.bad_ranks, loss=verdict.loss, grad_norm=verdict.grad_norm)
         if decision.kind == "continue":
-            self._policy.observe(m, verdict, add_loss=add_loss)
+            self._policy.observe(m, verdict)
             if verdict.status != HEALTHY:
                 self._stats["warnings"] += 1
                 self._log_verdict(verdict)
@@ -362,12 +371,16 @@ class Arc:
             self._lr.remember()
             return Action(self.global_step, verdict.status, False, False, **base)
         if decision.kind == "skip":
+            self._policy.observe(m, verdict, applied=False)
             self._stats["skips"] += 1
             self._log_verdict(verdict)
             if self.scaler is not None:
                 # the update is skipped, so scaler.step/update are not called; lower the scale
-                # as GradScaler.update would after an overflow
-                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+                # as GradScaler.update would after an overflow (a finite outlier keeps it)
+                scale = self.scaler.get_scale()
+                if not math.isfinite(verdict.grad_norm):
+                    scale *= self.scaler.get_backoff_factor()
+                self.scaler.update(scale)
             self.optimizer.zero_grad(set_to_none=True)
             return Action(self.global_step, verdict.status, True, False, **base)
         self._stats["failures"] += 1
@@ -383,11 +396,11 @@ class Arc:
             if self._local is not None:  # no retry will resume from them: free the memory
                 self._local.close(clean=True)
             raise UnrecoverableError(message)
-        self._rollback(verdict, decision.drop)
+        self._rollback(verdict, decision)
         return Action(self.global_step, FAILURE, True, True, **base)
 
-    def _rollback(self, verdict: Verdict, drop: int) -> None:
-        failed_at = self.global_step
+    def _rollback(self, verdict: Verdict, decision: Decision) -> None:
+        failed_at, drop = self.global_step, decision.drop
         t0 = time.monotonic()
         for _ in range(drop):
             self._snapshots.drop_newest()
@@ -403,7 +416,7 @@ class Arc:
         self._ride_loss = None
         if snap.step != self._saved_step:
             self._saved_step = None  # training will reach that step again along another path
-        self._lr.back_off(snap.extra["lr_scale"], failed_at)
+        self._lr.after_restore(snap.extra["lr_scale"], failed_at, decision.back_off)
         self.global_step = snap.step
         self._stats["rollbacks"] += 1
         if self._checkpoints is not None:
@@ -416,7 +429,8 @@ class Arc:
                 "back to step %d in %.3fs, lr x%.3g (cumulative %.3g)",
                 failed_at, verdict.reason, list(verdict.bad_ranks), verdict.loss, verdict.grad_norm,
                 " escalated to an older snapshot" if drop else "", snap.step,
-                time.monotonic() - t0, self.config.lr_backoff, self._lr.scale,
+                time.monotonic() - t0, self.config.lr_backoff if decision.back_off else 1.0,
+                self._lr.scale,
             )
 
     def _log_verdict(self, verdict: Verdict) -> None:
@@ -457,19 +471,23 @@ class Arc:
             local_grad_norm,
             self._ride_loss,
             lr_ratio=self._lr.ratio(),
+            lr=max(self._lr.lrs()),
             busy=self._ride_busy,
             preempt=self._preemption.requested,
+            loss_judged=self._ride_loss_judged,
         )
 
     def _judge_ride(self, ride) -> tuple[Any, Verdict | None]:
         """Judge from what rode on DDP's all-reduce; (None, None) sends the step down the
-        collective path, which every rank decides identically (replicated inputs only)."""
+        collective path, which every rank decides identically (replicated inputs only), to
+        judge this step's own signals with exact blame, and the previous step's loss that rode
+        here as its late loss."""
         post_sq, _, matrix = ride
         matrix[:, Col.GRAD_SQ] = post_sq  # reduced gradients: the same on every rank
         m = self._agree.to_host(matrix)
         verdict = self._policy.judge(m, amp=self.scaler is not None)
         if verdict.status != HEALTHY or m[:, Col.PREEMPT].any():
-            return None, None  # anomaly: judge this step's own signals, with exact blame
+            return None, None
         return m, verdict
 
     # -- silent failures ---------------------------------------------------------------
