@@ -77,10 +77,19 @@ def _validate(model, optimizer, scheduler, config, process_group) -> None:
             f"Arc: {foreign} of the optimizer's parameters are not parameters of the model; "
             "build the optimizer from model.parameters() (after wrapping it in DDP/FSDP2)"
         )
-    if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+    initialized = dist.is_available() and dist.is_initialized()
+    if process_group is not None and not initialized:
         raise ValueError(
             "Arc(process_group=...) was given but torch.distributed is not initialized; call "
             "dist.init_process_group() first or pass process_group=None"
+        )
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not initialized and world.isdigit() and int(world) > 1:
+        # every process would train alone as rank 0 of 1, writing over the others' checkpoints
+        raise ValueError(
+            f"Arc: WORLD_SIZE={world} in the environment (a torchrun/Ray/Kubernetes launch) but "
+            "torch.distributed is not initialized, so each process would train alone as rank 0; "
+            "call torch.distributed.init_process_group() before Arc(...)"
         )
 
 

@@ -165,6 +165,19 @@ def test_env_var_supplies_chaos_but_never_overrides(monkeypatch):
         _setup(chaos=None)
 
 
+def test_a_multi_process_launch_without_a_process_group_is_refused(monkeypatch, tmp_path):
+    """torchrun sets WORLD_SIZE; a script that forgets init_process_group would otherwise run
+    every process as rank 0 of 1 into the same checkpoint directory."""
+    model = make_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2.*init_process_group\(\) before Arc"):
+        Arc(model, opt, checkpoint_dir=str(tmp_path / "ck"), chaos="")
+    assert not (tmp_path / "ck").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single-process torchrun launch is fine
+    Arc(model, opt, chaos="").close()
+
+
 def test_context_manager_closes():
     model, opt, arc, data = _setup()
     with arc:
