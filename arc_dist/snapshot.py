@@ -41,6 +41,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_scaler_state(scaler: Any, state: dict) -> None:
+    """``scaler.load_state_dict(state)`` as the start of a fresh step.
+
+    ``GradScaler.load_state_dict`` keeps the per-optimizer stage (torch 2.13): a scaler restored
+    after the loop's ``unscale_`` would make the next ``unscale_`` raise "already been called
+    on this optimizer since the last update()", and the loop calls no ``update()`` after a
+    rollback. A restored state is one between steps, where that stage is empty.
+    """
+    scaler.load_state_dict(state)
+    stages = getattr(scaler, "_per_optimizer_states", None)
+    if stages is not None:
+        stages.clear()
+
+
 def _host_like(t: torch.Tensor) -> torch.Tensor:
     pin = t.is_cuda and torch.cuda.is_available()
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
@@ -178,7 +192,7 @@ class SnapshotStore:
         if self.scheduler is not None and snap.scheduler is not None:
             self.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
         if self.scaler is not None and snap.scaler is not None:
-            self.scaler.load_state_dict(copy.deepcopy(snap.scaler))
+            load_scaler_state(self.scaler, copy.deepcopy(snap.scaler))
         _set_rng_state(snap.rng)
         set_extra(copy.deepcopy(snap.extra))
         self.optimizer.zero_grad(set_to_none=True)
