@@ -16,7 +16,7 @@ first rank's error), and then:
 * otherwise (the other ranks judged the step from DDP's ride and went on) it raises its error:
   the others fail in their next collective when this process ends, which an uncaught error does
   at once, and name it through :meth:`FailFast.explain`. A process that lingers after the error
-  holds them until it ends: the hang watchdog (``ArcConfig.hang_timeout``) bounds that.
+  holds them until it ends or their collective times out.
 
 Aborting the process group does not release the others with gloo: DDP keeps the group alive, so
 its connections stay open until the process ends. After such an error the ranks are out of step,
