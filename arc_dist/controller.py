@@ -43,8 +43,9 @@ log = logging.getLogger("arc_dist")
 
 @dataclass(slots=True)
 class _Route:
-    """How every rank judges the current step: the DDP ride it took, and whether the ranks run
-    Arc's own collective (None until the ride's verdict is known)."""
+    """How every rank judges the current step: the DDP ride it is judged from (None until
+    known), and whether the ranks run Arc's own collective (None until the ride's verdict is
+    known)."""
 
     ride: tuple | None
     collective: bool | None

@@ -265,6 +265,6 @@ class SnapshotStore:
 
 def _wait_for_copies(sources: list[torch.Tensor]) -> None:
     """Wait for the non-blocking copies out of ``sources``: on every device that copies
-    asynchronously (not the CPU), on the stream they were issued on."""
+    asynchronously (not the CPU), on the stream they were issued on. Not yet run on a GPU."""
     for device in {t.device for t in sources if t.device.type != "cpu"}:
         torch.accelerator.current_stream(device).synchronize()
