@@ -265,7 +265,6 @@ class SignalCollector:
 def error_row(device: torch.device) -> torch.Tensor:
     """The row of a rank that failed inside ``step()``: it carries nothing but the flag."""
     row = torch.zeros(NUM_COLS, dtype=torch.float64, device=device)
-    row[Col.STATE_STEP] = -1.0
     row[Col.ERROR] = 1.0
     return row
 
