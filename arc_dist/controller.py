@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,15 +29,43 @@ from .agreement import Agreement, comm_device
 from .config import ArcConfig
 from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
 from .events import EventLog, Recorder
+from .failfast import FailFast
 from .lr import LRGuard
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .preemption import PreemptionHandler
-from .signals import Col, DDPRide, SignalCollector, is_dtensor, layout_of, ride_row, uncompiled
+from .signals import (
+    Col,
+    DDPRide,
+    SignalCollector,
+    error_row,
+    is_dtensor,
+    layout_of,
+    ride_row,
+    uncompiled,
+)
 from .silent import StragglerTracker
 from .snapshot import SnapshotStore
 from .watchdog import Watchdog
 
 log = logging.getLogger("arc_dist")
+
+
+@dataclass(slots=True)
+class _Route:
+    """How every rank judges the current step: the DDP ride it is judged from (None until
+    known), and whether the ranks run Arc's own collective (None until the ride's verdict is
+    known)."""
+
+    ride: tuple | None
+    collective: bool | None
+
+
+class _Phase(enum.Enum):
+    """Where ``Arc.step`` is: who else an error raised there concerns (failfast.py)."""
+
+    LOCAL = 1  # before the step's collective: this rank's own error
+    JOINED = 2  # in the collective: possibly the consequence of another rank's failure
+    DECIDED = 3  # after it: an ArcError here is raised on every rank from the shared verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +107,19 @@ def _validate(model, optimizer, scheduler, config, process_group) -> None:
             f"Arc: {foreign} of the optimizer's parameters are not parameters of the model; "
             "build the optimizer from model.parameters() (after wrapping it in DDP/FSDP2)"
         )
-    if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+    initialized = dist.is_available() and dist.is_initialized()
+    if process_group is not None and not initialized:
         raise ValueError(
             "Arc(process_group=...) was given but torch.distributed is not initialized; call "
             "dist.init_process_group() first or pass process_group=None"
+        )
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not initialized and world.isdigit() and int(world) > 1:
+        # every process would train alone as rank 0 of 1, writing over the others' checkpoints
+        raise ValueError(
+            f"Arc: WORLD_SIZE={world} in the environment (a torchrun/Ray/Kubernetes launch) but "
+            "torch.distributed is not initialized, so each process would train alone as rank 0; "
+            "call torch.distributed.init_process_group() before Arc(...)"
         )
 
 
@@ -120,6 +159,8 @@ class Arc:
             preflight(self.group, devices=[param.device] if param.device.type == "cuda" else None)
         self.device = param.device
         self.layout = layout_of(model, self.world_size)
+        self._failfast = FailFast(self.group, self.rank, self.world_size)
+        self._phase, self._route = _Phase.LOCAL, None
         self._agree = Agreement(self.group, self.rank, self.world_size, comm_device(self.group, self.device))
         self._signals = SignalCollector(
             model, optimizer, self._agree.device, self.config.divergence_check_optimizer
@@ -138,7 +179,9 @@ class Arc:
             and dist.get_rank(ddp.process_group) == self.rank
         ):
             try:
-                self._ride = DDPRide(ddp, ddp.process_group, self._ride_row)
+                self._ride = DDPRide(
+                    ddp, ddp.process_group, self._ride_row, explain=self._failfast.explain
+                )
             except RuntimeError as e:  # the job registered its own comm hook
                 log.info("arc_dist: keeping the job's DDP comm hook (%s); one collective per step", e)
         self._policy = HealthPolicy(
@@ -226,16 +269,53 @@ class Arc:
         rolled back, since the CUDA context cannot be trusted: it is logged with rank, host and
         device and re-raised as :class:`~arc_dist.errors.HardwareError` (exit code 12 under
         ``arc_dist.launch.main_entry``). See arc_dist/health/device_errors.py.
+
+        Any other error raised on this rank alone (a non-scalar loss or a bad ``grad_norm`` on
+        one rank, a failed restore) is published to the other ranks and recorded in this
+        process's error file; when the others wait for this step's collective, this rank joins
+        it with an error flag, so they raise :class:`~arc_dist.errors.PeerError` naming this
+        rank and its error at once instead of at the collective timeout (failfast.py).
         """
+        if self._closed:
+            raise RuntimeError("Arc.step() called after close(); create a new Arc")
+        if self._failfast.failed is not None:
+            raise RuntimeError(
+                f"Arc.step() after an error inside it ({self._failfast.failed}): the ranks are "
+                "out of step; restart the job"
+            )
+        self._phase, self._route = _Phase.LOCAL, None
         try:
             return self._step(loss, grad_norm)
         except Exception as exc:
             from .health import hardware_error
 
             hw = hardware_error(exc, rank=self.rank, device=self.device, step=self.global_step)
-            if hw is None:
+            error = exc if hw is None else hw
+            if self._phase is _Phase.DECIDED and isinstance(error, ArcError) and hw is None:
+                raise  # raised on every rank from the agreed matrix
+            out = self._failfast.fail(
+                error, self.global_step, joined=self._phase is not _Phase.LOCAL
+            )
+            # a device that cannot be trusted joins no collective
+            if self._phase is _Phase.LOCAL and hw is None and self._others_join_collective():
+                self._phase = _Phase.JOINED
+                self._agree.reduce(error_row(self._agree.device))  # they raise PeerError
+            if out is exc:
                 raise
-            raise hw from exc
+            raise out from exc
+
+    def _others_join_collective(self) -> bool:
+        """Whether the other ranks judge this step through Arc's own collective (not from DDP's
+        ride), from what every rank shares; False when this rank cannot tell."""
+        route = self._route
+        if route is None or self._failfast.enabled is False:
+            return False
+        if route.collective is None:  # judged from the ride unless it shows an anomaly
+            ride = route.ride
+            if ride is None or ride[0] is None:
+                return False
+            route.collective = self._judge_ride(ride)[0] is None
+        return route.collective
 
     def _user_grad_sq(self, grad_norm) -> torch.Tensor:
         """The job's global gradient norm as this rank's share of the squared norm."""
@@ -258,34 +338,10 @@ class Arc:
         return sq / self.world_size if self.layout == "sharded" else sq
 
     def _step(self, loss: torch.Tensor, grad_norm=None) -> Action:
-        if self._closed:
-            raise RuntimeError("Arc.step() called after close(); create a new Arc")
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"Arc.step(loss) needs the scalar loss tensor of this step, got {shape}; "
-                "reduce it first (e.g. loss.mean())"
-            )
         start = time.monotonic()
-        if self.chaos is not None:
-            self.chaos.before_check()
-        self._lr.follow_loop()  # an LR the loop set is its schedule: Arc's backoff goes on top
-        user_sq = self._user_grad_sq(grad_norm) if grad_norm is not None else None
-        ride = self._ride.take() if self._ride is not None else None
-        if self._ride is not None:
-            self._ride.measure = user_sq is None  # from the next backward on
-        if ride is not None and (user_sq is not None or ride[0] is None):
-            if user_sq is None:  # the job stopped passing grad_norm: measure from now on
-                user_sq = self._signals.grad_sq()
-            ride = (user_sq, ride[1], ride[2])
-        if ride is None and self._calls == 0 and not any(p.grad is not None for p in self._signals.params):
-            raise ValueError(
-                f"Arc.step() at step {self.global_step} found no gradients: call loss.backward() "
-                "before arc.step(loss), and optimizer.zero_grad() after it"
-            )
-        if not self._snapshots.snapshots:
-            self._take_snapshot()  # the first rollback target: the state this run starts from
-        # snapshot steps always run the deep (and divergence) checks: only verified states,
+        # which collective every rank runs this step is settled first, from what every rank
+        # shares, so that a rank failing below still knows whether the others wait for it.
+        # Snapshot steps always run the deep (and divergence) checks: only verified states,
         # identical across replicas, become rollback targets. So does the step after a skip:
         # damaged state behind a one-step anomaly is then found at once.
         snapshot_step = self.global_step % self.config.snapshot_every == 0
@@ -296,10 +352,42 @@ class Arc:
             snapshot_step or self._calls % self.config.divergence_every == 0
         )
         self._calls += 1
+        ride = self._ride.take() if self._ride is not None else None
+        collective = True if ride is None or deep or compare else None
+        # under FSDP2 the others may be inside the collective of the job's DTensor norm
+        sharded_norm = grad_norm is not None and self.layout == "sharded"
+        self._route = _Route(None, None if sharded_norm else collective)
+        if self.chaos is not None:
+            self.chaos.before_check()
+        self._lr.follow_loop()  # an LR the loop set is its schedule: Arc's backoff goes on top
+        user_sq = self._user_grad_sq(grad_norm) if grad_norm is not None else None
+        self._route.collective = collective
+        if self._ride is not None:
+            self._ride.measure = user_sq is None  # from the next backward on
+        if ride is not None and (user_sq is not None or ride[0] is None):
+            if user_sq is None:  # the job stopped passing grad_norm: measure from now on
+                user_sq = self._signals.grad_sq()
+            ride = (user_sq, ride[1], ride[2])
+        self._route.ride = ride  # what the ride verdict is judged from, as on every rank
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"Arc.step(loss) needs the scalar loss tensor of this step, got {shape}; "
+                "reduce it first (e.g. loss.mean())"
+            )
+        first = ride is None and last is None
+        if first and not any(p.grad is not None for p in self._signals.params):
+            raise ValueError(
+                f"Arc.step() at step {self.global_step} found no gradients: call loss.backward() "
+                "before arc.step(loss), and optimizer.zero_grad() after it"
+            )
+        if not self._snapshots.snapshots:
+            self._take_snapshot()  # the first rollback target: the state this run starts from
         busy = self._busy_time(start)
         m = verdict = None
         if ride is not None and not (deep or compare):
             m, verdict = self._judge_ride(ride)
+            self._route.collective = m is None
         fast = m is not None
         if not fast:
             # the collective path: this step's full row, one all-reduce of our own
@@ -316,8 +404,14 @@ class Arc:
                 # the previous step's loss if it rode here unjudged: judged now, never dropped
                 late_loss=None if self._ride_loss_judged else self._ride_loss,
             )
+            self._phase = _Phase.JOINED
             m = self._agree.reduce(row)  # one collective and one host sync
+            failed = np.flatnonzero(m[:, Col.ERROR]).tolist()
+            if failed:  # ranks that raised inside step() and only joined to say so
+                self._phase = _Phase.DECIDED
+                raise self._failfast.peer_error(failed)
             verdict = self._policy.judge(m, amp=self.scaler is not None)
+        self._phase = _Phase.DECIDED  # every rank holds the same matrix and verdict
         self._ride_busy = busy
         self._fast_steps += fast
         self._track_stragglers(m)

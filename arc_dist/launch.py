@@ -70,7 +70,9 @@ def main_entry(fn: _F) -> _F:
     with ``err.exit_code`` (11 for ``UnrecoverableError``, 12 for ``HardwareError``, ...), and a
     ``SystemExit`` with one of those codes (the script's own ``sys.exit(12)``,
     :class:`~arc_dist.errors.Preempted`) is recorded too, so the launcher can tell "do not
-    retry" from "restart". Other exceptions end the process with status 1 (RETRY).
+    retry" from "restart". Other exceptions end the process with status 1 (RETRY). A failure
+    ``Arc.step`` already recorded (an error on one rank, recorded before it aborted the process
+    groups, see arc_dist/failfast.py) keeps that record: it is the earliest, the root cause.
 
     Example::
 
@@ -91,7 +93,8 @@ def main_entry(fn: _F) -> _F:
             return _call_classified(fn, args, kwargs)
         except ArcError as err:
             code = int(err.exit_code)
-            _write_error_file(err, code)
+            if not _error_file_written():
+                _write_error_file(err, code)
             rank = os.environ.get("RANK", "0")
             sys.stderr.write(
                 f"[arc] rank {rank}: {type(err).__name__}: {err} -> exit {code} "
@@ -116,6 +119,12 @@ def main_entry(fn: _F) -> _F:
                 _write_error_file(se if text and text != str(code) else f"SystemExit: {code}", code)
             raise
         except Exception:
+            if _error_file_written():  # @record would overwrite Arc's earlier record
+                import traceback
+
+                traceback.print_exc()
+                sys.stderr.flush()
+                sys.exit(1)
             raise  # @record writes the error file; the process exits 1 (RETRY)
         except BaseException as err:
             # e.g. torch.distributed.checkpoint's CheckpointException derives from

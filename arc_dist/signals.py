@@ -57,6 +57,7 @@ class Col(enum.IntEnum):
     LATE_LOSS = 16  # the previous step's loss when it rode on DDP's all-reduce unjudged
     LATE_VALID = 17  # 1 when LATE_LOSS holds such a loss
     LOSS_JUDGED = 18  # 1 when its own step judged LOSS already (a ride after a collective step)
+    ERROR = 19  # 1 when this rank failed inside step() and only joins to say so (failfast.py)
 
 
 NUM_COLS = len(Col)
@@ -268,6 +269,13 @@ class SignalCollector:
         self._state_base = None
 
 
+def error_row(device: torch.device) -> torch.Tensor:
+    """The row of a rank that failed inside ``step()``: it carries nothing but the flag."""
+    row = torch.zeros(NUM_COLS, dtype=torch.float64, device=device)
+    row[Col.ERROR] = 1.0
+    return row
+
+
 def ride_row(
     local_grad_norm: torch.Tensor,
     loss: torch.Tensor | None,
@@ -306,9 +314,13 @@ class DDPRide:
     from these replicated values and the matrix; only an anomaly, a deep-check step or a missing
     ride costs a collective of its own. A job that registered its own comm hook keeps it and
     every step takes the collective path.
+
+    ``explain`` maps a failed all-reduce's error to the one backward should raise (the error of
+    the rank that aborted the group, see failfast.py).
     """
 
-    def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group, row_fn):
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group, row_fn,
+                 explain=None):  # fmt: skip
         import torch.distributed as dist
 
         self.group = process_group
@@ -323,8 +335,17 @@ class DDPRide:
         #: take norms of the reduced buckets (off when the job hands Arc its clipping norm)
         self.measure = True
 
+        def value(fut) -> torch.Tensor:
+            try:
+                return fut.value()[0]
+            except Exception as e:
+                better = explain(e) if explain is not None else e
+                if better is e:
+                    raise
+                raise better from e
+
         def reduced(fut) -> torch.Tensor:
-            t = fut.value()[0]
+            t = value(fut)
             if self.measure:
                 self._post.append(t.norm())
             return t
@@ -344,7 +365,7 @@ class DDPRide:
             both[row_at : row_at + NUM_COLS] = self.row_fn(self._local0)
 
             def split(fut) -> torch.Tensor:
-                out = fut.value()[0]
+                out = value(fut)
                 buf.copy_(out[:n])
                 self._matrix = out[n:].view(self.world_size, NUM_COLS)
                 if self.measure:

@@ -258,3 +258,24 @@ def test_main_entry_leaves_other_errors_to_record(tmp_path, monkeypatch):
         crash()
     f = read_error_file(str(tmp_path / "error.json"))  # torch's @record wrote it
     assert f.exit_code == ExitCode.RETRY and "Connection reset" in f.message
+
+
+@pytest.mark.parametrize("later", [RuntimeError("Connection closed by peer"), HangError("late")])
+def test_main_entry_keeps_the_record_arc_step_wrote_first(later, tmp_path, monkeypatch):
+    """Arc.step records a rank-local error before the process ends; that record carries the
+    time that makes it the root cause, so neither main_entry nor @record overwrites it."""
+    from arc_dist.launch import main_entry
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+
+    @main_entry
+    def main():
+        write_error_file(ValueError("rank 1 passed a non-scalar loss"), int(ExitCode.RETRY))
+        raise later
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == (int(later.exit_code) if isinstance(later, HangError) else 1)
+    f = read_error_file(str(path))
+    assert f.message == "ValueError: rank 1 passed a non-scalar loss"

@@ -126,6 +126,9 @@ FSDP = {
     "nan_loss": dict(model="mlp", fsdp=True, chaos=f"nan_loss@{FAULT_STEP}/1"),
     "grad_explosion": dict(model="mlp", fsdp=True, chaos=f"grad_explosion@{FAULT_STEP}/0"),
     "nan_weights": dict(model="mlp", fsdp=True, chaos=f"nan_weights@{FAULT_STEP}/1"),
+    # before the first periodic snapshot: back to the initial state, taken before any
+    # optimizer state existed
+    "early-nan_weights": dict(model="mlp", fsdp=True, chaos="nan_weights@5/1"),
 }
 
 
@@ -245,6 +248,13 @@ def test_fsdp2(fsdp, name, reason):
     first = _assert_recovered(fsdp, name, "reference-mlp", replicated=False)
     response = "rollback" if reason == "nonfinite_weights" else "skip"
     assert [(h[0], h[2]) for h in _handled(first["events"])] == [(reason, response)]
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_rollback_to_the_state_before_any_optimizer_state(fsdp):
+    first = _assert_recovered(fsdp, "early-nan_weights", "reference-mlp", replicated=False)
+    assert [e[0] for e in first["events"] if e[4]] == [0]  # rolled back to step 0, once
+    assert [res["early-nan_weights"]["stats"]["rollbacks"] for res in fsdp] == [1, 1]
 
 
 @pytest.mark.timeout(300)

@@ -100,6 +100,59 @@ def test_grad_scaler_overflow_is_a_skip_not_a_failure():
     assert arc.stats()["rollbacks"] == 0 and arc.stats()["skips"] == 1
 
 
+def _amp_clip_loop(model, opt, scaler, arc, data, steps):
+    """The AMP loop with clipping: unscale_ before clip_grad_norm_, the norm handed to Arc."""
+    actions = []
+    while arc.global_step < steps and len(actions) < 3 * steps:
+        loss = data.loss(model, data.next())
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        a = arc.step(loss, grad_norm=norm)
+        actions.append(a)
+        if not a.should_skip:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return actions
+
+
+def test_amp_with_clipping_survives_a_rollback_and_a_skip():
+    model = make_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    # deep checks on every step: the damaged weights are seen (and rolled back) at once
+    config = ArcConfig(snapshot_every=10, deep_check_every=1)
+    arc = Arc(model, opt, scaler=scaler, config=config, chaos="nan_weights@15 nan_grad@24")
+    actions = _amp_clip_loop(model, opt, scaler, arc, Data("mlp", 0), 30)
+    assert arc.global_step == 30
+    assert [(a.reason, a.rolled_back, a.step) for a in actions if a.status != "healthy"] == [
+        ("nonfinite_weights", True, 10),
+        ("amp_overflow", False, 24),
+    ]
+    assert arc.stats()["rollbacks"] == 1 and arc.stats()["skips"] == 1
+    assert math.isfinite(scaler.get_scale()) and math.isfinite(eval_loss(model, Data("mlp", 0)))
+
+
+def test_restoring_a_scaler_mid_step_leaves_it_ready_for_the_next_step():
+    """A durable checkpoint loaded after ``unscale_`` (the snapshot path is tested above)."""
+    from arc_dist.checkpoint import TrainState
+
+    model = make_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    state = TrainState(model, opt, scaler=scaler)
+    data = Data("mlp", 0)
+    scaler.scale(data.loss(model, data.next())).backward()
+    saved = copy.deepcopy(state.state_dict())
+    scaler.unscale_(opt)
+    state.load_state_dict(saved)
+    scaler.unscale_(opt)  # the next step's unscale_
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**10
+
+
 def test_no_false_positives_with_schedulers_and_clean_lrs():
     for lr, sched_kind in [(1e-2, "cosine"), (3e-3, "step"), (1e-3, "warmup")]:
         model = make_model("lm")
@@ -163,6 +216,19 @@ def test_env_var_supplies_chaos_but_never_overrides(monkeypatch):
     monkeypatch.setenv("ARC_CHAOS", "nan_loss3")
     with pytest.raises(ValueError, match="ARC_CHAOS|KIND@STEP"):
         _setup(chaos=None)
+
+
+def test_a_multi_process_launch_without_a_process_group_is_refused(monkeypatch, tmp_path):
+    """torchrun sets WORLD_SIZE; a script that forgets init_process_group would otherwise run
+    every process as rank 0 of 1 into the same checkpoint directory."""
+    model = make_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2.*init_process_group\(\) before Arc"):
+        Arc(model, opt, checkpoint_dir=str(tmp_path / "ck"), chaos="")
+    assert not (tmp_path / "ck").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single-process torchrun launch is fine
+    Arc(model, opt, chaos="").close()
 
 
 def test_context_manager_closes():
