@@ -227,7 +227,9 @@ class SnapshotStore:
         state since (a head trained later, a layer unfrozen later): their state is dropped."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if not any(is_dtensor(p) for p in params):
-            self.optimizer.load_state_dict(_fill(skeleton, tensors))  # replaces the whole state
+            sd = _fill(skeleton, tensors)
+            _keep_added_groups(sd, self.optimizer.param_groups)
+            self.optimizer.load_state_dict(sd)  # replaces the whole state
             return
         # FSDP2 optimizer state holds DTensors; load_state_dict would replace them with the
         # plain local tensors kept here, so copy into the live DTensors' shards where they
@@ -261,6 +263,18 @@ class SnapshotStore:
                 torch._foreach_copy_(dst, src)
         for g, sg in zip(self.optimizer.param_groups, _fill(skeleton["param_groups"], tensors)):
             g.update({k: v for k, v in sg.items() if k != "params"})
+
+
+def _keep_added_groups(sd: dict, live_groups: list[dict]) -> None:
+    """Keep param groups added since the snapshot (``add_param_group``: a layer unfrozen later),
+    without state, as their parameters had none then: the loop added them once and will not
+    again (as the FSDP2 path does; ``load_state_dict`` needs every live group)."""
+    saved = sd["param_groups"]
+    n = sum(len(g["params"]) for g in saved)
+    for g in live_groups[len(saved) :]:
+        hyper = {k: v for k, v in g.items() if k != "params"}
+        saved.append({**hyper, "params": list(range(n, n + len(g["params"])))})
+        n += len(g["params"])
 
 
 def _wait_for_copies(sources: list[torch.Tensor]) -> None:

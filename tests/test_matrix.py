@@ -23,28 +23,8 @@ from arc_dist.chaos import parse
 from ._dist import run_ranks
 from ._matrix import PATTERNS, STEPS, VARIANTS, cell_file, run_layout
 
-_FSDP_RESTORE = (
-    "FSDP2: rolling back to a snapshot taken before some parameters had optimizer state raises "
-    "'the optimizer state of a sharded (FSDP2) parameter changed structure since the snapshot'"
-)
-_SCALER = (
-    "GradScaler.load_state_dict keeps the per-optimizer 'unscaled' state: after a rollback the "
-    "loop's unscale_() raises 'unscale_() has already been called'"
-)
-_PARAM_GROUP = (
-    "a rollback to a snapshot taken before optimizer.add_param_group raises 'loaded state dict "
-    "has a different number of parameter groups'"
-)
-
-#: (pattern, layout, variant) -> why the cell fails today
-KNOWN: dict[tuple[str, str, str], str] = {
-    ("unfreeze_add_param_group", "single", "fault"): _PARAM_GROUP,
-    ("unfreeze_add_param_group", "ddp", "fault"): _PARAM_GROUP,
-    ("unfreeze_add_param_group", "fsdp", "fault"): _FSDP_RESTORE,
-    ("fp16_grad_scaler", "single", "fault"): _SCALER,
-    ("fp16_grad_scaler", "ddp", "fault"): _SCALER,
-    ("fp16_grad_scaler", "fsdp", "fault"): _SCALER,
-}
+#: (pattern, layout, variant) -> why the cell fails today (none does)
+KNOWN: dict[tuple[str, str, str], str] = {}
 
 BY_NAME = {p.name: p for p in PATTERNS}
 WORLD = {"single": 1, "ddp": 2, "fsdp": 2}
