@@ -331,6 +331,33 @@ def test_freezing_then_unfreezing_layers():
     assert all(p in opt.state for p in frozen) and events == []
 
 
+def test_a_rollback_past_add_param_group_keeps_the_group():
+    """The loop adds an unfrozen layer with ``add_param_group`` once (after step 12), then damage
+    at step 15 rolls back to the snapshot of step 10, taken before the group existed: the group
+    stays (without state, as then) and the layer goes on training."""
+    model = make_model("mlp")
+    layer = list(model[0].parameters())
+    before = [p.detach().clone() for p in layer]
+    for p in layer:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    arc = Arc(model, opt, config=ArcConfig(snapshot_every=10), chaos="nan_weights@15")
+    data = Data("mlp", 0)
+    while arc.global_step < 30:
+        if arc.global_step >= 12 and len(opt.param_groups) == 1:
+            for p in layer:
+                p.requires_grad_(True)
+            opt.add_param_group({"params": layer, "lr": 1e-3})
+        loss = data.loss(model, data.next())
+        loss.backward()
+        if not arc.step(loss).should_skip:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert arc.stats()["rollbacks"] == 1 and arc.global_step == 30
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["params"] == layer
+    assert all(p in opt.state and not torch.equal(p, b) for p, b in zip(layer, before))
+
+
 def test_manual_lr_warmup_from_zero_and_a_backoff_on_top():
     """The loop sets the LR itself every step (no scheduler), from 0: no LR spike. After a
     failure that recurs, Arc's backoff stays a multiplier on the loop's LR."""
