@@ -24,6 +24,7 @@ import torch
 
 from arc_dist.checkpoint import CheckpointManager, CheckpointStorageError, TrainState, scan, verify
 from arc_dist.checkpoint.catalog import CheckpointInfo
+from arc_dist.checkpoint.dcp_io import SafeReader
 from arc_dist.checkpoint.manifest import (
     CONFIRMED_NAME,
     MANIFEST_NAME,
@@ -100,6 +101,16 @@ def test_manifest_roundtrip_and_rejects_garbage():
     ):
         with pytest.raises(ManifestError):
             Manifest.from_json(bad)
+    # parsed strictly: standard JSON only, one meaning per key, files inside the directory
+    good = m.to_json().decode()
+    for bad, why in (
+        (good.replace('"step": 7', '"step": NaN'), "NaN is not JSON"),
+        (good.replace('"step": 7', '"step": 7, "step": 8'), "duplicate keys"),
+        (good.replace('"__0_0.distcp"', '"../../etc/passwd"'), "outside its directory"),
+        (good.replace('"size": 5', '"size": -5'), "sized < 0"),
+    ):
+        with pytest.raises(ManifestError, match=why):
+            Manifest.from_json(bad.encode())
 
 
 def _info(step: int, state: str) -> CheckpointInfo:
@@ -366,21 +377,39 @@ def test_other_model_is_rejected_with_key_names(tmp_path):
     assert "unexpected keys" in str(err.value) and "train.model.4.weight" in str(err.value)
 
 
-def test_metadata_is_never_unpickled_freely(tmp_path):
+def _dotted_global_pickle(module: str, name: str, arg: str) -> bytes:
+    """Protocol 4: ``STACK_GLOBAL(module, name)(arg)``; a dotted name resolves attributes."""
+
+    def text(t: str) -> bytes:
+        return b"\x8c" + bytes([len(t.encode())]) + t.encode()
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
+@pytest.mark.parametrize("how", ["reduce", "dotted"])
+def test_metadata_is_never_unpickled_freely(tmp_path, how):
     run = Run()
     with manager(tmp_path / "ck") as mgr:
         mgr.save(1, run.app_state(), blocking=True)
     step_dir = tmp_path / "ck" / "step_1"
     marker = tmp_path / "pwned"
-    evil = pickle.dumps(_Evil(str(marker)))
+    if how == "reduce":
+        evil = pickle.dumps(_Evil(str(marker)))
+    else:  # an allowed module, then attribute lookups out of it: os.system
+        evil = _dotted_global_pickle(
+            "torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"
+        )
     (step_dir / ".metadata").write_bytes(evil)
-    doc = json.loads((step_dir / MANIFEST_NAME).read_text())  # a consistent manifest: only the
+    # whoever can write .metadata can rewrite the manifest too: checksums do not stop it
+    doc = json.loads((step_dir / MANIFEST_NAME).read_text())
     h = new_hasher(doc["checksum_algorithm"])
     h.update(evil)
     doc["files"][".metadata"] = {"size": len(evil), "checksum": h.hexdigest()}
-    (step_dir / MANIFEST_NAME).write_text(json.dumps(doc))  # unpickler stands in the way
+    (step_dir / MANIFEST_NAME).write_text(json.dumps(doc))
     with manager(tmp_path / "ck") as m2, pytest.raises(CheckpointError, match="not DCP metadata"):
         m2.load(Run().app_state())
+    with pytest.raises(pickle.UnpicklingError, match="not DCP metadata"):
+        SafeReader(str(step_dir), storage_options={}).read_metadata()
     assert not marker.exists()
 
 

@@ -94,6 +94,11 @@ def test_manifest_check_names_what_changed():
     assert "ArcConfig changed" in check_manifest(m, _ident(config_digest="e"), 30)
     assert "not rank step 25" in check_manifest(m, _ident(), 25)
     assert "not an arc-dist" in check_manifest({"format": "x"}, _ident(), 30)
+    # a manifest never leads the reader out of its directory
+    assert "garbles its file" in check_manifest(
+        {**m, "file": {**m["file"], "name": "../../x.pt"}}, _ident(), 30
+    )
+    assert "outside its directory" in check_manifest({**m, "shared": "../s"}, _ident(), 30)
     del m["lineage"]
     assert "garbles" in check_manifest(m, _ident(), 30)
 
