@@ -124,11 +124,7 @@ def check_manifest(m: Any, ident: Identity, step: int, *, kind: str = "rank") ->
                     f"ranks, now {ident.host} with {ident.local_world_size})"
                 )
         f = m["file"]
-        if (
-            not is_plain_name(f["name"])
-            or int(f["size"]) < 0
-            or not isinstance(f["checksum"], str)
-        ):
+        if not is_plain_name(f["name"]) or int(f["size"]) < 0 or not isinstance(f["checksum"], str):
             return "manifest garbles its file entry"
         if not isinstance(m["lineage"], str):
             return "manifest garbles its lineage"

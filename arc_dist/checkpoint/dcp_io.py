@@ -185,9 +185,8 @@ _METADATA_GLOBALS = frozenset(
         ("pathlib", "PurePosixPath"),
         *(
             ("builtins", n)
-            for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str",
-                      "bytes", "bool", "complex", "slice")
-        ),  # fmt: skip
+            for n in "dict list tuple set frozenset int float str bytes bool".split()
+        ),
     }
 )
 

@@ -222,7 +222,9 @@ class Manifest:
             raise ManifestError(f"manifest misses or garbles a field ({e!r})") from None
         bad = [n for n, e in m.files.items() if not is_plain_name(n) or e.size < 0]
         if bad:
-            raise ManifestError(f"manifest lists files outside its directory or sized < 0: {bad[:4]}")
+            raise ManifestError(
+                f"manifest lists files outside its directory or sized < 0: {bad[:4]}"
+            )
         if m.checksum_algorithm not in CHECKSUM_ALGORITHMS:
             raise ManifestError(f"manifest uses unknown checksum {m.checksum_algorithm!r}")
         if ".metadata" not in m.files:
