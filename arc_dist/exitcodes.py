@@ -121,7 +121,8 @@ class WorkerFailure:
     #: the device named by a device error (``HardwareError``), if any
     device: str | None = None
     #: False for device errors that may be a peer's or the program's fault (NCCL timeouts,
-    #: device-side asserts): they do not count towards the bad-node rule
+    #: device-side asserts, illegal addresses): they count towards the bad-node rule only when
+    #: other hosts ran the same attempt without them
     blames_host: bool = True
 
     def describe(self) -> str:
@@ -244,23 +245,34 @@ def root_cause(failures: Sequence[WorkerFailure]) -> WorkerFailure | None:
 
 
 def _blamed_host(failures: Sequence[WorkerFailure]) -> tuple[bool, str | None]:
-    """(True, host) when one attempt's failures include a device error that blames its host:
-    the earliest such error's host (None for files that carry no host); else (False, None)."""
-    blaming = [f for f in failures if f.exit_code == ExitCode.HARDWARE and f.blames_host]
-    if not blaming:
-        return False, None
-    return True, min(blaming, key=lambda f: (f.time, f.local_rank)).host
+    """(True, host) when one attempt's failures point at one host's hardware; else (False, None).
+
+    Evidence: a device error that blames its own host (ECC, a lost device, NVLink, an Xid): the
+    earliest one's host (None for files that carry no host). Or device errors that do not (an
+    illegal address, a launch failure: a kernel bug looks the same) seen on one host only, while
+    ranks on other hosts ran the same code and failed otherwise (their peer errors). One host
+    running alone, or every host failing alike, is no evidence against the hardware.
+    """
+    device = [f for f in failures if f.exit_code == ExitCode.HARDWARE]
+    blaming = [f for f in device if f.blames_host]
+    if blaming:
+        return True, min(blaming, key=lambda f: (f.time, f.local_rank)).host
+    hosts = {f.host for f in device}
+    others = {f.host for f in failures if f.host is not None} - hosts
+    if len(hosts) == 1 and None not in hosts and others:
+        return True, next(iter(hosts))
+    return False, None
 
 
 def hardware_streak(failures: Sequence[WorkerFailure], last_attempt: int) -> int:
     """How many attempts in a row, ending with ``last_attempt``, failed on a device error that
-    blames the same host.
+    points at the same host's hardware.
 
-    An attempt counts when its root cause is a device error (HARDWARE) and one of its device
-    errors blames its own host (not an NCCL timeout or a device-side assert, which a peer or the
-    program may have caused); the streak breaks at an attempt that does not count or whose host
-    differs (with a log folder shared by several nodes, only one host's failures in a row mean
-    that host is bad).
+    An attempt counts when its root cause is a device error (HARDWARE) and its failures point at
+    one host (:func:`_blamed_host`: not an NCCL timeout, a device-side assert or a kernel's
+    illegal address alone, which a peer or the program may have caused); the streak breaks at an
+    attempt that does not count or whose host differs (with a log folder shared by several
+    nodes, only one host's failures in a row mean that host is bad).
     """
     streak, host = 0, None
     for attempt in range(last_attempt, -1, -1):

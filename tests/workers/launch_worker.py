@@ -30,7 +30,7 @@ def main() -> None:
     if mode == "unrecoverable":
         raise UnrecoverableError(f"step 7: nonfinite_loss persisted on rank {rank}")
     if mode == "hardware":
-        raise HardwareError(f"rank {rank}: simulated CUDA error: an illegal memory access")
+        raise HardwareError(f"rank {rank}: simulated CUDA error: uncorrectable ECC error encountered")
     if mode == "kill":
         if rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
