@@ -52,7 +52,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 
 from ..errors import ArcError, CheckpointError, ExitCode
 from . import retention
@@ -146,10 +146,10 @@ def _retriable(e: BaseException) -> bool:
     return "permission" not in {_kind(x) for x in _flatten_failures(e)}
 
 
-class _RecordingStager(DefaultStager):
-    """DCP's stager (reused, so its CPU buffers are too) that keeps the last staged copy for retries."""
+class _Stager(DefaultStager):
+    """DCP's stager, reused so its CPU buffers are too; staging is synchronous (no future)."""
 
-    _synchronize_after_execute = False  # staging is synchronous: nothing to wait for
+    _synchronize_after_execute = False
 
     def __init__(self, cuda: bool) -> None:
         super().__init__(
@@ -160,11 +160,21 @@ class _RecordingStager(DefaultStager):
                 use_non_blocking_copy=cuda,
             )
         )
-        self.last: dict | None = None
+
+
+class _Staged(AsyncStager):
+    """Hands ``dcp.async_save`` a state already staged, once every rank agreed to save it."""
+
+    _synchronize_after_execute = False
 
     def stage(self, state_dict, **kwargs):
-        self.last = super().stage(state_dict, **kwargs)
-        return self.last
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclasses.dataclass(eq=False)
@@ -339,7 +349,7 @@ class CheckpointManager:
         self._unwritten_confirms: list[tuple[int, int, int]] = []  # rank 0: sidecars to retry
         self._closed = False
         self._loaded_step: int | None = None
-        self._stager = _RecordingStager(cuda=torch.cuda.is_available())
+        self._stager = _Stager(cuda=torch.cuda.is_available())
 
         error = None
         if self.rank == 0:
@@ -383,13 +393,14 @@ class CheckpointManager:
         dist.all_gather_object(out, obj, group=self._io_group)
         return out
 
-    def _agree_busy(self, busy: bool) -> bool:
+    def _any_rank(self, flag: bool) -> bool:
+        """Training thread: True on every rank when ``flag`` is True on any (one tiny all-reduce
+        on the checkpoint control group), so a save is made or skipped by all ranks alike."""
         if self.world_size == 1:
-            return busy
-        # training thread, own gloo group: every rank reaches the same skip decision
-        flag = torch.tensor([int(busy)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._ctrl_group)
-        return bool(flag.item())
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctrl_group)
+        return bool(t.item())
 
     # -- worker thread -------------------------------------------------------------------
     def _worker(self) -> None:
@@ -463,7 +474,19 @@ class CheckpointManager:
         self._loaded_step = None
         if blocking:
             self.wait()
-            job = _SaveJob(step, verdict, True, state=self._state_dict(app_state))
+            error: BaseException | None = None
+            try:
+                state = self._state_dict(app_state)
+            except Exception as e:
+                error = e
+            if self._any_rank(error is not None):  # nobody enters DCP without the others
+                if error is not None:
+                    raise error
+                raise CheckpointStorageError(
+                    f"arc_dist: checkpoint step_{step} not written: another rank could not "
+                    "prepare its state (its own error says why)"
+                )
+            job = _SaveJob(step, verdict, True, state=state)
             self._start_pending(job)
             self._submit(lambda: self._run_save(job))
             job.done.wait()
@@ -473,7 +496,7 @@ class CheckpointManager:
 
         with self._lock:
             busy = self._in_flight
-        if self._agree_busy(busy):
+        if self._any_rank(busy):
             self._stats["checkpoints_skipped"] += 1
             if self.rank == 0:
                 self.log.info(
@@ -485,26 +508,33 @@ class CheckpointManager:
         t0 = time.perf_counter()
         job = _SaveJob(step, verdict, False)
         self._start_pending(job)
+        # everything that can fail on one rank alone (staging: a pinned allocation, host memory,
+        # a user object's state_dict) happens before DCP, and every rank agrees on the outcome:
+        # a rank that skipped DCP would leave the others in its collectives until they time out
+        error: BaseException | None = None
         try:
-            state = self._state_dict(app_state)
+            job.state = self._stager.stage(self._state_dict(app_state))
             job.writer = self._writer(step)
-            if self.rank == 0 and step in self._known_steps:
-                self._queue.join()  # only rank-0 bookkeeping can be queued: no save is in flight
-                self._clear_step_dir(step, job.writer, quiet=False)
-            job.future = dcp.async_save(
-                state, storage_writer=job.writer, async_stager=self._stager, **self._dcp_kwargs()
-            )
-            job.state = self._stager.last
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException as e:  # staging failed (e.g. out of host memory): training goes on
+        except BaseException as e:
+            error = e
+        if self._any_rank(error is not None):  # training goes on; no rank enters DCP
             with self._lock:
                 self._in_flight, self._current = False, None
                 self._drop_pending(job)
+            job.state = None
             self._stats["checkpoint_failures"] += 1
             self._stats["checkpoints_abandoned"] += 1
-            self.log.error("[rank %d] %s", self.rank, self._failure_message(step, e))
+            why = error if error is not None else RuntimeError("another rank could not stage")
+            self.log.error("[rank %d] %s", self.rank, self._failure_message(step, why))
             return
+        if self.rank == 0 and step in self._known_steps:
+            self._queue.join()  # only rank-0 bookkeeping can be queued: no save is in flight
+            self._clear_step_dir(step, job.writer, quiet=False)
+        job.future = dcp.async_save(
+            job.state, storage_writer=job.writer, async_stager=_Staged(), **self._dcp_kwargs()
+        )
         self._stats["checkpoint_stall_s"] = time.perf_counter() - t0
         self._submit(lambda: self._run_save(job))
 
