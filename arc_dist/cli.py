@@ -102,7 +102,7 @@ def _cmd_checkpoints(args) -> int:
                     "bytes": i.nbytes,
                     "world_size": m.world_size if m else None,
                     "unix_time": m.unix_time if m else None,
-                    "manifest_error": i.manifest_error,
+                    "manifest_error": i.manifest_error or i.read_error,
                 }
             )
         print(json.dumps(out, indent=1))
@@ -115,10 +115,11 @@ def _cmd_checkpoints(args) -> int:
         m = i.manifest
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.unix_time)) if m else "-"
         world = str(m.world_size) if m else "-"
-        state = i.state if i.manifest_error is None else "unreadable"
+        problem = i.manifest_error or i.read_error
+        state = i.state if problem is None else "unreadable"
         print(f"{i.step:>10}  {state:<10} {when:<20} {world:>5} {_human(i.nbytes):>10}")
-        if i.manifest_error:
-            print(f"{'':>12}{i.manifest_error}")
+        if problem:
+            print(f"{'':>12}{problem}")
     return 0
 
 
@@ -134,6 +135,7 @@ def _register_checkpoints(sub) -> None:
 # -- verify -------------------------------------------------------------------------------------
 def _cmd_verify(args) -> int:
     from .checkpoint.catalog import scan, verify
+    from .checkpoint.storage import storage_fault
 
     root, step = _split_step(args.url)
     storage = _open(root, args)
@@ -152,7 +154,15 @@ def _cmd_verify(args) -> int:
             print(f"step_{info.step}: partial (no manifest: an incomplete save, not a checkpoint)")
             damaged += step is not None
             continue
-        problems = verify(storage, info)
+        try:
+            problems = verify(storage, info)
+        except Exception as e:
+            if not storage_fault(e):
+                raise
+            damaged += 1
+            print(f"step_{info.step}: UNREADABLE (a storage error, not proven damaged)")
+            print(f"    {type(e).__name__}: {e}")
+            continue
         if problems:
             damaged += 1
             print(f"step_{info.step}: DAMAGED")

@@ -37,6 +37,7 @@ from arc_dist.checkpoint.manifest import (
 from arc_dist.checkpoint.retention import plan_retention
 from arc_dist.cli import main as cli
 from arc_dist.errors import CheckpointError
+from tests import faultfs
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,
@@ -338,6 +339,39 @@ def test_damaged_checkpoint_falls_back(tmp_path, how, caplog):
         assert m2.load(fresh.app_state()) == 5  # ... and by load, which falls back
     assert_state_equal(fresh.model.state_dict(), reference_state(5))
     assert "step_10" in caplog.text and "unusable" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error,match,verify_on_load",
+    [
+        ("EndpointConnectionError", ".distcp", True),  # an object store outage: not an OSError
+        ("ConnectionError", ".metadata", True),
+        ("PermissionError", MANIFEST_NAME, True),  # expired credentials on the first read
+        ("TimeoutError", ".distcp", False),  # DCP's own read of the data
+    ],
+)
+def test_unreadable_checkpoint_is_retried_not_skipped(tmp_path, error, match, verify_on_load):
+    """Listing works but reading fails: exit 10 with the storage error, nothing skipped."""
+    run = Run()
+    run.train(5)
+    with manager(tmp_path / "ck", keep=5) as mgr:
+        mgr.save(5, run.app_state(), blocking=True)
+        run.train(5)
+        mgr.save(10, run.app_state(), blocking=True)
+    flaky = {"read_error": error, "match": match}
+    fresh = Run()
+    with pytest.raises(CheckpointStorageError) as err:
+        with manager(faultfs.url(tmp_path / "ck"), storage_options=flaky,
+                     verify_on_load=verify_on_load) as m2:  # fmt: skip
+            m2.load(fresh.app_state())
+    assert err.value.exit_code == 10
+    assert "step_10" in str(err.value) and "could not be read" in str(err.value)
+    assert f"{error}: " in str(err.value)  # the storage error itself
+    assert "step_5" not in str(err.value)  # not thrown away for an older one
+    # the storage answers again: the same checkpoint loads
+    with manager(faultfs.url(tmp_path / "ck")) as m3:
+        assert m3.load(fresh.app_state()) == 10
+    assert_state_equal(fresh.model.state_dict(), reference_state(10))
 
 
 def test_no_usable_checkpoint_names_each(tmp_path):

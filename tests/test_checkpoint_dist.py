@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist.checkpoint import CheckpointManager, PerRank, TrainState, scan
+from tests import faultfs
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,
@@ -103,6 +104,30 @@ def scan_url(url: str):
     from arc_dist.checkpoint.storage import Storage
 
     return scan(Storage(url))
+
+
+# -- one node cannot read at resume ------------------------------------------------------------
+def _one_rank_cannot_read_worker(rank, world, path):
+    model, opt, sched = _setup("ddp")
+    with CheckpointManager(path, confirm_after=0) as mgr:
+        for step in (2, 4):
+            train_steps(model, opt, step - 2, step, sched)
+            mgr.save(step, {"train": TrainState(model, opt, sched)}, blocking=True)
+    flaky = {"read_error": "PermissionError", "match": ".distcp", "ranks": [1]}
+    with CheckpointManager(faultfs.url(path), storage_options=flaky) as m2:
+        try:
+            m2.load({"train": TrainState(*_setup("ddp"))})
+            return None
+        except Exception as e:
+            return type(e).__name__, int(e.exit_code), str(e)
+
+
+def test_a_rank_that_cannot_read_makes_every_rank_exit_for_a_retry(tmp_path):
+    r0, r1 = run_ranks(_one_rank_cannot_read_worker, 2, str(tmp_path / "ck"), timeout=90)
+    assert r0 == r1  # the same error, on both ranks
+    name, code, msg = r0
+    assert (name, code) == ("CheckpointStorageError", 10)
+    assert "step_4" in msg and "rank 1: PermissionError" in msg and "step_2" not in msg
 
 
 # -- async saves while DDP trains -------------------------------------------------------------

@@ -66,7 +66,7 @@ from .manifest import (
     default_algorithm,
     make_manifest,
 )
-from .storage import Storage, describe_options
+from .storage import Storage, describe_options, storage_fault
 
 # DCP warns on every call without an initialized process group; world size 1 is a supported mode
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
@@ -864,29 +864,36 @@ class CheckpointManager:
         )
 
     def _try_load(self, info: CheckpointInfo, app_state: dict) -> str | None:
-        """Every rank: None on success, else why ``info`` is unusable (the same on every rank)."""
+        """Every rank: None on success, else why ``info`` is unusable (the same on every rank).
+
+        A checkpoint that is damaged or does not fit is skipped (the caller tries an older one);
+        one that any rank could not *read* (``storage_fault``: an outage, expired credentials,
+        a node without access) raises ``CheckpointStorageError`` on every rank: nothing says it
+        is damaged, and falling back would silently lose the newest progress.
+        """
         if info.manifest is None:
+            if info.read_error is not None:
+                self._unreadable(info, [f"rank 0: {info.read_error}"])
             return info.manifest_error or "manifest missing"
         names = sorted(info.manifest.files)
-        problems: list[str] = []
+        why = fault = None
         if self.verify_on_load:
             try:
-                problems = verify(self.storage, info, names[self.rank :: self.world_size])
-            except Exception as e:  # e.g. an object store error that is not an OSError: every
-                # rank must still reach the gather below
-                problems = [f"verification failed on rank {self.rank}: {type(e).__name__}: {e}"]
-        problems = [p for ps in self._all_gather(problems) for p in ps]
-        if problems:
-            return "; ".join(problems)
+                why = "; ".join(verify(self.storage, info, names[self.rank :: self.world_size]))
+            except Exception as e:  # every rank must still reach the gather below
+                why, fault = self._classify(e, "verification failed")
+        why = self._agree_on(info, why or None, fault)
+        if why:
+            return why
 
         url = self.storage.to_url(info.path)
-        why = None
+        why = fault = None
         try:
             md = SafeReader(url, storage_options=self.storage.options).read_metadata()
             load_sd, dynamic, why = self._load_template(app_state, md)
         except Exception as e:
-            why = f"DCP metadata unreadable ({type(e).__name__}: {e})"
-        why = next((w for w in self._all_gather(why) if w), None)
+            why, fault = self._classify(e, "DCP metadata unusable")
+        why = self._agree_on(info, why, fault)
         if why:
             return why
         if info.manifest.world_size != self.world_size and self.rank == 0:
@@ -896,6 +903,7 @@ class CheckpointManager:
                 info.manifest.world_size,
                 self.world_size,
             )
+        why = fault = None
         try:
             # tensors load in place into the templates (the model's own parameters where
             # get_state_dict returns them); other values are set into the nested templates
@@ -913,8 +921,30 @@ class CheckpointManager:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:
-            why = f"loading failed: {_describe(e)}"
-        return next((w for w in self._all_gather(why) if w), None)
+            why, fault = self._classify(e, "loading failed")
+        return self._agree_on(info, why, fault)
+
+    def _classify(self, e: BaseException, what: str) -> tuple[str | None, str | None]:
+        """(why the checkpoint is unusable, None) or (None, the storage fault that hid it)."""
+        if any(storage_fault(x) for x in _flatten_failures(e)):
+            return None, _describe(e)
+        return f"{what}: {_describe(e)}", None
+
+    def _agree_on(self, info: CheckpointInfo, why: str | None, fault: str | None) -> str | None:
+        """Every rank: share each rank's outcome; raise on all when any rank could not read."""
+        gathered = self._all_gather((why, fault))
+        faults = [f"rank {r}: {f}" for r, (_, f) in enumerate(gathered) if f]
+        if faults:
+            self._unreadable(info, faults)
+        return next((w for w, _ in gathered if w), None)
+
+    def _unreadable(self, info: CheckpointInfo, faults: list[str]) -> None:
+        raise CheckpointStorageError(
+            f"arc_dist: checkpoint step_{info.step} in {self.storage.display} could not be read "
+            f"({'; '.join(faults)}). It was not skipped for an older one: nothing says it is "
+            "damaged. Fix: check that every node reaches the storage with valid credentials and "
+            "read access; a restart (exit code 10) tries it again"
+        )
 
     def _load_template(self, app_state: dict, md) -> tuple[dict, dict[str, list[str]], str | None]:
         """What DCP loads into, the checkpoint keys of each dynamic object, and what does not match.

@@ -173,6 +173,30 @@ class Storage:
         return size, h.hexdigest()
 
 
+#: packages whose exceptions are storage or network faults (object store clients, HTTP stacks)
+_IO_PACKAGES = frozenset(
+    {"botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "adlfs", "azure", "google", "aiohttp",
+     "urllib3", "requests", "http", "ssl", "socket", "fsspec"}
+)  # fmt: skip
+
+
+def storage_fault(e: BaseException) -> bool:
+    """True when ``e`` is the storage failing to answer (an outage, a timeout, expired
+    credentials, access denied on one node), not a file that is missing or damaged.
+
+    Reading a checkpoint that fails this way says nothing about the checkpoint: it must not be
+    thrown away for an older one, and a restart may succeed. ``FileNotFoundError`` is not one
+    (the file is gone: that is damage); other ``OSError``s and the exceptions of object-store
+    clients and HTTP stacks (botocore's are not ``OSError``s) are. A path that is a directory
+    where a file should be (or the reverse) is damage too.
+    """
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(e, OSError):
+        return True
+    return any(c.__module__.split(".")[0] in _IO_PACKAGES for c in type(e).__mro__[:-2])
+
+
 _SAFE_KEY = re.compile(r"(secret|token|password|key|credential)", re.IGNORECASE)
 
 
