@@ -472,6 +472,7 @@ class Launcher:
         self.spec = spec
         self.proc: subprocess.Popen | None = None
         self.signalled: str | None = None
+        self._signum = signal.SIGTERM
         self._stopping_since: float | None = None
         self._preexisting: set[str] = set()
         self.agent_error_file = ""
@@ -491,11 +492,11 @@ class Launcher:
     def _on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         if self.signalled is None:
-            self.signalled = name
+            self.signalled, self._signum = name, signum
             _say(
                 f"received {name}: forwarding it to torchrun (pid {self.proc.pid if self.proc else '?'})"
             )
-        self._stop(signum)
+        self._stop(signum)  # nothing to stop yet before torchrun started: run() forwards it
 
     def _stop(self, signum: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -541,11 +542,15 @@ class Launcher:
             signal.signal(s, self._on_signal)
         early: Outcome | None = None
         try:
-            # own session: a terminal's Ctrl-C reaches torchrun once, through us
-            self.proc = subprocess.Popen(
-                cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig
-            )
-            while self.proc.poll() is None:
+            if self.signalled is None:  # preempted before anything started: start nothing
+                # own session: a terminal's Ctrl-C reaches torchrun once, through us
+                self.proc = subprocess.Popen(
+                    cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig
+                )
+                if self.signalled is not None:  # it came while torchrun was being started
+                    _say(f"forwarding {self.signalled} to torchrun (pid {self.proc.pid})")
+                    self._stop(self._signum)
+            while self.proc is not None and self.proc.poll() is None:
                 time.sleep(self.poll_interval)
                 if early is None and self.signalled is None:
                     early = self._early_stop()
@@ -565,6 +570,10 @@ class Launcher:
                 self.proc.wait()
             for s, h in old.items():
                 signal.signal(s, h)
+        if self.proc is None:
+            outcome = Outcome(ExitCode.RETRY, f"preempted: {self.signalled} before torchrun started")
+            _say(f"torchrun not started; exit {int(outcome.exit_code)} (RETRY): {outcome.reason}")
+            return outcome
         rc = self.proc.returncode
         last_attempt, failures = scan_run_dirs(self._run_dirs())
         if early is not None:
