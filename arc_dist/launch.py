@@ -571,7 +571,9 @@ class Launcher:
             for s, h in old.items():
                 signal.signal(s, h)
         if self.proc is None:
-            outcome = Outcome(ExitCode.RETRY, f"preempted: {self.signalled} before torchrun started")
+            outcome = Outcome(
+                ExitCode.RETRY, f"preempted: {self.signalled} before torchrun started"
+            )
             _say(f"torchrun not started; exit {int(outcome.exit_code)} (RETRY): {outcome.reason}")
             return outcome
         rc = self.proc.returncode
