@@ -245,6 +245,27 @@ def test_unusable_local_tier_falls_back_to_durable_storage(tmp_path, run_id, dam
     assert_state_equal(state, reference_state(20))
 
 
+def test_local_restore_failing_midway_without_a_durable_checkpoint_fails_loudly(tmp_path, run_id):
+    import shutil
+
+    from arc_dist.errors import CheckpointError
+
+    ckpt, local = str(tmp_path / "ck"), str(tmp_path / "shm")
+    _crashed_run(ckpt, local)
+    shutil.rmtree(ckpt)  # no durable checkpoint to load over a half-restored state
+    arc, model, opt, sched, pos = _arc(ckpt, local, seed=1)
+
+    def broken(sd):  # the model and optimizer are restored by now: the state is half restored
+        raise RuntimeError("simulated: this object cannot take its state")
+
+    pos.load_state_dict = broken
+    with pytest.raises(CheckpointError, match="failed midway") as err:
+        arc.resume()  # before: "started fresh" at step 0 with the snapshot's weights
+    assert "simulated: this object cannot take its state" in str(err.value)
+    assert str(Path(local)) in str(err.value)  # what to remove to start fresh
+    arc._close(clean=False)
+
+
 def test_rollback_drops_newer_local_snapshots(tmp_path, run_id):
     arc, *rest = _arc(str(tmp_path / "ck"), str(tmp_path / "shm"))
     arc.resume()
