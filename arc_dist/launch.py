@@ -44,6 +44,7 @@ from .exitcodes import (
     Outcome,
     decide,
     hardware_streak,
+    no_progress_streak,
     read_error_file,
     scan_run_dirs,
 )
@@ -70,7 +71,10 @@ def main_entry(fn: _F) -> _F:
     with ``err.exit_code`` (11 for ``UnrecoverableError``, 12 for ``HardwareError``, ...), and a
     ``SystemExit`` with one of those codes (the script's own ``sys.exit(12)``,
     :class:`~arc_dist.errors.Preempted`) is recorded too, so the launcher can tell "do not
-    retry" from "restart". Other exceptions end the process with status 1 (RETRY).
+    retry" from "restart". Other exceptions are recorded and end the process with 11
+    (UNRECOVERABLE) when arc-dist's own validation raised them (a ``ValueError``/``TypeError``
+    such as a bad ``ArcConfig`` value), else 10 (RETRY). Every record carries the step the
+    worker resumed from and the step it reached, for the launcher's no-progress rule.
 
     Example::
 
@@ -90,23 +94,7 @@ def main_entry(fn: _F) -> _F:
         try:
             return _call_classified(fn, args, kwargs)
         except ArcError as err:
-            code = int(err.exit_code)
-            _write_error_file(err, code)
-            rank = os.environ.get("RANK", "0")
-            sys.stderr.write(
-                f"[arc] rank {rank}: {type(err).__name__}: {err} -> exit {code} "
-                f"({ExitCode(code).name})\n"
-            )
-            import traceback
-
-            traceback.print_exc()
-            sys.stderr.flush()
-            if code in (ExitCode.HARDWARE, ExitCode.BAD_NODE):
-                # the device cannot be trusted: interpreter teardown (NCCL communicators, the
-                # CUDA caching allocator) can hang or crash on it, so skip it
-                logging.shutdown()
-                os._exit(code)
-            sys.exit(code)
+            _exit_recorded(err, int(err.exit_code))
         except SystemExit as se:
             # a deliberate exit with one of our codes (sys.exit(12), arc_dist.Preempted, ...):
             # record it, so the launcher's summary says why
@@ -115,8 +103,12 @@ def main_entry(fn: _F) -> _F:
                 text = str(se)
                 _write_error_file(se if text and text != str(code) else f"SystemExit: {code}", code)
             raise
-        except Exception:
-            raise  # @record writes the error file; the process exits 1 (RETRY)
+        except Exception as err:
+            # arc-dist's own validation (a bad ArcConfig value, a checkpoint_dir that cannot
+            # work) fails the same way on every restart: 11; anything else may be transient: 10
+            # (the launcher's no-progress rule stops a bug that repeats before any progress)
+            code = ExitCode.UNRECOVERABLE if _usage_error(err) else ExitCode.RETRY
+            _exit_recorded(err, int(code))
         except BaseException as err:
             # e.g. torch.distributed.checkpoint's CheckpointException derives from
             # BaseException, which @record does not see
@@ -125,6 +117,40 @@ def main_entry(fn: _F) -> _F:
             raise
 
     return record(arc_wrapper)  # type: ignore[return-value]
+
+
+def _exit_recorded(err: BaseException, code: int) -> None:
+    """Record ``err`` in the error file (with this process's progress), say why, and exit."""
+    _write_error_file(err, code)
+    rank = os.environ.get("RANK", "0")
+    sys.stderr.write(
+        f"[arc] rank {rank}: {type(err).__name__}: {err} -> exit {code} ({ExitCode(code).name})\n"
+    )
+    import traceback
+
+    traceback.print_exception(type(err), err, err.__traceback__)
+    sys.stderr.flush()
+    if code in (ExitCode.HARDWARE, ExitCode.BAD_NODE):
+        # the device cannot be trusted: interpreter teardown (NCCL communicators, the
+        # CUDA caching allocator) can hang or crash on it, so skip it
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _usage_error(err: BaseException) -> bool:
+    """A ``ValueError``/``TypeError`` raised by arc-dist's own code: its validation of what the
+    script passed (``ArcConfig``, ``Arc``, ``checkpoint_dir``, ...), which never goes away on a
+    restart. Raised elsewhere (the script, torch), the same types may be data-dependent."""
+    if not isinstance(err, (ValueError, TypeError)) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
 
 
 def _call_classified(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -173,6 +199,7 @@ class LaunchSpec:
     log_dir: str = ""
     module: bool = False
     bad_node_after: int = 2
+    no_progress_after: int = 3
     preflight: bool = False
     shutdown_timeout: float = 30.0
     torchrun_args: list[str] = field(default_factory=list)
@@ -278,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         "BAD_NODE (13); 0 disables (ARC_BAD_NODE_AFTER; default 2)",
     )
     a(
+        "--no-progress-after",
+        type=int,
+        default=int(_env_default("NO_PROGRESS_AFTER", 3)),
+        help="attempts in a row that fail with the same error before passing the step they "
+        "resumed from (a bug in the script or its data, not a crash that moves on) before "
+        "exiting UNRECOVERABLE (11) instead of restarting again; peer, network, storage and "
+        "timeout errors never count; 0 disables (ARC_NO_PROGRESS_AFTER; default 3)",
+    )
+    a(
         "--preflight",
         action="store_true",
         default=_env_default("PREFLIGHT", "") not in ("", "0", "false", "no"),
@@ -334,6 +370,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LaunchSpec, bool]:
             log_dir=ns.log_dir,
             module=ns.module,
             bad_node_after=ns.bad_node_after,
+            no_progress_after=ns.no_progress_after,
             preflight=ns.preflight,
             shutdown_timeout=ns.shutdown_timeout,
             torchrun_args=list(ns.torchrun_arg),
@@ -369,6 +406,8 @@ def validate(spec: LaunchSpec) -> None:
         raise ValueError(f"--monitor-interval={spec.monitor_interval} is invalid: use seconds > 0")
     if spec.bad_node_after < 0:
         raise ValueError(f"--bad-node-after={spec.bad_node_after} is invalid: use >= 0")
+    if spec.no_progress_after < 0:
+        raise ValueError(f"--no-progress-after={spec.no_progress_after} is invalid: use >= 0")
     if not spec.shutdown_timeout > 0:
         raise ValueError(f"--shutdown-timeout={spec.shutdown_timeout} is invalid: use seconds > 0")
     if spec.max_nodes > 1:
@@ -588,6 +627,7 @@ class Launcher:
                 signalled=self.signalled,
                 agent_message=self._agent_message(),
                 bad_node_after=spec.bad_node_after,
+                no_progress_after=spec.no_progress_after,
             )
         _say(
             f"torchrun exited {rc}; exit {int(outcome.exit_code)} "
@@ -602,11 +642,19 @@ class Launcher:
             return None
         # the newest attempt may still be running: count the streak from the newest failure
         last_attempt = failures[-1].attempt
-        if any(f.exit_code in STOP_CODES for f in failures) or (
-            self.spec.bad_node_after > 0
-            and hardware_streak(failures, last_attempt) >= self.spec.bad_node_after
+        spec = self.spec
+        if (
+            any(f.exit_code in STOP_CODES for f in failures)
+            or (0 < spec.bad_node_after <= hardware_streak(failures, last_attempt))
+            or (0 < spec.no_progress_after <= no_progress_streak(failures, last_attempt))
         ):
-            return decide(None, failures, last_attempt, bad_node_after=self.spec.bad_node_after)
+            return decide(
+                None,
+                failures,
+                last_attempt,
+                bad_node_after=spec.bad_node_after,
+                no_progress_after=spec.no_progress_after,
+            )
         return None
 
     def _preflight(self) -> Outcome | None:

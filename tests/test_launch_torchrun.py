@@ -101,6 +101,16 @@ def test_unrecoverable_error_exits_11_without_a_restart_loop(tmp_path):
     assert max(r for r, _, _ in run.starts) <= 1
 
 
+@pytest.mark.timeout(240)
+def test_the_same_bug_before_any_progress_exits_11_after_three_attempts(tmp_path):
+    run = Launch(tmp_path, "bug", "--nproc-per-node=2", "--max-restarts=6")
+    rc, out = run.wait(200)
+    assert rc == ExitCode.UNRECOVERABLE, out
+    assert "3 attempts in a row failed with the same error before passing the step" in out
+    assert "KeyError: \"'labels'\"" in out and "stopping torchrun instead of restarting" in out
+    assert 2 <= max(r for r, _, _ in run.starts) <= 3  # not 6 restarts (one may slip through)
+
+
 @pytest.mark.timeout(180)
 def test_sigkilled_worker_exits_retry_when_restarts_run_out(tmp_path):
     run = Launch(tmp_path, "kill", "--nproc-per-node=2", "--max-restarts=1")

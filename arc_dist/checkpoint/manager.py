@@ -74,12 +74,19 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unav
 
 
 class CheckpointStorageError(ArcError):
-    """Checkpoint storage could not be written or listed; older checkpoints are untouched.
+    """Checkpoint storage could not be written, listed or read; older checkpoints are untouched.
 
-    Restarting can help (an outage ends, space is freed), so the exit code is ``RETRY``.
+    Restarting can help (an outage ends, space is freed), so the exit code is ``RETRY``;
+    except for a ``checkpoint_dir`` that cannot work as configured (permission denied, a file
+    where the directory should be, a bucket that does not exist), which is ``UNRECOVERABLE``.
     """
 
     exit_code = ExitCode.RETRY
+
+    def __init__(self, message: str, *, exit_code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class _CommitFailed(Exception):
@@ -138,6 +145,18 @@ def _fix_hint(e: BaseException) -> str:
     if "toolarge" in kinds:
         return "raise the file size limit (ulimit -f) or use a file system that allows larger files"
     return "check that the checkpoint storage is reachable and storage_options are right"
+
+
+def _config_fault(e: BaseException) -> str | None:
+    """The fix, when a ``checkpoint_dir`` that failed its start-up probe cannot work as
+    configured (a restart would fail the same way); None for faults that may pass."""
+    if isinstance(e, PermissionError):
+        return "make checkpoint_dir writable by this user (or pass another checkpoint_dir)"
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        return "checkpoint_dir (or a folder above it) is a file: pass a directory path"
+    if isinstance(e, FileNotFoundError):
+        return "create the bucket (arc-dist never creates one) or fix the URL's bucket name"
+    return None
 
 
 def _retriable(e: BaseException) -> bool:
@@ -358,7 +377,7 @@ class CheckpointManager:
                     self.storage.probe_writable()
                 self._known_steps = {i.step for i in scan(self.storage, read_manifests=False)}
             except Exception as e:  # OSError, botocore errors, ...
-                error = f"{type(e).__name__}: {e}"
+                error = (f"{type(e).__name__}: {e}", _config_fault(e))
             if error is None:
                 opts = describe_options(self.storage.options)
                 self.log.info(
@@ -369,10 +388,11 @@ class CheckpointManager:
                 )
         error = self._broadcast(error, self._ctrl_group)
         if error is not None:
+            what, fix = error
             raise CheckpointStorageError(
-                f"arc_dist: checkpoint_dir={self.storage.display!r} is not usable: {error}. Fix: "
-                "make it writable by this user, check that the storage is reachable and that "
-                "storage_options are right"
+                f"arc_dist: checkpoint_dir={self.storage.display!r} is not usable: {what}. Fix: "
+                + (fix or "check that the storage is reachable and that storage_options are right"),
+                exit_code=ExitCode.UNRECOVERABLE if fix else None,
             )
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._worker, name="arc-checkpoint", daemon=True)

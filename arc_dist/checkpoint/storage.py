@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 from .manifest import new_hasher
 
 _CHUNK = 8 << 20
+#: fsspec protocols without directories, where a missing root means a missing bucket
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 
 
 def redact(url: str) -> str:
@@ -152,8 +154,13 @@ class Storage:
             os.rmdir(path)
 
     def probe_writable(self) -> None:
-        """Create the root and write/remove a probe file; raises the filesystem's error."""
-        self.makedirs(self.root)
+        """Create the root and write/remove a probe file; raises the filesystem's error.
+
+        On object stores nothing is created first: there are no directories, and creating the
+        root would create a bucket that does not exist (a misspelt name) instead of failing.
+        """
+        if self.protocol not in _OBJECT_STORES:
+            self.makedirs(self.root)
         probe = self.join(f".arc_probe_{uuid.uuid4().hex[:8]}")
         self.fs.pipe_file(probe, b"arc-dist write probe")
         self.rm_file(probe)
