@@ -77,9 +77,22 @@ def _split_step(url: str) -> tuple[str, int | None]:
 
 
 def _open(url: str, args) -> object:
+    """The checkpoint root at ``url``; a usage error (exit 2) when nothing is there."""
     from .checkpoint.storage import Storage
 
-    return Storage(url, _storage_options(args.storage_option))
+    storage = Storage(url, _storage_options(args.storage_option))
+    storage.fs.invalidate_cache()
+    if not storage.fs.isdir(storage.root):
+        what = "is a file" if storage.fs.isfile(storage.root) else "does not exist"
+        raise _UsageError(
+            f"{storage.display} {what}, not a checkpoint directory. Fix: pass the checkpoint_dir "
+            "the job writes to (the folder or bucket prefix holding step_<N>/)"
+        )
+    return storage
+
+
+class _UsageError(Exception):
+    """A URL or flag the command cannot act on: a message and exit code 2, no traceback."""
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -262,10 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from .checkpoint.storage import storage_fault
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (OSError, ValueError) as e:
+    except _UsageError as e:
+        print(f"arc-dist {args.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the storage's own errors (botocore's are not OSErrors) too
+        if not (isinstance(e, (OSError, ValueError)) or storage_fault(e)):
+            raise
         print(f"arc-dist {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
