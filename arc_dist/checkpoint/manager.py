@@ -8,7 +8,10 @@ group, in the same order; the controller does this):
   training stall) and a background thread writes it, then commits. **At most one save is in
   flight**: when a periodic save is due while the previous one is still writing (or retrying), the
   new one is *skipped and counted* (``stats()["checkpoints_skipped"]``); ranks agree on that with
-  one tiny all-reduce, so they never diverge. Training never waits for slow storage.
+  one tiny all-reduce, so they never diverge. Training never waits for slow storage. Every
+  rank stages its copy *before* DCP and the ranks agree (another tiny all-reduce) that all of
+  them could: a rank whose staging failed (a pinned allocation, host memory) would otherwise
+  skip DCP while the others wait in its collectives; now the save is abandoned on every rank.
 * ``on_healthy_step(global_step)`` (every rank, no communication): counts healthy steps after each
   committed checkpoint; after ``confirm_after`` of them rank 0 writes the confirmation sidecar.
 * ``on_rollback(restored_step)`` (every rank, no communication): unconfirmed checkpoints newer than
@@ -17,7 +20,9 @@ group, in the same order; the controller does this):
 * ``load(app_state)`` (collective): the newest confirmed checkpoint (the newest committed one, with
   a warning, when none is confirmed); checksums are verified, the model's keys and shapes
   compared, and a damaged or incompatible checkpoint is skipped for the next older one.
-  ``CheckpointError`` names every checkpoint tried and why, only when none is usable.
+  ``CheckpointError`` names every checkpoint tried and why, only when none is usable. A
+  checkpoint that cannot be *read* (an outage, expired credentials, one node without access)
+  is not skipped: every rank raises ``CheckpointStorageError`` (exit code 10, restart).
 * ``wait()``, ``close()`` (every rank): wait for the save in flight; ``close`` also stops the thread.
 
 Commit protocol per save: DCP data files (each rank its own), DCP ``.metadata`` (rank 0, via temp
