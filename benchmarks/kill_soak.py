@@ -25,8 +25,9 @@ every restart, the catalog of the checkpoint root taken by the new rank 0 *befor
 
 A launcher that does not exit 0, or a trial past its timeout, is a ``failed_restart``.
 
-    nice python benchmarks/kill_soak.py --trials 100 --json soak.json   # ~45 min on 2 cores
+    nice python benchmarks/kill_soak.py --trials 100 --json soak.json   # 1-2 h on 2 busy cores
     python benchmarks/kill_soak.py --trials 4 --seed 1                 # a quick look
+    python benchmarks/kill_soak.py --summarize soak.json more.json     # one table of runs
 """
 
 from __future__ import annotations
@@ -269,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write every trial's record here")
     p.add_argument("--root", help="trial folders go here (default: a new temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the trial folders")
+    p.add_argument("--summarize", nargs="+", metavar="JSON", help="only print the table of runs")
     args = p.parse_args(argv)
+    if args.summarize:
+        results = [r for path in args.summarize for r in json.loads(Path(path).read_text())]
+        print(f"{len(results)} trials\n{summarize(results)}")
+        return 1 if any(r["anomalies"] for r in results) else 0
     root = Path(args.root or tempfile.mkdtemp(prefix="arc-soak-"))
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
