@@ -257,7 +257,7 @@ def summarize(results: list[dict]) -> str:
             continue
         counts = Counter(a for r in rs for a in r["anomalies"])
         landed = sum(1 for r in rs if r["kills"])
-        checked = sum(len(r["resumes"]) for r in rs)
+        checked = sum(1 for r in rs for x in r["resumes"] if x["restart"] > 0)
         rows.append(f"| {phase} | {len(rs)} | {landed} | {checked} | "
                     + " | ".join(str(counts[a]) for a in ANOMALIES) + " |")  # fmt: skip
     return "\n".join(rows)
