@@ -501,6 +501,17 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def sigkill_all(pids) -> None:
+    """SIGKILL each process and its process group (workers run in sessions of their own);
+    ones already gone are skipped."""
+    for pid in pids:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 class Launcher:
     """Runs one torchrun and decides the exit code. Use :meth:`run` from the main thread."""
 
@@ -549,12 +560,7 @@ class Launcher:
     def _kill_all(self) -> None:
         """torchrun did not stop in time: SIGKILL it and every worker (own process groups)."""
         assert self.proc is not None
-        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        sigkill_all([self.proc.pid, *_descendants(self.proc.pid)])
 
     def run(self) -> Outcome:
         spec = self.spec

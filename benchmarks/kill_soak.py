@@ -45,6 +45,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from arc_dist.launch import _descendants, sigkill_all
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "benchmarks" / "_soak_worker.py"
 PHASES = ("step", "save", "commit", "resume")
@@ -67,12 +69,6 @@ def _markers(d: Path) -> list[dict]:
             except ValueError:
                 pass  # a line cut by the kill
     return out
-
-
-def _descendants(pid: int) -> list[int]:
-    from arc_dist.launch import _descendants as d
-
-    return d(pid)
 
 
 class _Job:
@@ -133,12 +129,7 @@ class _Job:
             return None
         finally:
             self.tree.update(_descendants(self.proc.pid))
-            for pid in [self.proc.pid, *self.tree]:
-                for kill in (os.killpg, os.kill):
-                    try:
-                        kill(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+            sigkill_all([self.proc.pid, *self.tree])
             self.proc.wait()
             self.log.close()
 

@@ -323,14 +323,20 @@ def _damage(step_dir, how: str) -> None:
         (step_dir / MANIFEST_NAME).write_text("{garbled")
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "delete", "manifest"])
-def test_damaged_checkpoint_falls_back(tmp_path, how, caplog):
+def _steps_5_and_10(root) -> CheckpointManager:
+    """Checkpoints of the tiny workload at steps 5 and 10 under ``root``; the closed manager."""
     run = Run()
     run.train(5)
-    with manager(tmp_path / "ck", keep=5) as mgr:
+    with manager(root, keep=5) as mgr:
         mgr.save(5, run.app_state(), blocking=True)
         run.train(5)
         mgr.save(10, run.app_state(), blocking=True)
+    return mgr
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete", "manifest"])
+def test_damaged_checkpoint_falls_back(tmp_path, how, caplog):
+    mgr = _steps_5_and_10(tmp_path / "ck")
     _damage(tmp_path / "ck" / "step_10", how)
     info = next(i for i in scan(mgr.storage) if i.step == 10)
     assert verify(mgr.storage, info)  # the damage is found by verify ...
@@ -352,12 +358,7 @@ def test_damaged_checkpoint_falls_back(tmp_path, how, caplog):
 )
 def test_unreadable_checkpoint_is_retried_not_skipped(tmp_path, error, match, verify_on_load):
     """Listing works but reading fails: exit 10 with the storage error, nothing skipped."""
-    run = Run()
-    run.train(5)
-    with manager(tmp_path / "ck", keep=5) as mgr:
-        mgr.save(5, run.app_state(), blocking=True)
-        run.train(5)
-        mgr.save(10, run.app_state(), blocking=True)
+    _steps_5_and_10(tmp_path / "ck")
     flaky = {"read_error": error, "match": match}
     fresh = Run()
     with pytest.raises(CheckpointStorageError) as err:
