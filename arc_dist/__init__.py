@@ -1,6 +1,6 @@
 """arc-dist: fault tolerance for multi-node PyTorch training.
 
-Wrap the loop with :class:`Arc`; see README.md and ``shared/api.md`` for the contract. The
+Wrap the loop with :class:`Arc`; see README.md and ``docs/api.md`` for the contract. The
 controller (and torch) load on first use, so ``python -m arc_dist.launch`` and other tools that
 only need the configuration or the exit codes start fast.
 """
@@ -8,10 +8,18 @@ only need the configuration or the exit codes start fast.
 from typing import TYPE_CHECKING
 
 from .config import ArcConfig, Thresholds
-from .errors import ArcError, CheckpointError, ExitCode, Preempted, UnrecoverableError
+from .errors import (
+    ArcError,
+    CheckpointError,
+    ExitCode,
+    Preempted,
+    ReshardError,
+    UnrecoverableError,
+)
 
 if TYPE_CHECKING:
     from .controller import Action, Arc
+    from .data import ResumableDistributedSampler
 
 __all__ = [
     "Action",
@@ -21,6 +29,8 @@ __all__ = [
     "CheckpointError",
     "ExitCode",
     "Preempted",
+    "ReshardError",
+    "ResumableDistributedSampler",
     "Thresholds",
     "UnrecoverableError",
 ]
@@ -32,4 +42,8 @@ def __getattr__(name: str):
         from . import controller
 
         return getattr(controller, name)
+    if name == "ResumableDistributedSampler":
+        from .data import ResumableDistributedSampler
+
+        return ResumableDistributedSampler
     raise AttributeError(f"module 'arc_dist' has no attribute {name!r}")

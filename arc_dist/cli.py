@@ -9,7 +9,7 @@ Checkpoint commands (any fsspec URL; ``-o KEY=VALUE`` passes storage options, e.
 
     arc-dist checkpoints URL             list step, state, time, world size, size
     arc-dist verify URL[/step_N]         re-read every file, compare sizes and checksums
-    arc-dist prune URL --keep K          keep the K newest committed (and the newest confirmed)
+    arc-dist prune URL --keep K          keep the K newest committed (and newest confirmed, healthy)
 
 Run report (``report.py``)::
 
@@ -207,12 +207,15 @@ def _cmd_prune(args) -> int:
 
     from .checkpoint import retention
     from .checkpoint.catalog import scan
+    from .checkpoint.lifecycle import resume_order, trusted
 
     if args.keep < 1:
         print(f"arc-dist prune: --keep {args.keep} is invalid; keep at least 1", file=sys.stderr)
         return 2
     storage = _open(args.url, args)
-    victims = retention.plan_retention(scan(storage, read_manifests=False), args.keep)
+    infos = scan(storage)
+    healthy = [i.step for i in resume_order(infos) if trusted(i)][:1]  # what a resume loads
+    victims = retention.plan_retention(infos, args.keep, protect=set(healthy))
     if not victims:
         print("nothing to prune")
         return 0
@@ -235,7 +238,8 @@ def _register_prune(sub) -> None:
     p = sub.add_parser(
         "prune",
         help="delete old checkpoints and partial directories",
-        description="Keeps the K newest committed checkpoints and the newest confirmed one; "
+        description="Keeps the K newest committed checkpoints, the newest confirmed one and the "
+        "newest healthy one (the one a resume loads); "
         "removes partial directories older than the newest commit. Do not run it while a job "
         "is saving to URL.",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 
 
@@ -87,9 +88,11 @@ class ArcConfig:
     keep_snapshots: int = 2
     #: steps between durable checkpoints to ``checkpoint_dir``; 0 = only on ``save()``
     checkpoint_every: int = 0
-    #: durable checkpoints kept; the newest confirmed (healthy) one is never deleted
+    #: durable checkpoints kept; the newest healthy, the newest confirmed and the one resumed from
+    #: are never deleted (docs/checkpoints.md)
     keep_checkpoints: int = 3
-    #: healthy steps after a checkpoint before it counts as confirmed healthy
+    #: healthy steps after a checkpoint before it counts as confirmed healthy (a fallback kept
+    #: until a newer one is confirmed); warns unless <= checkpoint_every * keep_checkpoints
     confirm_after: int = 20
     #: write periodic checkpoints in the background (``dcp.async_save``)
     async_checkpoint: bool = True
@@ -206,6 +209,19 @@ class ArcConfig:
             raise TypeError(
                 f"ArcConfig.thresholds must be an arc_dist.config.Thresholds, "
                 f"got {type(self.thresholds).__name__}"
+            )
+        kept_for = self.checkpoint_every * self.keep_checkpoints
+        if self.checkpoint_every and self.confirm_after > kept_for:
+            # a warning, not an error: resume and rollback stay safe, the fallback is what suffers
+            warnings.warn(
+                f"ArcConfig.confirm_after={self.confirm_after} is more than checkpoint_every * "
+                f"keep_checkpoints = {self.checkpoint_every} * {self.keep_checkpoints} steps: "
+                "retention deletes most checkpoints before they can be confirmed, so the confirmed "
+                "fallback is old or missing (a restart still resumes from the newest healthy "
+                f"checkpoint). Fix: keep_checkpoints >= "
+                f"{-(-self.confirm_after // self.checkpoint_every)} or confirm_after <= {kept_for}",
+                UserWarning,
+                stacklevel=3,
             )
 
     def digest_fields(self) -> dict:

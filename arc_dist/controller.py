@@ -10,6 +10,7 @@ fault injection plug in here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -85,7 +86,7 @@ def _validate(model, optimizer, scheduler, config, process_group) -> None:
 
 
 class Arc:
-    """Protects a training loop; see ``shared/api.md`` for the contract."""
+    """Protects a training loop; see ``docs/api.md`` for the contract."""
 
     def __init__(
         self,
@@ -193,6 +194,7 @@ class Arc:
                 config_digest=_digest(self.config),
             )
         self._registered: dict[str, Any] = {}
+        self._held: dict[str, Any] = {}  # their state when step() last returned (_app_state)
         # node-local snapshots for fast restarts (local_tier.py); inactive until resume()
         self._local = self._make_local_tier(checkpoint_dir)
         self._local_static: dict | None = None
@@ -329,6 +331,8 @@ class Arc:
         self._rec.on_step(action)
         self._ride_loss = loss.detach() if not action.should_skip else None
         self._last = action
+        if self._registered:
+            self._hold_registered()
         self._last_step_end = time.monotonic()
         if self._watchdog is not None:
             self._watchdog.beat()
@@ -346,13 +350,14 @@ class Arc:
                 self._take_snapshot(persist=verdict.status == HEALTHY)
             if self._checkpoints is not None:
                 if verdict.status == HEALTHY:  # a warning does not count towards confirmation
-                    self._checkpoints.on_healthy_step(self.global_step)
+                    targets = [s.step for s in self._snapshots.snapshots]
+                    self._checkpoints.on_healthy_step(self.global_step, rollback_targets=targets)
                 every = self.config.checkpoint_every
                 # not when this exact state is what the newest checkpoint holds (just resumed,
                 # or rolled back to it): re-writing it would uncommit it for nothing
                 due = every and self.global_step > 0 and self.global_step % every == 0
                 if due and self.global_step != self._saved_step:
-                    self._save(blocking=not self.config.async_checkpoint)
+                    self._save(not self.config.async_checkpoint, verdict.status)
             self.global_step += 1
             self._lr.maybe_restore(self.global_step, self.rank)
             self._lr.remember()
@@ -442,7 +447,7 @@ class Arc:
                 int(Preempted.exit_code),
             )
         if saved:
-            self._save(blocking=True)
+            self._save(True, verdict.status)
         self._close(clean=False)  # a restart follows: keep the local snapshots
         raise Preempted(f"arc_dist: preempted (SIGTERM on ranks {ranks}) at step {self.global_step}")
 
@@ -535,7 +540,7 @@ class Arc:
                     "model_keys": model_keys(self.model),
                     "optimizer": type(self.optimizer).__name__,
                 }
-            own = own_state(self.state_dict(), self._registered)
+            own = own_state(self.state_dict(), self._held)
             self._local.submit(snap.step, snap, own=own, static=self._local_static)
         self._stats["snapshots"] += 1
         self._rec.snapshot(snap.step, snap.nbytes, time.monotonic() - t0)
@@ -548,7 +553,7 @@ class Arc:
         """The controller's own state (saved in checkpoints under the key ``"arc"``)."""
         return {
             "global_step": self.global_step,
-            "lr_scale": self._lr.scale,
+            "lr": self._lr.state_dict(),
             "policy": self._policy.state_dict(),
             "recovery": self._recovery.state_dict(),
             "stats": dict(self._stats),
@@ -556,20 +561,34 @@ class Arc:
 
     def load_state_dict(self, sd: dict) -> None:
         self.global_step = int(sd["global_step"])
-        self._lr.scale = float(sd["lr_scale"])
+        lr = sd.get("lr") or {  # saved without the restore step: wait a full recovery window
+            "scale": sd["lr_scale"],
+            "restore_at": self.global_step + self.config.recovery_steps,
+        }
+        self._lr.load_state_dict(lr)
         self._policy.load_state_dict(sd["policy"])
         self._recovery.load_state_dict(sd["recovery"])
         for k, v in sd.get("stats", {}).items():
             self._stats[k] = int(v)
 
     # -- durability ----------------------------------------------------------------------
-    def register(self, name: str, obj: Any, *, per_rank: bool = False) -> None:
+    def register(self, name: str, obj: Any, *, per_rank: bool = False,
+                 reshard: str = "error") -> None:  # fmt: skip
         """Save and restore ``obj`` (with ``state_dict``/``load_state_dict``) in checkpoints.
 
-        ``per_rank=True`` for state that differs between ranks (a sampler's position, a
-        data-loader worker's RNG): DCP keeps one copy of values saved under the same key by
-        several ranks, so each rank's copy is stored under its own key, and a rank that did
-        not exist in the saving job gets rank 0's.
+        A checkpoint written inside ``step()`` holds ``obj`` as it was when the previous
+        ``step()`` returned: a data position then counts the batches trained on, not the one in
+        flight, so a resumed run trains on that batch too. Advance such state before
+        ``step()`` (as a loader does when it yields the batch); ``save()`` takes it as it is.
+        ``obj.state_dict()`` is called and deep-copied at the end of every ``step()``: keep it
+        small (a position, not a buffer of samples).
+
+        ``per_rank=True`` for state that differs between ranks (a data iterator, a loader
+        worker's RNG): each rank's copy is stored under its own key. ``reshard`` says what a
+        resume at another world size does with it: ``"error"`` (:class:`~arc_dist.ReshardError`
+        on every rank), ``"copy_rank0"`` (new ranks start from rank 0's state) or
+        ``"keep_own"`` (new ranks keep their own); removed ranks' state is dropped. A global
+        position (:class:`~arc_dist.ResumableDistributedSampler`) needs none of this.
         """
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise TypeError(
@@ -578,29 +597,49 @@ class Arc:
             )
         if name in ("train", "arc") or name in self._registered:
             raise ValueError(f"Arc.register: the name {name!r} is taken; choose another")
+        from .checkpoint import PerRank, Reshard
+
+        if reshard not in [r.value for r in Reshard]:
+            raise ValueError(
+                f"Arc.register({name!r}, reshard={reshard!r}) is invalid: choose one of "
+                f"{[r.value for r in Reshard]}"
+            )
         if per_rank:
-            from .checkpoint import PerRank
-
-            obj = PerRank(obj)
+            obj = PerRank(obj, reshard, name=name)
+        elif reshard != "error" and self.rank == 0:
+            log.warning(
+                "arc_dist: Arc.register(%r, reshard=%r) has no effect without per_rank=True: "
+                "the state is saved once and every rank loads it", name, reshard,
+            )  # fmt: skip
         self._registered[name] = obj
+        self._held[name] = copy.deepcopy(obj.state_dict())
 
-    def _app_state(self) -> dict:
+    def _hold_registered(self) -> None:
+        """Every ``step()`` ends here: the registered state the next step's saves write."""
+        self._held = {n: copy.deepcopy(obj.state_dict()) for n, obj in self._registered.items()}
+
+    def _app_state(self, live: bool = True) -> dict:
+        """What a checkpoint holds. ``live=False`` (a save inside ``step()``): the registered
+        objects as the previous ``step()`` left them, before the batch in flight was drawn."""
         from .checkpoint import TrainState
 
         return {
             "train": TrainState(self.model, self.optimizer, self.scheduler, self.scaler),
             "arc": self,
-            **self._registered,
+            **(self._registered if live else self._held),
         }
 
-    def _save(self, blocking: bool) -> None:
+    def _save(self, blocking: bool, status: str, live: bool = False) -> None:
+        """``status``: the agreed verdict on the state saved; a restart prefers healthy ones."""
         assert self._checkpoints is not None
-        verdict = {"status": self._last.status if self._last else HEALTHY, "step": self.global_step}
+        verdict = {"status": status, "step": self.global_step}
         self._rec.checkpoint_start(self.global_step, blocking)
         self._saved_step = self.global_step
         try:
             with self._hang_allowance():
-                self._checkpoints.save(self.global_step, self._app_state(), verdict=verdict, blocking=blocking)
+                self._checkpoints.save(
+                    self.global_step, self._app_state(live), verdict=verdict, blocking=blocking
+                )
         finally:
             self._rec.poll_checkpoints()  # a blocking save's outcome is known now
 
@@ -608,13 +647,18 @@ class Arc:
         """Collective: a durable checkpoint of the current state now."""
         if self._checkpoints is None:
             raise ValueError("Arc.save() needs Arc(checkpoint_dir=...); none was given")
-        self._save(blocking)
+        last = self._last
+        # after a rollback or a skipped update the state is one that was judged healthy before
+        changed = last is not None and not last.should_skip
+        self._save(blocking, last.status if changed else HEALTHY, live=True)
 
     def resume(self) -> int:
-        """Collective: load the newest confirmed checkpoint, if any; returns ``global_step``.
+        """Collective: load the newest healthy checkpoint, if any; returns ``global_step``.
 
-        With the node-local tier on, its newest snapshot is used instead when every rank has it
-        and it is not older than the newest confirmed durable checkpoint (resume.py).
+        Healthy: saved under a healthy verdict (the final checkpoint on SIGTERM included) or
+        confirmed (docs/checkpoints.md). With the node-local tier on, its newest snapshot is used
+        instead when every rank has it and it is not older than that durable checkpoint
+        (resume.py).
         """
         if self._checkpoints is None and self._local is None:
             self._rec.resumed(None, 0.0)
@@ -635,6 +679,8 @@ class Arc:
             self._policy.on_rollback()
             self._signals.reset_expectations()
             self._lr.remember()
+        if self._registered:
+            self._hold_registered()  # the loaded position, for saves before the next step ends
         self._rec.resumed(step, time.monotonic() - t0, source=source or "durable")
         exitcodes.track_progress(self, self.global_step)
         return self.global_step

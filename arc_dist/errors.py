@@ -49,6 +49,18 @@ class CheckpointError(ArcError):
     exit_code = ExitCode.UNRECOVERABLE
 
 
+class ReshardError(ArcError):
+    """Per-rank state cannot follow a change of world size without a rule saying how.
+
+    Raised by ``Arc.resume()`` on every rank, before anything is loaded, when an object registered
+    with ``per_rank=True`` was saved by another number of ranks and its ``reshard`` choice is
+    ``"error"`` (the default). The message names the object and the choices. Retrying at the same
+    world size cannot help.
+    """
+
+    exit_code = ExitCode.UNRECOVERABLE
+
+
 class HangError(ArcError):
     """A rank made no progress within ``hang_timeout``."""
 

@@ -52,7 +52,7 @@ from .exitcodes import write_error_file as _write_error_file
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-#: environment every torchrun we start gets (see the module docstring and docs/PITFALLS)
+#: environment every torchrun we start gets (see the module docstring)
 FIXED_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 _PREFIX = "[arc-launch]"

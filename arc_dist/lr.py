@@ -67,6 +67,15 @@ class LRGuard:
         if rank == 0:
             log.info("arc_dist: recovered at step %d; lr scale back to %.3g", step, self.scale)
 
+    def state_dict(self) -> dict:
+        """The backoff in force and the step that may undo one factor of it (checkpointed)."""
+        return {"scale": self.scale, "restore_at": self._restore_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Only the bookkeeping: the LRs themselves come back with the optimizer and scheduler."""
+        self.scale = float(state["scale"])
+        self._restore_at = int(state["restore_at"])
+
     def _apply(self, factor: float) -> None:
         if factor == 1.0:
             return

@@ -10,7 +10,7 @@ Division of labour:
   worker, without Ray noticing;
 * a dead worker process makes Ray restart the whole worker group
   (``RunConfig(failure_config=FailureConfig(max_failures=N))``); the restarted loop calls
-  ``arc.resume()``, which loads the newest *confirmed* arc-dist checkpoint from
+  ``arc.resume()``, which loads the newest *healthy* arc-dist checkpoint from
   :func:`checkpoint_dir`. Ray's own checkpoint registry is not the source of truth: a checkpoint
   reported just before a crash may be missing from it, and it knows nothing about health.
 
@@ -21,7 +21,7 @@ Inside the loop (every worker)::
     def train_loop_per_worker(config):
         model = ray.train.torch.prepare_model(build_model())   # DDP
         arc = Arc(model, opt, checkpoint_dir=arc_ray.checkpoint_dir(), config=...)
-        arc.resume()                                  # after a Ray restart: newest confirmed
+        arc.resume()                                  # after a Ray restart: newest healthy
         while arc.global_step < steps:
             ...
             action = arc.step(loss)

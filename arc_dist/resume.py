@@ -7,8 +7,10 @@ durable checkpoint root, and the snapshots already rejected. The rules:
 
 1. only a (step, lineage) present on *every* rank counts (a rank restarted on another node, a
    world-size change, a file missing on one rank: durable storage);
-2. the newest such local snapshot wins unless it is older than the newest *confirmed* durable
-   checkpoint (stale); at the same step the local copy wins (the same state, read from memory);
+2. the newest such local snapshot wins unless it is older than the durable checkpoint a durable
+   resume would load first (the newest healthy one, checkpoint/lifecycle.py): that one holds
+   newer healthy work, a final checkpoint on SIGTERM for example; at the same step the local
+   copy wins (the same state, read from memory);
 3. when the durable listing fails, a local snapshot is used if there is one.
 
 A local choice is then verified (checksums, model keys and shapes) on every rank; a failure on
@@ -40,10 +42,11 @@ LOCAL, DURABLE = "local", "durable"
 class DurableView:
     """Rank 0's look at durable storage, shared with every rank."""
 
-    #: newest confirmed durable checkpoint step, None when there is none
-    confirmed: int | None = None
-    #: confirmed steps (a local resume at one of them need not save it again)
-    confirmed_steps: tuple[int, ...] = ()
+    #: the step a durable resume would load first (the newest healthy checkpoint), None: none
+    newest: int | None = None
+    #: steps of healthy committed checkpoints (a local resume at one of them need not save it
+    #: again)
+    healthy_steps: tuple[int, ...] = ()
     #: why the listing failed; None when it worked or there is no durable storage
     error: str | None = None
     #: False when Arc has no checkpoint_dir
@@ -95,20 +98,20 @@ def choose_source(
                 why += ": " + "; ".join(hints[:4])
         return Choice(DURABLE, None, None, why)
     step, lineage = max(common)
-    if durable.confirmed is not None and step < durable.confirmed:
+    if durable.newest is not None and step < durable.newest:
         return Choice(
             DURABLE, None, None,
-            f"the local snapshot (step {step}) is older than the newest confirmed durable "
-            f"checkpoint (step {durable.confirmed})",
+            f"the local snapshot (step {step}) is older than the newest healthy durable "
+            f"checkpoint (step {durable.newest})",
         )  # fmt: skip
     if not durable.configured:
         why = "no durable storage configured"
     elif durable.error is not None:
         why = f"durable storage could not be listed ({durable.error})"
-    elif durable.confirmed is None:
-        why = "no confirmed durable checkpoint"
+    elif durable.newest is None:
+        why = "no healthy durable checkpoint"
     else:
-        why = f"newest confirmed durable checkpoint: step {durable.confirmed}"
+        why = f"newest healthy durable checkpoint: step {durable.newest}"
     return Choice(LOCAL, step, lineage, why)
 
 
@@ -117,17 +120,18 @@ def _rejected(rejected: Collection[tuple[int, str]]) -> str:
 
 
 def durable_view(manager: Any) -> DurableView:
-    """Rank 0: one listing of the durable root (no manifest reads)."""
+    """Rank 0: one listing of the durable root and its manifests (small JSON reads)."""
     if manager is None:
         return DurableView(configured=False)
     from .checkpoint import scan
+    from .checkpoint.lifecycle import trusted
 
     try:
-        infos = scan(manager.storage, read_manifests=False)
+        infos = scan(manager.storage)
     except Exception as e:  # noqa: BLE001 - an unreachable store must not block a local resume
         return DurableView(error=f"{type(e).__name__}: {e}")
-    confirmed = tuple(sorted(i.step for i in infos if i.confirmed))
-    return DurableView(confirmed=confirmed[-1] if confirmed else None, confirmed_steps=confirmed)
+    healthy = tuple(sorted(i.step for i in infos if i.committed and trusted(i)))
+    return DurableView(newest=healthy[-1] if healthy else None, healthy_steps=healthy)
 
 
 # -- the collective resume ------------------------------------------------------------------------
@@ -210,7 +214,7 @@ def resume_from_tiers(
         problems = g.gather(why)
         payload = None
         if not any(problems):
-            saved = choice.step if choice.step in view.confirmed_steps else None
+            saved = choice.step if choice.step in view.healthy_steps else None
             outcome = Outcome(LOCAL, choice.step, saved, choice.reason)
         else:
             bad = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
@@ -298,8 +302,7 @@ def check_payload(payload: dict, model: torch.nn.Module, optimizer: torch.optim.
 
 
 def own_state(arc_state: dict, registered: dict) -> dict:
-    """Training thread, at a snapshot: the small per-rank state, deep-copied (written later)."""
-    return {
-        "arc": copy.deepcopy(arc_state),
-        "registered": {k: copy.deepcopy(o.state_dict()) for k, o in registered.items()},
-    }
+    """Training thread, at a snapshot: the small per-rank state, deep-copied (written later).
+
+    ``registered``: each registered object's state dict, by name."""
+    return {"arc": copy.deepcopy(arc_state), "registered": copy.deepcopy(registered)}

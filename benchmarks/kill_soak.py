@@ -19,11 +19,12 @@ every restart, the catalog of the checkpoint root taken by the new rank 0 *befor
 (what is committed once every writer of the killed group is dead) shows that:
 
 * the step resumed from was committed (never a partial directory: ``uncommitted_resume``);
-* it is the newest confirmed checkpoint (the newest committed one when none is confirmed),
-  so nothing committed was passed over (``resumed_older``);
+* it is the newest committed checkpoint (resume takes the newest healthy one, and every save
+  of this job is healthy), so nothing committed was passed over (``resumed_older``);
 * every committed checkpoint's files match its manifest (``corrupt_committed``);
-* every confirmed checkpoint seen is still there, or a newer confirmed one is, at the next
-  restart and at the end (retention keeps the newest confirmed one: ``lost_committed``).
+* every committed checkpoint seen is still there, or a newer committed one is, at the next
+  restart and at the end (retention keeps the newest healthy and the newest confirmed ones:
+  ``lost_committed``).
 
 A launcher that does not exit 0, or a trial past its timeout, is a ``failed_restart``.
 
@@ -173,18 +174,16 @@ def check(markers: list[dict], rc: int | None, final: list[dict]) -> tuple[list[
             anomalies.append("corrupt_committed")
         if step != 0 and step not in committed or step == 0 and committed:
             anomalies.append("uncommitted_resume" if step not in committed else "resumed_older")
-        expect = max(confirmed or committed or {0})
+        expect = max(committed or {0})
         if step in committed and step != expect:
             anomalies.append("resumed_older")
     observed.append(final)
     if any(c["problems"] for c in final):
         anomalies.append("corrupt_committed")
     for i, cat in enumerate(observed[:-1]):
-        later = observed[i + 1]
+        later = [x for x in observed[i + 1] if x["state"] != "partial"]
         for c in cat:
-            if c["state"] == "confirmed" and not any(
-                x["state"] == "confirmed" and x["step"] >= c["step"] for x in later
-            ):
+            if c["state"] != "partial" and not any(x["step"] >= c["step"] for x in later):
                 anomalies.append("lost_committed")
     return sorted(set(anomalies)), resumes
 

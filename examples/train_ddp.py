@@ -3,7 +3,7 @@
 A real (if small) training script: a byte-level GPT on the standard library's ``.py`` files (no
 download), DDP, durable checkpoints to ``--checkpoint-dir``, in-memory rollbacks, the hang
 watchdog, and faults from ``arc_dist.chaos`` on demand. Every (re)start calls ``arc.resume()``,
-so a job restarted by torchrun continues from the newest confirmed checkpoint, also with a
+so a job restarted by torchrun continues from the newest healthy checkpoint, also with a
 different number of ranks. Runs unchanged on CPU (gloo) and CUDA (nccl).
 
 Single node, 2 workers, through the launcher (sets the elastic flags, maps exit codes)::
@@ -237,7 +237,7 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
     )
     ckpt = None if args.checkpoint_dir.lower() == "none" else args.checkpoint_dir
     arc = Arc(model, opt, sched, checkpoint_dir=ckpt, config=config, chaos=chaos)
-    start = arc.resume()  # collective: the newest confirmed checkpoint, if any
+    start = arc.resume()  # collective: the newest healthy checkpoint, if any
     log.info(
         "run %s, restart %d, world size %d, %s: %s; %.1fM parameters, %d corpus bytes, faults: %s",
         run_id,

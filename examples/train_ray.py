@@ -4,7 +4,7 @@ The model, data and schedule are ``train_ddp.py``'s (imported from it); Ray's ``
 starts the workers, joins them into a process group and wraps the model in DDP. Arc runs inside
 ``train_loop_per_worker``: numeric faults are rolled back in place (Ray never notices), and when
 a worker process dies Ray restarts the whole group (``--max-failures``), whose loop calls
-``arc.resume()`` and continues from the newest confirmed checkpoint under
+``arc.resume()`` and continues from the newest healthy checkpoint under
 ``<storage-path>/<name>/arc``. Metrics and arc-dist's committed checkpoints are reported to Ray,
 so ``Result.checkpoint`` points at the newest one.
 
@@ -12,7 +12,7 @@ On this machine (Ray starts a local instance; 2 CPU workers)::
 
     python examples/train_ray.py --workers 2 --steps 300 --storage-path /tmp/arc-ray --name gpt
 
-Same name again: the run continues from its newest confirmed checkpoint. On a cluster, as a
+Same name again: the run continues from its newest healthy checkpoint. On a cluster, as a
 Ray job (the storage must be shared by every node: an object store or a shared mount)::
 
     python launch/ray_submit.py --address http://HEAD:8265 -- \\
@@ -113,7 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
         async_checkpoint=args.checkpoint_mode == "async",
     )
     arc = Arc(model, opt, sched, checkpoint_dir=ckpt, config=config_, chaos="")
-    start = arc.resume()  # collective: after a Ray restart, the newest confirmed checkpoint
+    start = arc.resume()  # collective: after a Ray restart, the newest healthy checkpoint
     chaos = args.chaos if args.chaos is not None else os.environ.get("ARC_CHAOS", "")
     if chaos and (start == 0 or args.chaos_on_restart):
         for f in parse(chaos):  # a fire drill hits the fresh run; the restart shows recovery

@@ -248,12 +248,12 @@ def test_rollback_during_async_save_prevents_commit(tmp_path):
     mgr.close()
 
 
-def test_resume_prefers_confirmed_and_warns_without(tmp_path, caplog):
+def test_resume_prefers_healthy_and_warns_without(tmp_path, caplog):
     run = Run()
     mgr = manager(tmp_path / "ck", confirm_after=2)
-    mgr.save(0, run.app_state(), blocking=True)
+    mgr.save(0, run.app_state(), blocking=True, verdict={"status": "warning"})
     run.train(4)
-    mgr.save(4, run.app_state(), blocking=True)
+    mgr.save(4, run.app_state(), blocking=True, verdict={"status": "warning"})
     mgr.close()
     with (
         caplog.at_level(logging.WARNING, logger="arc_dist"),
@@ -261,8 +261,8 @@ def test_resume_prefers_confirmed_and_warns_without(tmp_path, caplog):
     ):
         fresh = Run()
         assert m2.load(fresh.app_state()) == 4
-    assert "no checkpoint" in caplog.text and "confirmed" in caplog.text
-    # confirm step 0 only: resume goes to it, not to the newer unconfirmed step 4
+    assert "no checkpoint" in caplog.text and "healthy verdict or confirmed" in caplog.text
+    # confirm step 0: it is trusted now, the newer step 4 (saved under a warning) is not
     from arc_dist.checkpoint.manifest import confirmation_json
 
     (tmp_path / "ck" / "step_0" / CONFIRMED_NAME).write_bytes(confirmation_json(0, 2, 2))
@@ -271,7 +271,8 @@ def test_resume_prefers_confirmed_and_warns_without(tmp_path, caplog):
         assert m3.load(fresh.app_state()) == 0
         m3.wait()
     assert_state_equal(fresh.model.state_dict(), reference_state(0))
-    assert [(i.step, i.state) for i in scan(m3.storage)] == [(0, "confirmed")]  # 4 was redone
+    # nothing is deleted at a resume: step 4 goes when training saves step 4 again, or by retention
+    assert [(i.step, i.state) for i in scan(m3.storage)] == [(0, "confirmed"), (4, "committed")]
 
 
 def test_resave_same_step_replaces_old_files(tmp_path):

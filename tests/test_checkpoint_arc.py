@@ -1,6 +1,6 @@
 """End to end: ``Arc`` with durable checkpoints, on real gloo ranks, real files and a real S3 server.
 
-The loop is the one of shared/api.md. With identical batches on every rank, a DDP run's state at
+The loop is the one of docs/api.md. With identical batches on every rank, a DDP run's state at
 step N equals a single-process run's (tests/checkpoint_helpers.reference_state), so a resumed run
 can be checked bit for bit, also at another world size.
 """
@@ -100,20 +100,20 @@ def test_arc_async_saves_resume_elsewhere_and_fall_back(tmp_path):
         (20, "committed"),
     ]
 
-    # one rank resumes the 2-rank run: the newest confirmed checkpoint, not the newer unconfirmed
+    # one rank resumes the 2-rank run: the newest healthy checkpoint, confirmed or not
     (w1,) = run_ranks(_train_worker, 1, url, 23, None)
-    assert w1["start"] == 15 and w1["pos"] == 23
+    assert w1["start"] == 20 and w1["pos"] == 23
     assert_state_equal(w1["state"], reference_state(23))
 
-    # a flipped byte in the newest confirmed checkpoint: resume falls back to the one before
-    shard = tmp_path / "ck" / "step_15" / "__0_0.distcp"
+    # a flipped byte in the newest checkpoint: resume falls back to the one before
+    shard = tmp_path / "ck" / "step_20" / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x10
     shard.write_bytes(bytes(data))
     r0, r1 = run_ranks(_train_worker, 2, url, 23, None)
-    assert r0["start"] == r1["start"] == 10
+    assert r0["start"] == r1["start"] == 15
     assert_state_equal(r0["state"], reference_state(23))
-    assert all(not verify_problems for verify_problems in _verify_all(url))  # 15 was rewritten
+    assert all(not verify_problems for verify_problems in _verify_all(url))  # 20 was rewritten
 
 
 def _verify_all(url):

@@ -169,7 +169,7 @@ def test_async_saves_during_ddp_training(tmp_path):
 
 # -- resharding -----------------------------------------------------------------------------
 def _app(model, opt, sched, pos):
-    return {"train": TrainState(model, opt, sched), "data": PerRank(pos)}
+    return {"train": TrainState(model, opt, sched), "data": PerRank(pos, "copy_rank0")}
 
 
 def _save_worker(rank, world, base, kinds, step):
@@ -285,9 +285,10 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path, victim, point, thr
         assert all(i.step == 4 for i in infos.values() if i.committed)
     model = make_model(seed=3)
     opt, sched = make_optimizer(model)
+    newest = 8 if point == "after_manifest" else 4  # the newest committed (healthy) one
     with CheckpointManager(url, keep=1, confirm_after=0) as mgr:  # world size 1 now
-        assert mgr.load({"train": TrainState(model, opt, sched)}) == 4  # the newest confirmed
-        assert_state_equal(model.state_dict(), reference_state(4))
+        assert mgr.load({"train": TrainState(model, opt, sched)}) == newest
+        assert_state_equal(model.state_dict(), reference_state(newest))
         mgr.save(12, {"train": TrainState(model, opt, sched)}, blocking=True)
     # the next commit's retention removed the partial directory and the older checkpoints
     assert [(i.step, i.state) for i in scan(mgr.storage)] == [(12, "confirmed")]

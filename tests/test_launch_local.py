@@ -5,7 +5,7 @@ _launchproc.example_args). With durable checkpoints only every 50 steps, a rank 
 step 33 restarts from the node-local snapshot of step 30 and finishes with the loss of a
 fault-free run; the tier in /dev/shm is gone after the clean end. With every local snapshot of
 rank 1 corrupted (one flipped byte) before the restart, both ranks fall back to the newest
-confirmed durable checkpoint and the log says why.
+healthy durable checkpoint and the log says why.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_sigkill_resumes_from_the_local_snapshot_not_the_durable_checkpoint(tmp_
     assert "injecting crash at step 33" in out  # rank 1 SIGKILLs itself
     assert _check_finished(run, report, reference) == 30, out[-3000:]
     assert "resumed from the local snapshot tier at step 30" in out
-    assert "no confirmed durable checkpoint" in out
+    assert "no healthy durable checkpoint" in out
     if os.path.isdir("/dev/shm"):
         assert shm.startswith("/dev/shm/")
     assert not existed  # the clean end removed the tier

@@ -41,15 +41,15 @@ pytestmark = pytest.mark.timeout(120)
 # -- the choice: a pure function ------------------------------------------------------------------
 def test_choice_takes_the_newest_snapshot_every_rank_has():
     local = [[(30, "a.0"), (25, "a.0")], [(25, "a.0")]]
-    c = choose_source(local, DurableView(confirmed=20))
+    c = choose_source(local, DurableView(newest=20))
     assert (c.source, c.step, c.lineage) == (LOCAL, 25, "a.0")
-    assert "newest confirmed durable checkpoint: step 20" in c.reason
+    assert "newest healthy durable checkpoint: step 20" in c.reason
 
 
 def test_choice_falls_back_when_a_rank_lacks_it_or_lineages_differ():
-    c = choose_source([[(30, "a.0")], []], DurableView(confirmed=20), notes=[[], ["step_30: gone"]])
+    c = choose_source([[(30, "a.0")], []], DurableView(newest=20), notes=[[], ["step_30: gone"]])
     assert c.source == DURABLE and "missing on ranks [1]" in c.reason and "gone" in c.reason
-    c = choose_source([[(30, "a.0")], [(30, "b.0")]], DurableView(confirmed=20))
+    c = choose_source([[(30, "a.0")], [(30, "b.0")]], DurableView(newest=20))
     assert c.source == DURABLE  # two trajectories that only share a step number
     c = choose_source([[], []], DurableView(), notes=[["step_5: from another run"], []])
     assert c.source == DURABLE and c.reason.startswith("no local snapshot usable")
@@ -58,12 +58,12 @@ def test_choice_falls_back_when_a_rank_lacks_it_or_lineages_differ():
 
 def test_choice_rejects_stale_and_verified_bad_snapshots():
     both = [[(30, "a.0"), (25, "a.0")]] * 2
-    c = choose_source(both, DurableView(confirmed=40))
-    assert c.source == DURABLE and "older than the newest confirmed durable" in c.reason
-    assert choose_source(both, DurableView(confirmed=30)).step == 30  # same step: from memory
-    c = choose_source(both, DurableView(confirmed=20), rejected={(30, "a.0")})
+    c = choose_source(both, DurableView(newest=40))
+    assert c.source == DURABLE and "older than the newest healthy durable" in c.reason
+    assert choose_source(both, DurableView(newest=30)).step == 30  # same step: from memory
+    c = choose_source(both, DurableView(newest=20), rejected={(30, "a.0")})
     assert (c.source, c.step) == (LOCAL, 25)
-    c = choose_source(both, DurableView(confirmed=20), rejected={(30, "a.0"), (25, "a.0")})
+    c = choose_source(both, DurableView(newest=20), rejected={(30, "a.0"), (25, "a.0")})
     assert c.source == DURABLE and "rejected" in c.reason
 
 
@@ -165,7 +165,7 @@ def _train(arc, model, opt, sched, pos, until: int) -> None:
             arc._checkpoints.wait()  # the same checkpoints in every run
 
 
-def _crashed_run(ckpt: str, local: str, until: int = 13, kind: str = "ddp") -> None:
+def _crashed_run(ckpt: str, local: str, until: int = 11, kind: str = "ddp") -> None:
     """Train, then stop as a SIGKILL would leave things: nothing cleaned up."""
     arc, *rest = _arc(ckpt, local, kind=kind)
     assert arc.resume() == 0
@@ -198,10 +198,10 @@ def test_restart_resumes_from_the_local_tier_bit_exactly(tmp_path, run_id, caplo
     ]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="arc_dist"):
         start, source, state, pos = _resume(ckpt, local)
-    # durable storage has step 8 confirmed (and 12 unconfirmed): the local 10 is newer
+    # durable storage has step 8: the local 10 is newer
     assert (start, source) == (10, "local")
     assert "resumed from the local snapshot tier at step 10" in caplog.text
-    assert "newest confirmed durable checkpoint: step 8" in caplog.text
+    assert "newest healthy durable checkpoint: step 8" in caplog.text
     assert_state_equal(state, reference_state(20))
     assert pos == 20  # registered objects come back too
     assert not os.path.exists(local)  # a clean close removes the tier
@@ -219,10 +219,10 @@ def test_unusable_local_tier_falls_back_to_durable_storage(tmp_path, run_id, dam
     ckpt, local = str(tmp_path / "ck"), str(tmp_path / "shm")
     _crashed_run(ckpt, local)
     expect = {
-        "flip": "older than the newest confirmed durable checkpoint (step 8)",
+        "flip": "older than the newest healthy durable checkpoint (step 8)",
         "delete": "no local snapshot",
         "other_run": "from another run",
-        "stale": "the local snapshot (step 5) is older than the newest confirmed durable",
+        "stale": "the local snapshot (step 5) is older than the newest healthy durable",
     }[damage]
     if damage == "flip":  # step 10 fails its checksum; step 5 is older than durable step 8
         _flip_byte(Path(local) / "step_10" / "shared_w0.pt")
@@ -264,6 +264,17 @@ def test_local_restore_failing_midway_without_a_durable_checkpoint_fails_loudly(
     assert "simulated: this object cannot take its state" in str(err.value)
     assert str(Path(local)) in str(err.value)  # what to remove to start fresh
     arc._close(clean=False)
+
+
+def test_a_newer_healthy_durable_checkpoint_beats_the_local_tier(tmp_path, run_id, caplog):
+    ckpt, local = str(tmp_path / "ck"), str(tmp_path / "shm")
+    _crashed_run(ckpt, local, until=13)  # durable 8 (confirmed) and 12 (not yet); local 5, 10
+    with caplog.at_level(logging.INFO, logger="arc_dist"):
+        start, source, state, _ = _resume(ckpt, local)
+    assert (start, source) == (12, "durable")
+    assert "the local snapshot (step 10) is older than the newest healthy durable checkpoint " \
+        "(step 12)" in caplog.text  # fmt: skip
+    assert_state_equal(state, reference_state(20))
 
 
 def test_rollback_drops_newer_local_snapshots(tmp_path, run_id):

@@ -7,7 +7,7 @@ The cluster tests share one session-scoped ``ray start --head`` cluster on loopb
 
 * (a) 2 workers, a NaN on worker 1: Arc rolls back in place; no Ray restart; identical replicas;
 * (b) worker 1 SIGKILLs itself (chaos ``crash``, fresh runs only): Ray restarts the group, the
-  loop resumes from the newest confirmed checkpoint and finishes at the right step;
+  loop resumes from the newest healthy checkpoint and finishes at the right step;
 * (c) ``ray_submit.py`` streams a job's logs and returns 0 / the job's non-zero exit code.
 
 Run only these: ``pytest -m ray tests/test_ray.py`` (about 2-3 minutes on 2 cores).

@@ -15,7 +15,7 @@ writer/reader adapters), ``state`` (the Stateful wrappers), ``catalog`` (listing
 from .catalog import CheckpointInfo, scan, verify
 from .manager import CheckpointManager, CheckpointStorageError
 from .manifest import Manifest
-from .state import PerRank, TrainState
+from .state import PerRank, Reshard, TrainState
 from .storage import Storage
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointStorageError",
     "Manifest",
     "PerRank",
+    "Reshard",
     "Storage",
     "TrainState",
     "scan",

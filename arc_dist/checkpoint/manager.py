@@ -12,18 +12,22 @@ group, in the same order; the controller does this):
   rank stages its copy *before* DCP and the ranks agree (another tiny all-reduce) that all of
   them could: a rank whose staging failed (a pinned allocation, host memory) would otherwise
   skip DCP while the others wait in its collectives; now the save is abandoned on every rank.
-* ``on_healthy_step(global_step)`` (every rank, no communication): counts healthy steps after each
-  committed checkpoint; after ``confirm_after`` of them rank 0 writes the confirmation sidecar.
+* ``on_healthy_step(global_step, rollback_targets=...)`` (every rank, no communication): counts
+  healthy steps after each checkpoint; after ``confirm_after`` of them rank 0 writes the
+  confirmation sidecar.
 * ``on_rollback(restored_step)`` (every rank, no communication): unconfirmed checkpoints newer than
-  the restored state are uncommitted (they may hold the state that was failing) and a save in
-  flight for such a step will not commit.
-* ``load(app_state)`` (collective): the newest confirmed checkpoint (the newest committed one, with
-  a warning, when none is confirmed); checksums are verified, the model's keys and shapes
-  compared, and a damaged or incompatible checkpoint is skipped for the next older one.
-  ``CheckpointError`` names every checkpoint tried and why, only when none is usable. A
-  checkpoint that cannot be *read* (an outage, expired credentials, one node without access)
-  is not skipped: every rank raises ``CheckpointStorageError`` (exit code 10, restart).
+  the restored state are retracted (they hold the failed trajectory) and a save in flight for
+  such a step will not commit.
+* ``load(app_state)`` (collective): the newest checkpoint saved under a healthy verdict (or
+  confirmed); checksums are verified, the model's keys and shapes compared, and a damaged or
+  incompatible checkpoint is skipped for the next older one. ``CheckpointError`` names every
+  checkpoint tried and why, only when none is usable. A checkpoint that cannot be *read* (an
+  outage, expired credentials, one node without access) is not skipped: every rank raises
+  ``CheckpointStorageError`` (exit code 10, restart).
 * ``wait()``, ``close()`` (every rank): wait for the save in flight; ``close`` also stops the thread.
+
+What is resumed, confirmed, retracted and pruned is decided by ``lifecycle.Lifecycle`` (pure
+rules, the same on every rank); this class carries its decisions out on storage.
 
 Commit protocol per save: DCP data files (each rank its own), DCP ``.metadata`` (rank 0, via temp
 name + rename), then rank 0 writes ``arc_manifest.json`` with every file's size and checksum. The
@@ -47,7 +51,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -59,10 +63,11 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 
-from ..errors import ArcError, CheckpointError, ExitCode
+from ..errors import ArcError, CheckpointError, ExitCode, ReshardError
 from . import retention
 from .catalog import CheckpointInfo, scan, verify
 from .dcp_io import FaultHook, HashingWriter, SafeLoadPlanner, SafeReader
+from .lifecycle import Entry, Lifecycle, Outcome, healthy_verdict, resume_order, trusted
 from .manifest import (
     CHECKSUM_ALGORITHMS,
     CONFIRMED_NAME,
@@ -211,18 +216,7 @@ class _SaveJob:
     writer: HashingWriter | None = None
     rejected: bool = False
     error: BaseException | None = None
-    pending: _Pending | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-
-@dataclasses.dataclass(eq=False)
-class _Pending:
-    """A checkpoint waiting for confirmation: healthy steps are counted from the save call on,
-    also while it is still being written; it is confirmed once committed and counted enough."""
-
-    step: int
-    healthy: int = 0
-    committed: bool = False
 
 
 def _rebuild(key: str, fqns: list[str], loaded: dict, md, current: Any) -> Any:
@@ -255,7 +249,8 @@ class CheckpointManager:
     Args:
         url: any fsspec URL or local path; ``memory://`` only at world size 1.
         storage_options: passed to fsspec (e.g. ``endpoint_url``, ``key``, ``secret``); never logged.
-        keep: committed checkpoints kept; the newest confirmed one is kept in addition.
+        keep: committed checkpoints kept; a few more are kept when they must be (the newest
+            confirmed, the newest healthy, the one resumed from; see ``lifecycle``).
         confirm_after: healthy steps after a checkpoint before it counts as confirmed (0: at once).
         async_save: what ``save(..., blocking=None)`` does (the controller passes ``blocking``).
         process_group: the ranks that save together (default: the default group). Constructing
@@ -366,7 +361,7 @@ class CheckpointManager:
             checkpoint_write_s=0.0,
             checkpoint_bytes=0,
         )
-        self._pending: list[_Pending] = []
+        self._lifecycle = Lifecycle(keep, confirm_after)
         self._current: _SaveJob | None = None
         self._in_flight = False
         self._known_steps: set[int] = set()  # rank 0: step dirs that exist (any state)
@@ -376,11 +371,14 @@ class CheckpointManager:
         self._stager = _Stager(cuda=torch.cuda.is_available())
 
         error = None
+        listing: list[tuple[int, bool]] = []  # (step, confirmed) of every committed checkpoint
         if self.rank == 0:
             try:
                 if check_writable:
                     self.storage.probe_writable()
-                self._known_steps = {i.step for i in scan(self.storage, read_manifests=False)}
+                infos = scan(self.storage, read_manifests=False)
+                self._known_steps = {i.step for i in infos}
+                listing = [(i.step, i.confirmed) for i in infos if i.committed]
             except Exception as e:  # OSError, botocore errors, ...
                 error = (f"{type(e).__name__}: {e}", _config_fault(e))
             if error is None:
@@ -391,7 +389,10 @@ class CheckpointManager:
                     f" with {opts}" if opts else "",
                     len(self._known_steps),
                 )
-        error = self._broadcast(error, self._ctrl_group)
+        error, listing = self._broadcast((error, listing), self._ctrl_group)
+        # health is not known before a resume reads the manifests: count them as healthy, so
+        # retention keeps more rather than less
+        self._lifecycle.known(Entry(step, True, confirmed) for step, confirmed in listing)
         if error is not None:
             what, fix = error
             raise CheckpointStorageError(
@@ -512,7 +513,7 @@ class CheckpointManager:
                     "prepare its state (its own error says why)"
                 )
             job = _SaveJob(step, verdict, True, state=state)
-            self._start_pending(job)
+            self._start(job)
             self._submit(lambda: self._run_save(job))
             job.done.wait()
             if job.error is not None:
@@ -532,7 +533,7 @@ class CheckpointManager:
             return
         t0 = time.perf_counter()
         job = _SaveJob(step, verdict, False)
-        self._start_pending(job)
+        self._start(job)
         # everything that can fail on one rank alone (staging: a pinned allocation, host memory,
         # a user object's state_dict) happens before DCP, and every rank agrees on the outcome:
         # a rank that skipped DCP would leave the others in its collectives until they time out
@@ -547,7 +548,7 @@ class CheckpointManager:
         if self._any_rank(error is not None):  # training goes on; no rank enters DCP
             with self._lock:
                 self._in_flight, self._current = False, None
-                self._drop_pending(job)
+                self._lifecycle.abandoned(job.step)
             job.state = None
             self._stats["checkpoint_failures"] += 1
             self._stats["checkpoints_abandoned"] += 1
@@ -563,16 +564,10 @@ class CheckpointManager:
         self._stats["checkpoint_stall_s"] = time.perf_counter() - t0
         self._submit(lambda: self._run_save(job))
 
-    def _start_pending(self, job: _SaveJob) -> None:
-        job.pending = _Pending(job.step)
+    def _start(self, job: _SaveJob) -> None:
         with self._lock:
             self._in_flight, self._current = True, job
-            self._pending = [p for p in self._pending if p.step != job.step] + [job.pending]
-
-    def _drop_pending(self, job: _SaveJob) -> None:
-        """Under the lock: the save did not commit."""
-        if job.pending in self._pending:
-            self._pending.remove(job.pending)
+            self._lifecycle.saving(job.step)
 
     def _clear_step_dir(self, step: int, writer: HashingWriter, *, quiet: bool) -> None:
         """Rank 0, before ``step`` is written: remove what is there (old or partial).
@@ -635,7 +630,7 @@ class CheckpointManager:
                         job.error = e
                         self._stats["checkpoints_abandoned"] += 1
                         with self._lock:
-                            self._drop_pending(job)
+                            self._lifecycle.abandoned(job.step)
                         if self.rank == 0:
                             self.log.error("%s", self._failure_message(job.step, e, attempt))
                             self._try_cleanup(job.step)
@@ -706,7 +701,7 @@ class CheckpointManager:
             self.log.info("arc_dist: partial step_%d left in place (%s)", step, type(e).__name__)
 
     def _after_commit(self, job: _SaveJob, status: str, nbytes: int, elapsed: float) -> None:
-        # on_rollback already counted a rejected save and dropped its pending entry
+        # on_rollback already counted a rejected save and told the lifecycle
         if status == "rejected":
             if self.rank == 0:
                 self.log.info(
@@ -715,64 +710,61 @@ class CheckpointManager:
                 )
                 self._submit(lambda: self._try_cleanup(job.step))
             return
-        p = job.pending
         with self._lock:
             self._stats["checkpoints"] += 1
             self._stats["last_committed_step"] = job.step
             self._stats["checkpoint_write_s"] = elapsed
             self._stats["checkpoint_bytes"] = nbytes
-            rejected = job.rejected  # a rollback between the manifest and here
-            p.committed = True
-            confirm_now = not rejected and p in self._pending and p.healthy >= self.confirm_after
-            if confirm_now:
-                self._pending.remove(p)
-        if confirm_now:
-            self._mark_confirmed(job.step)
-        if self.rank != 0:
-            return
-        self.log.info(
-            "arc_dist: checkpoint step_%d committed to %s (%.1f MB in %.2fs)",
-            job.step,
-            self.storage.display,
-            nbytes / 1e6,
-            elapsed,
-        )
+            # a rollback between the manifest and here makes the lifecycle retract it
+            outcome = self._lifecycle.committed(job.step, healthy_verdict(job.verdict))
+        if self.rank == 0:
+            self.log.info(
+                "arc_dist: checkpoint step_%d committed to %s (%.1f MB in %.2fs)",
+                job.step,
+                self.storage.display,
+                nbytes / 1e6,
+                elapsed,
+            )
         # bookkeeping I/O after the save itself has returned (queued behind this job)
-        if rejected:
-            self._submit(lambda: self._uncommit_rejected(job.step))
-        elif confirm_now:
-            self._submit(lambda: self._confirm_job(job.step, job.step + p.healthy, p.healthy))
-        else:
-            self._submit(self._apply_retention)
+        self._carry_out(outcome, at=None)
 
     # -- confirmation, rollback, retention --------------------------------------------------
-    def on_healthy_step(self, global_step: int) -> None:
-        """Every rank, after every healthy step; no communication (rank 0 writes sidecars)."""
-        if not self._pending:
-            return
-        ready = []
+    def on_healthy_step(
+        self, global_step: int, rollback_targets: Sequence[int] | None = None
+    ) -> None:
+        """Every rank, after every healthy step; no communication (rank 0 writes sidecars).
+
+        ``rollback_targets``: the steps of the states a rollback can restore now (``Arc``'s
+        in-memory snapshots); retention keeps the newest checkpoint at or before each of them.
+        """
         with self._lock:
-            for p in self._pending:
-                if global_step > p.step:
-                    p.healthy += 1
-                    if p.committed and p.healthy >= self.confirm_after:
-                        ready.append(p)
-            for p in ready:
-                self._pending.remove(p)
-        for p in ready:
-            self._mark_confirmed(p.step)
-            if self.rank == 0:
-                self._submit(lambda p=p: self._confirm_job(p.step, global_step, p.healthy))
+            if rollback_targets is not None:
+                self._lifecycle.rollback_targets = tuple(rollback_targets)
+            outcome = self._lifecycle.healthy_step(global_step)
+        if outcome.confirmed:
+            self._carry_out(outcome, at=global_step)
+
+    def _carry_out(self, outcome: Outcome, at: int | None) -> None:
+        """Every rank counts what the lifecycle decided; rank 0 queues the storage work.
+
+        ``at``: the step at which confirmations happened (None: at a commit).
+        """
+        for step, _ in outcome.confirmed:
+            self._mark_confirmed(step)
+        if self.rank != 0:
+            return
+        for step in outcome.retract:
+            self._submit(lambda s=step: self._uncommit_rejected(s))
+        for step, healthy in outcome.confirmed:
+            when = step + healthy if at is None else at
+            self._submit(lambda s=step, a=when, h=healthy: self._write_confirmation(s, a, h))
+        self._submit(self._apply_retention)
 
     def _mark_confirmed(self, step: int) -> None:
         with self._lock:
             self._stats["checkpoints_confirmed"] += 1
             last = self._stats["last_confirmed_step"]
             self._stats["last_confirmed_step"] = step if last is None else max(last, step)
-
-    def _confirm_job(self, step: int, at: int, healthy: int) -> None:
-        self._write_confirmation(step, at, healthy)
-        self._apply_retention()
 
     def _write_confirmation(self, step: int, at: int, healthy: int) -> None:
         """Rank 0, worker thread: the sidecar, plus any that failed to write earlier."""
@@ -781,7 +773,13 @@ class CheckpointManager:
             path = self.storage.step_path(s)
             try:
                 if not self.storage.fs.exists(f"{path}/{MANIFEST_NAME}"):
-                    continue  # uncommitted or deleted meanwhile
+                    self.log.warning(
+                        "arc_dist: checkpoint step_%d was confirmed healthy but is no longer in "
+                        "%s (removed by something else than this job?)",
+                        s,
+                        self.storage.display,
+                    )
+                    continue
                 self.storage.write_bytes_atomic(
                     f"{path}/{CONFIRMED_NAME}", confirmation_json(s, a, h)
                 )
@@ -800,19 +798,18 @@ class CheckpointManager:
     def on_rollback(self, restored_step: int) -> None:
         """Every rank, after a rollback to ``restored_step``; no communication."""
         with self._lock:
-            doomed = [p for p in self._pending if p.step > restored_step]
-            self._pending = [p for p in self._pending if p.step <= restored_step]
-            if self._current is not None and self._current.step > restored_step:
+            outcome = self._lifecycle.rolled_back(restored_step)
+            doomed = outcome.retract + outcome.reject
+            if self._current is not None and self._current.step in doomed:
                 self._current.rejected = True  # still writing: it will not commit
             self._stats["checkpoints_rejected"] += len(doomed)
         if self.rank == 0:
-            for p in doomed:
-                if p.committed:
-                    self._submit(lambda s=p.step: self._uncommit_rejected(s))
+            for step in outcome.retract:
+                self._submit(lambda s=step: self._uncommit_rejected(s))
 
     def _uncommit_rejected(self, step: int) -> None:
         self.log.info(
-            "arc_dist: uncommitting checkpoint step_%d: training rolled back past it before it was "
+            "arc_dist: retracting checkpoint step_%d: training rolled back past it before it was "
             "confirmed healthy",
             step,
         )
@@ -823,7 +820,9 @@ class CheckpointManager:
         try:
             infos = scan(self.storage, read_manifests=False)
             with self._lock:
-                protect = {self._current.step} if self._current is not None else set()
+                protect = self._lifecycle.protected()
+                if self._current is not None:
+                    protect.add(self._current.step)
             victims = retention.plan_retention(infos, self.keep, protect=protect)
             removed = retention.delete(self.storage, victims, self.log)
             self._known_steps = {i.step for i in infos} - set(removed)
@@ -858,16 +857,15 @@ class CheckpointManager:
                     f" ({partial} incomplete step directories ignored)" if partial else "",
                 )
             return None
-        confirmed = sorted((i for i in committed if i.confirmed), key=lambda i: -i.step)
-        unconfirmed = sorted((i for i in committed if not i.confirmed), key=lambda i: -i.step)
-        if not confirmed and self.rank == 0:
+        order = resume_order(infos)
+        if not trusted(order[0]) and self.rank == 0:
             self.log.warning(
-                "arc_dist: no checkpoint in %s is confirmed healthy yet; loading the newest "
-                "committed one",
+                "arc_dist: no checkpoint in %s was saved under a healthy verdict or confirmed; "
+                "loading the newest committed one",
                 self.storage.display,
             )
         tried = []
-        for info in confirmed + unconfirmed:
+        for info in order:
             t0 = time.perf_counter()
             why = self._try_load(info, app_state)
             if why is None:
@@ -916,6 +914,8 @@ class CheckpointManager:
         try:
             md = SafeReader(url, storage_options=self.storage.options).read_metadata()
             load_sd, dynamic, why = self._load_template(app_state, md)
+        except ReshardError:
+            raise  # the job must choose; every rank raises it here (same keys), nothing loaded
         except Exception as e:
             why, fault = self._classify(e, "DCP metadata unusable")
         why = self._agree_on(info, why, fault)
@@ -1042,22 +1042,21 @@ class CheckpointManager:
     ) -> None:
         self._loaded_step = info.step
         with self._lock:
-            self._pending = [] if info.confirmed else [_Pending(info.step, committed=True)]
+            self._lifecycle.loaded(infos, info.step)
             self._stats["last_committed_step"] = info.step
             if info.confirmed:
                 self._stats["last_confirmed_step"] = info.step
-        stale = [i.step for i in infos if i.committed and not i.confirmed and i.step > info.step]
         if self.rank == 0:
+            newer = [f"step_{i.step}" for i in infos if i.committed and i.step > info.step]
             self.log.info(
-                "arc_dist: resumed from step_%d (%s, saved at world size %d) in %.2fs",
+                "arc_dist: resumed from step_%d (%s%s, saved at world size %d) in %.2fs%s",
                 info.step,
                 info.state,
+                "" if trusted(info) else f", verdict {info.manifest.verdict.get('status')}",
                 info.manifest.world_size if info.manifest else -1,
                 elapsed,
+                f"; newer {', '.join(newer)} left in place" if newer else "",
             )
-            # newer unconfirmed checkpoints belong to a trajectory that is being redone
-            for s in stale:
-                self._submit(lambda s=s: self._uncommit_rejected(s))
 
     # -- lifecycle -----------------------------------------------------------------------
     def wait(self) -> None:

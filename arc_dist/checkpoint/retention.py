@@ -7,7 +7,8 @@ Rules (``plan_retention``):
 * delete a partial directory (no manifest: a crashed, failed or uncommitted save) only when a
   newer checkpoint has been committed since, so a save that is still being written, or the
   newest attempt before a crash, is never touched; ``protect`` names steps that must be skipped
-  regardless (the save in flight);
+  regardless (the save in flight, and what ``lifecycle.Lifecycle.protected`` keeps: the newest
+  healthy checkpoint, the one resumed from, the fallbacks of possible rollbacks);
 * delete oldest first.
 
 ``delete`` removes the manifest first (uncommit), then the rest: a crash in the middle leaves a

@@ -4,15 +4,15 @@
   ``torch.distributed.checkpoint.state_dict`` (``get_state_dict``/``set_state_dict``), so DDP,
   FSDP2 and plain modules all save FQN-keyed, reshardable state; plus the LR scheduler, the
   ``GradScaler`` and this rank's RNG streams (torch CPU, CUDA, Python ``random``, NumPy).
-* ``PerRank(obj)``: any ``Stateful`` whose state differs per rank (a sampler position, a data
-  iterator). DCP stores a same-key plain value once for all ranks, so per-rank state needs
-  rank-unique keys: ``rank_<r>``.
+* ``PerRank(obj, reshard)``: any ``Stateful`` whose state differs per rank (a data iterator, a
+  loader worker's RNG). DCP stores a same-key plain value once for all ranks, so per-rank state
+  needs rank-unique keys: ``rank_<r>``.
 
 Both know how to build their *load template* from the keys a checkpoint actually has
-(``state_dict_for_load``), which is how resharding handles per-rank state: a rank that did not exist
-at save time starts from rank 0's state (``PerRank``) or keeps its own RNG (``TrainState``: copying
-rank 0's RNG would correlate dropout masks across ranks); state of ranks that no longer exist is
-dropped with a log line.
+(``state_dict_for_load``), which is how resharding handles per-rank state: ``TrainState`` gives a
+rank that did not exist at save time its own RNG (copying rank 0's would correlate dropout masks
+across ranks); ``PerRank`` refuses a changed world size unless its ``reshard`` choice says what to
+do (``Reshard``). State of ranks that no longer exist is dropped with a log line.
 
 Every value is a tensor or a plain Python number/list/dict, so nothing is ever unpickled beyond what
 ``torch.load(weights_only=True)`` accepts.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+from enum import Enum
 from typing import Any
 
 import torch
@@ -225,15 +226,40 @@ class TrainState:
             set_rng_state(rng)
 
 
-class PerRank:
-    """Saves ``obj``'s state under ``rank_<r>``; a rank missing from the checkpoint gets rank 0's."""
+class Reshard(str, Enum):
+    """What ``PerRank`` state does when the world size changed since it was saved."""
 
-    def __init__(self, obj: Any) -> None:
+    #: refuse (``ReshardError`` on every rank): nothing says how positions map to new ranks
+    ERROR = "error"
+    #: a rank missing from the checkpoint starts from rank 0's state; state of ranks that no
+    #: longer exist is dropped (a data position copied this way repeats rank 0's samples)
+    COPY_RANK0 = "copy_rank0"
+    #: a rank missing from the checkpoint keeps its own current state; dropped ranks' state is lost
+    KEEP_OWN = "keep_own"
+
+
+class PerRank:
+    """Saves ``obj``'s state under ``rank_<r>``; ``reshard`` says what a changed world size does.
+
+    ``name`` (the object's key in the checkpoint) only makes messages clearer.
+    """
+
+    def __init__(
+        self, obj: Any, reshard: Reshard | str = Reshard.ERROR, *, name: str | None = None
+    ) -> None:
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise TypeError(
                 f"PerRank(obj) needs state_dict() and load_state_dict(), got {type(obj).__name__}"
             )
+        try:
+            self.reshard = Reshard(reshard)
+        except ValueError:
+            raise ValueError(
+                f"PerRank(reshard={reshard!r}) is invalid: choose one of "
+                f"{[r.value for r in Reshard]}"
+            ) from None
         self.obj = obj
+        self.name = name or type(obj).__name__
 
     def state_dict(self) -> dict[str, Any]:
         return {f"rank_{_global_rank()}": self.obj.state_dict()}
@@ -241,25 +267,47 @@ class PerRank:
     def state_dict_for_load(self, available: set[str]) -> dict[str, Any]:
         rank, world = _global_rank(), _world_size()
         saved = _rank_keys(available, "")
+        if not saved or saved == set(range(world)):
+            return self.state_dict()  # nothing saved (reported as missing), or no resize
+        if self.reshard is Reshard.ERROR:
+            # every rank sees the same keys: all raise here, before any collective of the load
+            from ..errors import ReshardError
+
+            raise ReshardError(
+                f"arc_dist: per-rank state {self.name!r} was saved at world size {len(saved)} and "
+                f"rank {rank} resumes it at world size {world}: each rank's state is its own share "
+                "(e.g. of the data), and nothing says how the shares map to the new ranks. Choose: resume at the saved world size; keep a global position instead "
+                "(arc_dist.ResumableDistributedSampler, registered without per_rank, reshards "
+                f"exactly); or register it with reshard={Reshard.COPY_RANK0.value!r} (new ranks "
+                "start from rank 0's state, state of removed ranks is dropped) or "
+                f"reshard={Reshard.KEEP_OWN.value!r} (new ranks keep their own state)"
+            )
         if rank == 0 and any(r >= world for r in saved):
             log.info(
                 "arc_dist: %s state of ranks %s has no owner at world size %d; dropped",
-                type(self.obj).__name__,
+                self.name,
                 sorted(r for r in saved if r >= world),
                 world,
             )
-        if rank in saved or not saved:
+        if rank in saved:
             return self.state_dict()
+        if self.reshard is Reshard.KEEP_OWN:
+            log.info(
+                "[rank %d] arc_dist: no %s state saved for this rank; keeping its own",
+                rank,
+                self.name,
+            )
+            return {}
         source = 0 if 0 in saved else min(saved)
         log.info(
-            "[rank %d] arc_dist: no %s state saved for rank %d; starting from rank %d's",
+            "[rank %d] arc_dist: no %s state saved for this rank; starting from rank %d's",
             rank,
-            type(self.obj).__name__,
-            rank,
+            self.name,
             source,
         )
         return {f"rank_{source}": self.obj.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        (state,) = sd.values()
-        self.obj.load_state_dict(state)
+        if sd:  # empty: this rank keeps its own (Reshard.KEEP_OWN)
+            (state,) = sd.values()
+            self.obj.load_state_dict(state)
