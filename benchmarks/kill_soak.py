@@ -6,8 +6,8 @@ node-local tier off so every resume is from durable storage) and kills it once, 
 phases:
 
 * ``step``: at a random training step, one rank or the whole group;
-* ``save``: while a checkpoint's files are being written (the worker slows each write so a
-  save stays in flight), 0-150 ms after its first bytes, one rank or the whole group;
+* ``save``: while the files of a save after the first are being written (the worker slows each
+  write so a save stays in flight), 0-150 ms after its first bytes, one rank or the whole group;
 * ``commit``: rank 0 SIGKILLs itself right before or right after it writes a manifest;
 * ``resume``: at a random step, then again 0-0.3 s into the restart's resume (while it lists,
   verifies and loads), one rank or the whole group.
@@ -210,12 +210,13 @@ def run_trial(i: int, rng: random.Random, root: Path, timeout: float = 300) -> d
             if job.wait_for(lambda m: m["ev"] == "step" and m["step"] >= at, 240):
                 kills.append(job.kill(0, target, rng))
             detail["at_step"] = at
-        elif phase == "save":
-            m = job.wait_for(lambda m: m["ev"] == "save_write" and m["restart"] == 0, 240)
+        elif phase == "save":  # a later save, so that older committed ones are at stake
+            at = rng.randrange(2 * EVERY, STEPS - EVERY + 1, EVERY)
+            m = job.wait_for(lambda m: m["ev"] == "save_write" and m["step"] == at, 240)
             if m:
                 time.sleep(rng.uniform(0, 0.15))
                 kills.append(job.kill(0, target, rng))
-                detail["at_step"] = m["step"]
+                detail["at_step"] = at
         if phase == "resume" and kills:
             if job.wait_for(lambda m: m["ev"] == "resuming" and m["restart"] == 1, 240):
                 time.sleep(rng.uniform(0, 0.3))  # listing, verification, load: ~0.1-0.5 s
