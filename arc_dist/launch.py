@@ -142,15 +142,21 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _usage_error(err: BaseException) -> bool:
-    """A ``ValueError``/``TypeError`` raised by arc-dist's own code: its validation of what the
-    script passed (``ArcConfig``, ``Arc``, ``checkpoint_dir``, ...), which never goes away on a
-    restart. Raised elsewhere (the script, torch), the same types may be data-dependent."""
+    """A ``ValueError``/``TypeError`` that arc-dist's own code raised on purpose (a ``raise``
+    statement): its validation of what the script passed (``ArcConfig``, ``Arc``,
+    ``checkpoint_dir``, ...), which never goes away on a restart. Raised elsewhere (the script,
+    torch), or implicitly by a bug, the same types may be transient or data-dependent."""
+    import linecache
+
     if not isinstance(err, (ValueError, TypeError)) or err.__traceback__ is None:
         return False
     tb = err.__traceback__
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return path.startswith(_PACKAGE_DIR) and (
+        linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise ")
+    )
 
 
 def _call_classified(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

@@ -322,6 +322,12 @@ def _bad_config():
     ArcConfig(confirm_after=-1)
 
 
+def _implicit_type_error_in_arc_dist():
+    from arc_dist.checkpoint.storage import Storage
+
+    Storage("/tmp").join(None)  # a TypeError inside arc-dist that no validation raised: 10
+
+
 def _script_value_error():
     int("not a number")  # a bug in the script: may depend on its data, so a restart is allowed
 
@@ -345,6 +351,7 @@ def _unreachable_checkpoint_dir(tmp_path):
     [
         (lambda tmp: _bad_config(), 11, "ValueError: ArcConfig.confirm_after=-1"),
         (lambda tmp: _script_value_error(), 10, "ValueError: invalid literal"),
+        (lambda tmp: _implicit_type_error_in_arc_dist(), 10, "TypeError: sequence item 1"),
         (lambda tmp: (_ for _ in ()).throw(RuntimeError("Connection reset by peer")), 10,
          "RuntimeError: Connection reset"),
         (_unwritable_checkpoint_dir, 11, "CheckpointStorageError: arc_dist: checkpoint_dir="),
