@@ -10,7 +10,8 @@ step directory's state and whether its files verify), ``resumed`` (the step and 
 
 ``--slow-write S`` sleeps S seconds in every write of a checkpoint file (a save stays in flight
 long enough to be hit); ``--self-kill POINT:STEP`` makes rank 0 SIGKILL itself at the
-manager's ``before_manifest``/``after_manifest`` point of that step's save (first attempt only).
+manager's ``before_manifest``/``after_manifest`` point of the first save from that step on (a
+save due while another writes is skipped), in the first attempt only.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def main() -> None:
                 mark("save_write", step=step)
             if args.slow_write:
                 time.sleep(args.slow_write)
-        elif point == kill_point and str(detail) == kill_step and restart == 0:
+        elif point == kill_point and restart == 0 and int(detail) >= int(kill_step):
             mark("self_kill", point=point, step=int(detail))
             os.kill(os.getpid(), signal.SIGKILL)
 
