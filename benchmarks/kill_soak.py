@@ -195,7 +195,7 @@ def run_trial(i: int, rng: random.Random, root: Path, timeout: float = 300) -> d
     args: list[str] = []
     detail: dict = {"phase": phase, "target": target}
     if phase == "save":
-        args += ["--slow-write", "0.01"]
+        args += ["--slow-write", "0.0005"]  # ~800 writes a save: it lasts ~0.3 s
     if phase == "commit":
         point = rng.choice(("before_manifest", "after_manifest"))
         step = rng.randrange(EVERY, STEPS - EVERY, EVERY)
