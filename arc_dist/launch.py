@@ -75,8 +75,8 @@ def main_entry(fn: _F) -> _F:
     (UNRECOVERABLE) when arc-dist's own validation raised them (a ``ValueError``/``TypeError``
     such as a bad ``ArcConfig`` value), else 10 (RETRY). Every record carries the step the
     worker resumed from and the step it reached, for the launcher's no-progress rule.
-    A failure ``Arc.step`` already recorded (an error on one rank, recorded before it aborted the
-    process groups, see arc_dist/failfast.py) keeps that record: it is the earliest, the root cause.
+    A failure ``Arc.step`` already recorded (an error on one rank, recorded as it happened, see
+    arc_dist/failfast.py) keeps that record: it is the earliest, the root cause.
 
     Example::
 
