@@ -77,9 +77,22 @@ def _split_step(url: str) -> tuple[str, int | None]:
 
 
 def _open(url: str, args) -> object:
+    """The checkpoint root at ``url``; a usage error (exit 2) when nothing is there."""
     from .checkpoint.storage import Storage
 
-    return Storage(url, _storage_options(args.storage_option))
+    storage = Storage(url, _storage_options(args.storage_option))
+    storage.fs.invalidate_cache()
+    if not storage.fs.isdir(storage.root):
+        what = "is a file" if storage.fs.isfile(storage.root) else "does not exist"
+        raise _UsageError(
+            f"{storage.display} {what}, not a checkpoint directory. Fix: pass the checkpoint_dir "
+            "the job writes to (the folder or bucket prefix holding step_<N>/)"
+        )
+    return storage
+
+
+class _UsageError(Exception):
+    """A URL or flag the command cannot act on: a message and exit code 2, no traceback."""
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -102,7 +115,7 @@ def _cmd_checkpoints(args) -> int:
                     "bytes": i.nbytes,
                     "world_size": m.world_size if m else None,
                     "unix_time": m.unix_time if m else None,
-                    "manifest_error": i.manifest_error,
+                    "manifest_error": i.manifest_error or i.read_error,
                 }
             )
         print(json.dumps(out, indent=1))
@@ -115,10 +128,11 @@ def _cmd_checkpoints(args) -> int:
         m = i.manifest
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.unix_time)) if m else "-"
         world = str(m.world_size) if m else "-"
-        state = i.state if i.manifest_error is None else "unreadable"
+        problem = i.manifest_error or i.read_error
+        state = i.state if problem is None else "unreadable"
         print(f"{i.step:>10}  {state:<10} {when:<20} {world:>5} {_human(i.nbytes):>10}")
-        if i.manifest_error:
-            print(f"{'':>12}{i.manifest_error}")
+        if problem:
+            print(f"{'':>12}{problem}")
     return 0
 
 
@@ -134,6 +148,7 @@ def _register_checkpoints(sub) -> None:
 # -- verify -------------------------------------------------------------------------------------
 def _cmd_verify(args) -> int:
     from .checkpoint.catalog import scan, verify
+    from .checkpoint.storage import storage_fault
 
     root, step = _split_step(args.url)
     storage = _open(root, args)
@@ -152,7 +167,15 @@ def _cmd_verify(args) -> int:
             print(f"step_{info.step}: partial (no manifest: an incomplete save, not a checkpoint)")
             damaged += step is not None
             continue
-        problems = verify(storage, info)
+        try:
+            problems = verify(storage, info)
+        except Exception as e:
+            if not storage_fault(e):
+                raise
+            damaged += 1
+            print(f"step_{info.step}: UNREADABLE (a storage error, not proven damaged)")
+            print(f"    {type(e).__name__}: {e}")
+            continue
         if problems:
             damaged += 1
             print(f"step_{info.step}: DAMAGED")
@@ -256,10 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from .checkpoint.storage import storage_fault
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (OSError, ValueError) as e:
+    except _UsageError as e:
+        print(f"arc-dist {args.command}: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the storage's own errors (botocore's are not OSErrors) too
+        if not (isinstance(e, (OSError, ValueError)) or storage_fault(e)):
+            raise
         print(f"arc-dist {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import chaos as chaos_mod
+from . import exitcodes
 from .agreement import Agreement, comm_device
 from .config import ArcConfig
 from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
@@ -200,6 +201,7 @@ class Arc:
         self._snapshots = SnapshotStore(model, optimizer, scheduler, scaler, self.config.keep_snapshots)
 
         self.global_step = 0
+        exitcodes.track_progress(self, 0)  # error files report how far this process got
         self._calls = 0  # step() calls, rollbacks included: decides deep-check steps
         self._fast_steps = 0  # steps judged from the DDP ride alone (no collective of our own)
         self._saved_step: int | None = None  # the step whose state the newest save holds
@@ -793,6 +795,7 @@ class Arc:
         if self._registered:
             self._hold_registered()  # the loaded position, for saves before the next step ends
         self._rec.resumed(step, time.monotonic() - t0, source=source or "durable")
+        exitcodes.track_progress(self, self.global_step)
         return self.global_step
 
     def _make_local_tier(self, checkpoint_dir: str | None):

@@ -84,7 +84,7 @@ class HardwareError(ArcError):
 
 
 class PeerError(ArcError):
-    """Another rank failed inside ``Arc.step`` and aborted the group, so this rank stops too.
+    """Another rank failed inside ``Arc.step`` on its own, so this rank stops too.
 
     Raised within seconds instead of at the collective timeout (see ``arc_dist/failfast.py``).
     ``rank`` and ``cause`` name the first failure, the one to look at.

@@ -21,6 +21,7 @@ import re
 import socket
 import time
 import traceback
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,28 @@ _NAME_CODES = {
 STOP_CODES = frozenset({ExitCode.UNRECOVERABLE, ExitCode.BAD_NODE})
 
 _ATTEMPT_RE = re.compile(r"attempt_(\d+)$")
+
+#: (the trainer whose ``global_step`` error files report, the step it resumed from)
+_progress: tuple[weakref.ref, int] | None = None
+
+
+def track_progress(trainer: object, resumed_from: int) -> None:
+    """Error files written by this process from now on report ``trainer.global_step`` and
+    ``resumed_from`` (``Arc`` calls it when built and when it resumes): the launcher's
+    no-progress rule tells an attempt that failed before passing its resume step from one
+    that trained on and failed later."""
+    global _progress
+    _progress = (weakref.ref(trainer), int(resumed_from))
+
+
+def _current_progress() -> dict | None:
+    trainer = _progress[0]() if _progress is not None else None
+    if trainer is None:
+        return None  # no trainer in this process (yet): it failed before it could resume
+    try:
+        return {"resumedFrom": _progress[1], "step": int(trainer.global_step)}
+    except Exception:  # noqa: BLE001 - this runs on the way out of a failing process
+        return None
 
 
 def write_error_file(
@@ -84,6 +107,7 @@ def write_error_file(
                 "restartCount": _int_env("TORCHELASTIC_RESTART_COUNT"),
                 "pid": os.getpid(),
                 "time": now,
+                "progress": _current_progress(),
             },
         }
     }
@@ -121,8 +145,19 @@ class WorkerFailure:
     #: the device named by a device error (``HardwareError``), if any
     device: str | None = None
     #: False for device errors that may be a peer's or the program's fault (NCCL timeouts,
-    #: device-side asserts): they do not count towards the bad-node rule
+    #: device-side asserts, illegal addresses): they count towards the bad-node rule only when
+    #: other hosts ran the same attempt without them
     blames_host: bool = True
+    #: the exception's class name, when arc-dist wrote the file
+    error_type: str | None = None
+    #: whether the worker passed the step it resumed from before failing; None: not known
+    #: (a file without arc-dist's progress record)
+    made_progress: bool | None = None
+
+    @property
+    def signature(self) -> str:
+        """The error with its numbers blanked: the same bug on another attempt, rank or port."""
+        return re.sub(r"\d+", "N", f"{self.error_type}: {self.message}")
 
     def describe(self) -> str:
         who = f"rank {self.rank}" if self.rank is not None else f"local rank {self.local_rank}"
@@ -190,7 +225,19 @@ def read_error_file(path: str, attempt: int = -1, local_rank: int = -1) -> Worke
         path=path,
         device=arc.get("device"),
         blames_host=arc.get("blamesHost", True) is not False,
+        error_type=arc.get("errorType"),
+        made_progress=_made_progress(arc),
     )
+
+
+def _made_progress(arc: dict) -> bool | None:
+    if "progress" not in arc:
+        return None  # not written by arc-dist's error-file writer
+    p = arc["progress"]
+    try:
+        return p is not None and int(p["step"]) > int(p["resumedFrom"])
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 def scan_run_dirs(run_dirs: Iterable[str]) -> tuple[int, list[WorkerFailure]]:
@@ -244,23 +291,34 @@ def root_cause(failures: Sequence[WorkerFailure]) -> WorkerFailure | None:
 
 
 def _blamed_host(failures: Sequence[WorkerFailure]) -> tuple[bool, str | None]:
-    """(True, host) when one attempt's failures include a device error that blames its host:
-    the earliest such error's host (None for files that carry no host); else (False, None)."""
-    blaming = [f for f in failures if f.exit_code == ExitCode.HARDWARE and f.blames_host]
-    if not blaming:
-        return False, None
-    return True, min(blaming, key=lambda f: (f.time, f.local_rank)).host
+    """(True, host) when one attempt's failures point at one host's hardware; else (False, None).
+
+    Evidence: a device error that blames its own host (ECC, a lost device, NVLink, an Xid): the
+    earliest one's host (None for files that carry no host). Or device errors that do not (an
+    illegal address, a launch failure: a kernel bug looks the same) seen on one host only, while
+    ranks on other hosts ran the same code and failed otherwise (their peer errors). One host
+    running alone, or every host failing alike, is no evidence against the hardware.
+    """
+    device = [f for f in failures if f.exit_code == ExitCode.HARDWARE]
+    blaming = [f for f in device if f.blames_host]
+    if blaming:
+        return True, min(blaming, key=lambda f: (f.time, f.local_rank)).host
+    hosts = {f.host for f in device}
+    others = {f.host for f in failures if f.host is not None} - hosts
+    if len(hosts) == 1 and None not in hosts and others:
+        return True, next(iter(hosts))
+    return False, None
 
 
 def hardware_streak(failures: Sequence[WorkerFailure], last_attempt: int) -> int:
     """How many attempts in a row, ending with ``last_attempt``, failed on a device error that
-    blames the same host.
+    points at the same host's hardware.
 
-    An attempt counts when its root cause is a device error (HARDWARE) and one of its device
-    errors blames its own host (not an NCCL timeout or a device-side assert, which a peer or the
-    program may have caused); the streak breaks at an attempt that does not count or whose host
-    differs (with a log folder shared by several nodes, only one host's failures in a row mean
-    that host is bad).
+    An attempt counts when its root cause is a device error (HARDWARE) and its failures point at
+    one host (:func:`_blamed_host`: not an NCCL timeout, a device-side assert or a kernel's
+    illegal address alone, which a peer or the program may have caused); the streak breaks at an
+    attempt that does not count or whose host differs (with a log folder shared by several
+    nodes, only one host's failures in a row mean that host is bad).
     """
     streak, host = 0, None
     for attempt in range(last_attempt, -1, -1):
@@ -272,6 +330,54 @@ def hardware_streak(failures: Sequence[WorkerFailure], last_attempt: int) -> int
         if not blamed or (streak and where != host):
             break
         host = where
+        streak += 1
+    return streak
+
+
+#: errors that a peer, the network, the storage or the platform may cause: an attempt that
+#: ends on one of them is no evidence that the program itself fails the same way every time
+_NOT_PROGRAM_ERRORS = frozenset(
+    {"DistError", "DistNetworkError", "DistStoreError", "DistBackendError", "ConnectionError",
+     "ConnectionResetError", "ConnectionRefusedError", "ConnectionAbortedError",
+     "BrokenPipeError", "TimeoutError", "HangError", "CheckpointStorageError", "Preempted",
+     "SystemExit", "KeyboardInterrupt", "ChildFailedError"}
+)  # fmt: skip
+_NOT_PROGRAM_TEXT = re.compile(
+    r"gloo|nccl|connection (reset|closed|refused|aborted)|pair closure|broken pipe|timed out|"
+    r"timeout|rendezvous|socket|preempted|sigterm|out of memory",
+    re.IGNORECASE,
+)
+
+
+def _program_error(f: WorkerFailure) -> bool:
+    return (
+        f.exit_code == ExitCode.RETRY
+        and f.made_progress is False
+        and f.error_type not in _NOT_PROGRAM_ERRORS
+        and not _NOT_PROGRAM_TEXT.search(f.message)
+    )
+
+
+def no_progress_streak(failures: Sequence[WorkerFailure], last_attempt: int) -> int:
+    """How many attempts in a row, ending with ``last_attempt``, failed with the same program
+    error before passing the step they resumed from.
+
+    An attempt counts when its root cause is an error file from arc-dist's ``main_entry``
+    (which records the step resumed from and the step reached) with exit code 10, no progress,
+    an error that is not a peer's, the network's, the storage's or the platform's (connection
+    and collective errors, timeouts, hangs, storage outages, preemption, out of memory), and
+    the same error as the newer attempts (numbers aside). A bug in the training script or its
+    data that fires before the first step after every resume counts; a crash that moves on
+    does not.
+    """
+    streak, signature = 0, None
+    for attempt in range(last_attempt, -1, -1):
+        cause = root_cause([f for f in failures if f.attempt == attempt])
+        if cause is None or not _program_error(cause):
+            break
+        if signature is not None and cause.signature != signature:
+            break
+        signature = cause.signature
         streak += 1
     return streak
 
@@ -293,6 +399,7 @@ def decide(
     signalled: str | None = None,
     agent_message: str | None = None,
     bad_node_after: int = 0,
+    no_progress_after: int = 0,
 ) -> Outcome:
     """Map torchrun's end to one exit code.
 
@@ -300,10 +407,13 @@ def decide(
     it); ``failures``/``last_attempt``: from :func:`scan_run_dirs`; ``signalled``: the signal
     the launcher forwarded (preemption), if any; ``agent_message``: the agent's own recorded
     error, for the reason text; ``bad_node_after``: with N > 0, N attempts in a row ending in a
-    device error on this host mean BAD_NODE.
+    device error on this host mean BAD_NODE; ``no_progress_after``: with N > 0, N attempts in a
+    row that failed the same way before passing their resume step mean UNRECOVERABLE
+    (:func:`no_progress_streak`).
 
     Order: a stop code (UNRECOVERABLE, BAD_NODE) in any attempt ends the job with it, because
-    the launcher stops torchrun as soon as it sees one; then preemption -> RETRY; then success
+    the launcher stops torchrun as soon as it sees one; then the bad-node and the no-progress
+    rules; then preemption -> RETRY; then success
     -> OK; then the root cause of the last attempt; no error file -> RETRY (a signal, the OOM
     killer, or a rendezvous failure: a restart can help).
     """
@@ -318,6 +428,16 @@ def decide(
             f"{bad_node_after} attempts in a row failed on a device error on host "
             f"{cause.host if cause and cause.host else '?'}; replace the node. "
             f"Last: {cause.describe() if cause else '?'}",
+            cause,
+        )
+    if no_progress_after > 0 and no_progress_streak(failures, last_attempt) >= no_progress_after:
+        cause = root_cause([f for f in failures if f.attempt == last_attempt])
+        assert cause is not None
+        return Outcome(
+            ExitCode.UNRECOVERABLE,
+            f"{no_progress_after} attempts in a row failed with the same error before passing "
+            f"the step they resumed from; a restart cannot help, fix the error. Last: "
+            f"{cause.describe()}",
             cause,
         )
     if signalled:

@@ -44,6 +44,7 @@ from .exitcodes import (
     Outcome,
     decide,
     hardware_streak,
+    no_progress_streak,
     read_error_file,
     scan_run_dirs,
 )
@@ -70,9 +71,12 @@ def main_entry(fn: _F) -> _F:
     with ``err.exit_code`` (11 for ``UnrecoverableError``, 12 for ``HardwareError``, ...), and a
     ``SystemExit`` with one of those codes (the script's own ``sys.exit(12)``,
     :class:`~arc_dist.errors.Preempted`) is recorded too, so the launcher can tell "do not
-    retry" from "restart". Other exceptions end the process with status 1 (RETRY). A failure
-    ``Arc.step`` already recorded (an error on one rank, recorded before it aborted the process
-    groups, see arc_dist/failfast.py) keeps that record: it is the earliest, the root cause.
+    retry" from "restart". Other exceptions are recorded and end the process with 11
+    (UNRECOVERABLE) when arc-dist's own validation raised them (a ``ValueError``/``TypeError``
+    such as a bad ``ArcConfig`` value), else 10 (RETRY). Every record carries the step the
+    worker resumed from and the step it reached, for the launcher's no-progress rule.
+    A failure ``Arc.step`` already recorded (an error on one rank, recorded as it happened, see
+    arc_dist/failfast.py) keeps that record: it is the earliest, the root cause.
 
     Example::
 
@@ -92,24 +96,7 @@ def main_entry(fn: _F) -> _F:
         try:
             return _call_classified(fn, args, kwargs)
         except ArcError as err:
-            code = int(err.exit_code)
-            if not _error_file_written():
-                _write_error_file(err, code)
-            rank = os.environ.get("RANK", "0")
-            sys.stderr.write(
-                f"[arc] rank {rank}: {type(err).__name__}: {err} -> exit {code} "
-                f"({ExitCode(code).name})\n"
-            )
-            import traceback
-
-            traceback.print_exc()
-            sys.stderr.flush()
-            if code in (ExitCode.HARDWARE, ExitCode.BAD_NODE):
-                # the device cannot be trusted: interpreter teardown (NCCL communicators, the
-                # CUDA caching allocator) can hang or crash on it, so skip it
-                logging.shutdown()
-                os._exit(code)
-            sys.exit(code)
+            _exit_recorded(err, int(err.exit_code))
         except SystemExit as se:
             # a deliberate exit with one of our codes (sys.exit(12), arc_dist.Preempted, ...):
             # record it, so the launcher's summary says why
@@ -118,14 +105,12 @@ def main_entry(fn: _F) -> _F:
                 text = str(se)
                 _write_error_file(se if text and text != str(code) else f"SystemExit: {code}", code)
             raise
-        except Exception:
-            if _error_file_written():  # @record would overwrite Arc's earlier record
-                import traceback
-
-                traceback.print_exc()
-                sys.stderr.flush()
-                sys.exit(1)
-            raise  # @record writes the error file; the process exits 1 (RETRY)
+        except Exception as err:
+            # arc-dist's own validation (a bad ArcConfig value, a checkpoint_dir that cannot
+            # work) fails the same way on every restart: 11; anything else may be transient: 10
+            # (the launcher's no-progress rule stops a bug that repeats before any progress)
+            code = ExitCode.UNRECOVERABLE if _usage_error(err) else ExitCode.RETRY
+            _exit_recorded(err, int(code))
         except BaseException as err:
             # e.g. torch.distributed.checkpoint's CheckpointException derives from
             # BaseException, which @record does not see
@@ -134,6 +119,48 @@ def main_entry(fn: _F) -> _F:
             raise
 
     return record(arc_wrapper)  # type: ignore[return-value]
+
+
+def _exit_recorded(err: BaseException, code: int) -> None:
+    """Record ``err`` in the error file (with this process's progress), say why, and exit. A
+    record ``Arc.step`` wrote first (an error on one rank) is the root cause and is kept."""
+    if not _error_file_written():
+        _write_error_file(err, code)
+    rank = os.environ.get("RANK", "0")
+    sys.stderr.write(
+        f"[arc] rank {rank}: {type(err).__name__}: {err} -> exit {code} ({ExitCode(code).name})\n"
+    )
+    import traceback
+
+    traceback.print_exception(type(err), err, err.__traceback__)
+    sys.stderr.flush()
+    if code in (ExitCode.HARDWARE, ExitCode.BAD_NODE):
+        # the device cannot be trusted: interpreter teardown (NCCL communicators, the
+        # CUDA caching allocator) can hang or crash on it, so skip it
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _usage_error(err: BaseException) -> bool:
+    """A ``ValueError``/``TypeError`` that arc-dist's own code raised on purpose (a ``raise``
+    statement): its validation of what the script passed (``ArcConfig``, ``Arc``,
+    ``checkpoint_dir``, ...), which never goes away on a restart. Raised elsewhere (the script,
+    torch), or implicitly by a bug, the same types may be transient or data-dependent."""
+    import linecache
+
+    if not isinstance(err, (ValueError, TypeError)) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return path.startswith(_PACKAGE_DIR) and (
+        linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise ")
+    )
 
 
 def _call_classified(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -182,6 +209,7 @@ class LaunchSpec:
     log_dir: str = ""
     module: bool = False
     bad_node_after: int = 2
+    no_progress_after: int = 3
     preflight: bool = False
     shutdown_timeout: float = 30.0
     torchrun_args: list[str] = field(default_factory=list)
@@ -287,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
         "BAD_NODE (13); 0 disables (ARC_BAD_NODE_AFTER; default 2)",
     )
     a(
+        "--no-progress-after",
+        type=int,
+        default=int(_env_default("NO_PROGRESS_AFTER", 3)),
+        help="attempts in a row that fail with the same error before passing the step they "
+        "resumed from (a bug in the script or its data, not a crash that moves on) before "
+        "exiting UNRECOVERABLE (11) instead of restarting again; peer, network, storage and "
+        "timeout errors never count; 0 disables (ARC_NO_PROGRESS_AFTER; default 3)",
+    )
+    a(
         "--preflight",
         action="store_true",
         default=_env_default("PREFLIGHT", "") not in ("", "0", "false", "no"),
@@ -343,6 +380,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LaunchSpec, bool]:
             log_dir=ns.log_dir,
             module=ns.module,
             bad_node_after=ns.bad_node_after,
+            no_progress_after=ns.no_progress_after,
             preflight=ns.preflight,
             shutdown_timeout=ns.shutdown_timeout,
             torchrun_args=list(ns.torchrun_arg),
@@ -378,6 +416,8 @@ def validate(spec: LaunchSpec) -> None:
         raise ValueError(f"--monitor-interval={spec.monitor_interval} is invalid: use seconds > 0")
     if spec.bad_node_after < 0:
         raise ValueError(f"--bad-node-after={spec.bad_node_after} is invalid: use >= 0")
+    if spec.no_progress_after < 0:
+        raise ValueError(f"--no-progress-after={spec.no_progress_after} is invalid: use >= 0")
     if not spec.shutdown_timeout > 0:
         raise ValueError(f"--shutdown-timeout={spec.shutdown_timeout} is invalid: use seconds > 0")
     if spec.max_nodes > 1:
@@ -471,6 +511,17 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def sigkill_all(pids) -> None:
+    """SIGKILL each process and its process group (workers run in sessions of their own);
+    ones already gone are skipped."""
+    for pid in pids:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 class Launcher:
     """Runs one torchrun and decides the exit code. Use :meth:`run` from the main thread."""
 
@@ -481,6 +532,7 @@ class Launcher:
         self.spec = spec
         self.proc: subprocess.Popen | None = None
         self.signalled: str | None = None
+        self._signum = signal.SIGTERM
         self._stopping_since: float | None = None
         self._preexisting: set[str] = set()
         self.agent_error_file = ""
@@ -500,11 +552,11 @@ class Launcher:
     def _on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         if self.signalled is None:
-            self.signalled = name
+            self.signalled, self._signum = name, signum
             _say(
                 f"received {name}: forwarding it to torchrun (pid {self.proc.pid if self.proc else '?'})"
             )
-        self._stop(signum)
+        self._stop(signum)  # nothing to stop yet before torchrun started: run() forwards it
 
     def _stop(self, signum: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -518,12 +570,7 @@ class Launcher:
     def _kill_all(self) -> None:
         """torchrun did not stop in time: SIGKILL it and every worker (own process groups)."""
         assert self.proc is not None
-        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        sigkill_all([self.proc.pid, *_descendants(self.proc.pid)])
 
     def run(self) -> Outcome:
         spec = self.spec
@@ -550,11 +597,15 @@ class Launcher:
             signal.signal(s, self._on_signal)
         early: Outcome | None = None
         try:
-            # own session: a terminal's Ctrl-C reaches torchrun once, through us
-            self.proc = subprocess.Popen(
-                cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig
-            )
-            while self.proc.poll() is None:
+            if self.signalled is None:  # preempted before anything started: start nothing
+                # own session: a terminal's Ctrl-C reaches torchrun once, through us
+                self.proc = subprocess.Popen(
+                    cmd, env=env, start_new_session=True, preexec_fn=_set_pdeathsig
+                )
+                if self.signalled is not None:  # it came while torchrun was being started
+                    _say(f"forwarding {self.signalled} to torchrun (pid {self.proc.pid})")
+                    self._stop(self._signum)
+            while self.proc is not None and self.proc.poll() is None:
                 time.sleep(self.poll_interval)
                 if early is None and self.signalled is None:
                     early = self._early_stop()
@@ -574,6 +625,12 @@ class Launcher:
                 self.proc.wait()
             for s, h in old.items():
                 signal.signal(s, h)
+        if self.proc is None:
+            outcome = Outcome(
+                ExitCode.RETRY, f"preempted: {self.signalled} before torchrun started"
+            )
+            _say(f"torchrun not started; exit {int(outcome.exit_code)} (RETRY): {outcome.reason}")
+            return outcome
         rc = self.proc.returncode
         last_attempt, failures = scan_run_dirs(self._run_dirs())
         if early is not None:
@@ -586,6 +643,7 @@ class Launcher:
                 signalled=self.signalled,
                 agent_message=self._agent_message(),
                 bad_node_after=spec.bad_node_after,
+                no_progress_after=spec.no_progress_after,
             )
         _say(
             f"torchrun exited {rc}; exit {int(outcome.exit_code)} "
@@ -600,11 +658,19 @@ class Launcher:
             return None
         # the newest attempt may still be running: count the streak from the newest failure
         last_attempt = failures[-1].attempt
-        if any(f.exit_code in STOP_CODES for f in failures) or (
-            self.spec.bad_node_after > 0
-            and hardware_streak(failures, last_attempt) >= self.spec.bad_node_after
+        spec = self.spec
+        if (
+            any(f.exit_code in STOP_CODES for f in failures)
+            or (0 < spec.bad_node_after <= hardware_streak(failures, last_attempt))
+            or (0 < spec.no_progress_after <= no_progress_streak(failures, last_attempt))
         ):
-            return decide(None, failures, last_attempt, bad_node_after=self.spec.bad_node_after)
+            return decide(
+                None,
+                failures,
+                last_attempt,
+                bad_node_after=spec.bad_node_after,
+                no_progress_after=spec.no_progress_after,
+            )
         return None
 
     def _preflight(self) -> Outcome | None:

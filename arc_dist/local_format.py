@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint.manifest import new_hasher
+from .checkpoint.manifest import is_plain_name, loads_strict, new_hasher
 
 FORMAT = "arc-dist-local-snapshot"
 FORMAT_VERSION = 1
@@ -124,14 +124,12 @@ def check_manifest(m: Any, ident: Identity, step: int, *, kind: str = "rank") ->
                     f"ranks, now {ident.host} with {ident.local_world_size})"
                 )
         f = m["file"]
-        if (
-            not isinstance(f["name"], str)
-            or int(f["size"]) < 0
-            or not isinstance(f["checksum"], str)
-        ):
+        if not is_plain_name(f["name"]) or int(f["size"]) < 0 or not isinstance(f["checksum"], str):
             return "manifest garbles its file entry"
         if not isinstance(m["lineage"], str):
             return "manifest garbles its lineage"
+        if m["shared"] is not None and not is_plain_name(m["shared"]):
+            return "manifest names a shared file outside its directory"
     except (KeyError, TypeError, ValueError) as e:
         return f"manifest misses or garbles a field ({e!r})"
     return None
@@ -139,7 +137,7 @@ def check_manifest(m: Any, ident: Identity, step: int, *, kind: str = "rank") ->
 
 def read_json(path: str) -> Any:
     with open(path, "rb") as f:
-        return json.loads(f.read())
+        return loads_strict(f.read())
 
 
 def write_json_atomic(path: str, doc: dict) -> None:

@@ -15,8 +15,9 @@ durable checkpoint root, and the snapshots already rejected. The rules:
 
 A local choice is then verified (checksums, model keys and shapes) on every rank; a failure on
 any rank rejects that snapshot for all and the choice is made again, so ranks never split.
-If restoring fails midway, durable storage is loaded over the half-restored state. Rank 0 logs
-the source, the step and why.
+If restoring fails midway, durable storage is loaded over the half-restored state; without a
+durable checkpoint, ``CheckpointError``: training never starts from a half-restored state.
+Rank 0 logs the source, the step and why.
 """
 
 from __future__ import annotations
@@ -217,18 +218,22 @@ def resume_from_tiers(
             outcome = Outcome(LOCAL, choice.step, saved, choice.reason)
         else:
             bad = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
-            choice = Choice(
-                DURABLE, None, None, f"restoring local step_{choice.step} failed ({bad})"
-            )
-            if manager is None:
+            # the live objects are half restored, maybe differently on each rank: only a full
+            # durable load over them gives every rank one consistent state
+            step = load_durable() if manager is not None else None
+            if step is None:
                 from .errors import CheckpointError
 
                 raise CheckpointError(
-                    f"arc_dist: restoring the local snapshot failed midway ({bad}) and there is "
-                    "no durable checkpoint_dir to fall back to. Fix: set ArcConfig.local_snapshots"
-                    "=False and report this"
+                    f"arc_dist: restoring the local snapshot step_{choice.step} failed midway "
+                    f"({bad}) and no durable checkpoint exists to load over the half-restored "
+                    f"state; training does not start from it. Fix: remove {tier.root} (or set "
+                    "ArcConfig.local_snapshots=False) to start fresh, and report this"
                 )
-    if choice.source == DURABLE:
+            outcome = Outcome(
+                DURABLE, step, step, f"restoring local step_{choice.step} failed ({bad})"
+            )
+    elif choice.source == DURABLE:
         step = load_durable() if manager is not None else None
         outcome = Outcome(DURABLE if step is not None else None, step, step, choice.reason)
 

@@ -316,7 +316,7 @@ class DDPRide:
     every step takes the collective path.
 
     ``explain`` maps a failed all-reduce's error to the one backward should raise (the error of
-    the rank that aborted the group, see failfast.py).
+    the rank that failed first, see failfast.py).
     """
 
     def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group, row_fn,

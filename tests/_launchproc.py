@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from arc_dist.launch import _descendants
+from arc_dist.launch import _descendants, sigkill_all
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -67,12 +66,7 @@ class LaunchProc:
 
     def cleanup(self) -> None:
         self.track()
-        for pid in [self.proc.pid, *self._tree]:
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        sigkill_all([self.proc.pid, *self._tree])
         self.proc.wait()
         self._out.close()
 

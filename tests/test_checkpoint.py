@@ -24,6 +24,7 @@ import torch
 
 from arc_dist.checkpoint import CheckpointManager, CheckpointStorageError, TrainState, scan, verify
 from arc_dist.checkpoint.catalog import CheckpointInfo
+from arc_dist.checkpoint.dcp_io import SafeReader
 from arc_dist.checkpoint.manifest import (
     CONFIRMED_NAME,
     MANIFEST_NAME,
@@ -36,6 +37,7 @@ from arc_dist.checkpoint.manifest import (
 from arc_dist.checkpoint.retention import plan_retention
 from arc_dist.cli import main as cli
 from arc_dist.errors import CheckpointError
+from tests import faultfs
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,
@@ -100,6 +102,16 @@ def test_manifest_roundtrip_and_rejects_garbage():
     ):
         with pytest.raises(ManifestError):
             Manifest.from_json(bad)
+    # parsed strictly: standard JSON only, one meaning per key, files inside the directory
+    good = m.to_json().decode()
+    for bad, why in (
+        (good.replace('"step": 7', '"step": NaN'), "NaN is not JSON"),
+        (good.replace('"step": 7', '"step": 7, "step": 8'), "duplicate keys"),
+        (good.replace('"__0_0.distcp"', '"../../etc/passwd"'), "outside its directory"),
+        (good.replace('"size": 5', '"size": -5'), "sized < 0"),
+    ):
+        with pytest.raises(ManifestError, match=why):
+            Manifest.from_json(bad.encode())
 
 
 def _info(step: int, state: str) -> CheckpointInfo:
@@ -312,14 +324,20 @@ def _damage(step_dir, how: str) -> None:
         (step_dir / MANIFEST_NAME).write_text("{garbled")
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "delete", "manifest"])
-def test_damaged_checkpoint_falls_back(tmp_path, how, caplog):
+def _steps_5_and_10(root) -> CheckpointManager:
+    """Checkpoints of the tiny workload at steps 5 and 10 under ``root``; the closed manager."""
     run = Run()
     run.train(5)
-    with manager(tmp_path / "ck", keep=5) as mgr:
+    with manager(root, keep=5) as mgr:
         mgr.save(5, run.app_state(), blocking=True)
         run.train(5)
         mgr.save(10, run.app_state(), blocking=True)
+    return mgr
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete", "manifest"])
+def test_damaged_checkpoint_falls_back(tmp_path, how, caplog):
+    mgr = _steps_5_and_10(tmp_path / "ck")
     _damage(tmp_path / "ck" / "step_10", how)
     info = next(i for i in scan(mgr.storage) if i.step == 10)
     assert verify(mgr.storage, info)  # the damage is found by verify ...
@@ -328,6 +346,34 @@ def test_damaged_checkpoint_falls_back(tmp_path, how, caplog):
         assert m2.load(fresh.app_state()) == 5  # ... and by load, which falls back
     assert_state_equal(fresh.model.state_dict(), reference_state(5))
     assert "step_10" in caplog.text and "unusable" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error,match,verify_on_load",
+    [
+        ("EndpointConnectionError", ".distcp", True),  # an object store outage: not an OSError
+        ("ConnectionError", ".metadata", True),
+        ("PermissionError", MANIFEST_NAME, True),  # expired credentials on the first read
+        ("TimeoutError", ".distcp", False),  # DCP's own read of the data
+    ],
+)
+def test_unreadable_checkpoint_is_retried_not_skipped(tmp_path, error, match, verify_on_load):
+    """Listing works but reading fails: exit 10 with the storage error, nothing skipped."""
+    _steps_5_and_10(tmp_path / "ck")
+    flaky = {"read_error": error, "match": match}
+    fresh = Run()
+    with pytest.raises(CheckpointStorageError) as err:
+        with manager(faultfs.url(tmp_path / "ck"), storage_options=flaky,
+                     verify_on_load=verify_on_load) as m2:  # fmt: skip
+            m2.load(fresh.app_state())
+    assert err.value.exit_code == 10
+    assert "step_10" in str(err.value) and "could not be read" in str(err.value)
+    assert f"{error}: " in str(err.value)  # the storage error itself
+    assert "step_5" not in str(err.value)  # not thrown away for an older one
+    # the storage answers again: the same checkpoint loads
+    with manager(faultfs.url(tmp_path / "ck")) as m3:
+        assert m3.load(fresh.app_state()) == 10
+    assert_state_equal(fresh.model.state_dict(), reference_state(10))
 
 
 def test_no_usable_checkpoint_names_each(tmp_path):
@@ -367,21 +413,39 @@ def test_other_model_is_rejected_with_key_names(tmp_path):
     assert "unexpected keys" in str(err.value) and "train.model.4.weight" in str(err.value)
 
 
-def test_metadata_is_never_unpickled_freely(tmp_path):
+def _dotted_global_pickle(module: str, name: str, arg: str) -> bytes:
+    """Protocol 4: ``STACK_GLOBAL(module, name)(arg)``; a dotted name resolves attributes."""
+
+    def text(t: str) -> bytes:
+        return b"\x8c" + bytes([len(t.encode())]) + t.encode()
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
+@pytest.mark.parametrize("how", ["reduce", "dotted"])
+def test_metadata_is_never_unpickled_freely(tmp_path, how):
     run = Run()
     with manager(tmp_path / "ck") as mgr:
         mgr.save(1, run.app_state(), blocking=True)
     step_dir = tmp_path / "ck" / "step_1"
     marker = tmp_path / "pwned"
-    evil = pickle.dumps(_Evil(str(marker)))
+    if how == "reduce":
+        evil = pickle.dumps(_Evil(str(marker)))
+    else:  # an allowed module, then attribute lookups out of it: os.system
+        evil = _dotted_global_pickle(
+            "torch.distributed.checkpoint.filesystem", "os.system", f"touch {marker}"
+        )
     (step_dir / ".metadata").write_bytes(evil)
-    doc = json.loads((step_dir / MANIFEST_NAME).read_text())  # a consistent manifest: only the
+    # whoever can write .metadata can rewrite the manifest too: checksums do not stop it
+    doc = json.loads((step_dir / MANIFEST_NAME).read_text())
     h = new_hasher(doc["checksum_algorithm"])
     h.update(evil)
     doc["files"][".metadata"] = {"size": len(evil), "checksum": h.hexdigest()}
-    (step_dir / MANIFEST_NAME).write_text(json.dumps(doc))  # unpickler stands in the way
+    (step_dir / MANIFEST_NAME).write_text(json.dumps(doc))
     with manager(tmp_path / "ck") as m2, pytest.raises(CheckpointError, match="not DCP metadata"):
         m2.load(Run().app_state())
+    with pytest.raises(pickle.UnpicklingError, match="not DCP metadata"):
+        SafeReader(str(step_dir), storage_options={}).read_metadata()
     assert not marker.exists()
 
 

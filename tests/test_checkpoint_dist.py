@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist.checkpoint import CheckpointManager, PerRank, TrainState, scan
+from tests import faultfs
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,
@@ -48,6 +49,85 @@ def _setup(kind: str, seed: int = 0):
     model = _wrap(make_model(seed), kind)
     opt, sched = make_optimizer(model)
     return model, opt, sched
+
+
+# -- a staging failure on one rank -------------------------------------------------------------
+def _staging_failure_worker(rank, world, url):
+    from datetime import timedelta
+
+    model, opt, sched = _setup("ddp")
+    # a short collective timeout: a rank left alone in DCP's collectives fails fast, not in 10 min
+    mgr = CheckpointManager(url, confirm_after=0, retry_backoff=0.05, timeout=timedelta(seconds=15))
+    if rank == 1:  # this rank's next staging fails, as a pinned allocation can
+        real = mgr._stager.stage
+
+        def fail_once(state_dict, **kw):
+            mgr._stager.stage = real
+            raise RuntimeError("simulated: pinned host allocation failed")
+
+        mgr._stager.stage = fail_once
+    for step in range(4):
+        if step in (1, 2):
+            mgr.save(step, {"train": TrainState(model, opt, sched)}, blocking=False)
+            mgr.wait()
+        train_steps(model, opt, step, step + 1, sched)
+    # a blocking save: rank 1's user object cannot give its state; both ranks raise, none waits
+    pos = Position()
+    pos.state_dict = (lambda: 1 / 0) if rank == 1 else pos.state_dict
+    try:
+        mgr.save(3, {"train": TrainState(model, opt, sched), "pos": pos}, blocking=True)
+        blocking_error = None
+    except Exception as e:
+        blocking_error = type(e).__name__
+    mgr.save(4, {"train": TrainState(model, opt, sched)}, blocking=True)
+    mgr.close()
+    fresh = _setup("ddp")
+    with CheckpointManager(url) as m2:
+        loaded = m2.load({"train": TrainState(*fresh)})
+    return mgr.stats(), loaded, full_model_state(fresh[0]), blocking_error
+
+
+def test_staging_failure_on_one_rank_abandons_the_save_on_every_rank(tmp_path):
+    url = str(tmp_path / "ck")
+    r0, r1 = run_ranks(_staging_failure_worker, 2, url, timeout=90)
+    (s0, loaded0, m0, e0), (s1, loaded1, m1, e1) = r0, r1
+    assert (e0, e1) == ("CheckpointStorageError", "ZeroDivisionError")
+    for s in (s0, s1):  # the same decision on both ranks: step 1 abandoned, 2 and 4 committed
+        assert (s["checkpoints"], s["checkpoints_abandoned"], s["checkpoint_retries"]) == (2, 1, 0)
+    assert [i.step for i in scan_url(url) if i.committed] == [2, 4]
+    assert loaded0 == loaded1 == 4
+    assert_state_equal(m0, m1)
+    assert_state_equal(m0, reference_state(4))
+
+
+def scan_url(url: str):
+    from arc_dist.checkpoint.storage import Storage
+
+    return scan(Storage(url))
+
+
+# -- one node cannot read at resume ------------------------------------------------------------
+def _one_rank_cannot_read_worker(rank, world, path):
+    model, opt, sched = _setup("ddp")
+    with CheckpointManager(path, confirm_after=0) as mgr:
+        for step in (2, 4):
+            train_steps(model, opt, step - 2, step, sched)
+            mgr.save(step, {"train": TrainState(model, opt, sched)}, blocking=True)
+    flaky = {"read_error": "PermissionError", "match": ".distcp", "ranks": [1]}
+    with CheckpointManager(faultfs.url(path), storage_options=flaky) as m2:
+        try:
+            m2.load({"train": TrainState(*_setup("ddp"))})
+            return None
+        except Exception as e:
+            return type(e).__name__, int(e.exit_code), str(e)
+
+
+def test_a_rank_that_cannot_read_makes_every_rank_exit_for_a_retry(tmp_path):
+    r0, r1 = run_ranks(_one_rank_cannot_read_worker, 2, str(tmp_path / "ck"), timeout=90)
+    assert r0 == r1  # the same error, on both ranks
+    name, code, msg = r0
+    assert (name, code) == ("CheckpointStorageError", 10)
+    assert "step_4" in msg and "rank 1: PermissionError" in msg and "step_2" not in msg
 
 
 # -- async saves while DDP trains -------------------------------------------------------------

@@ -56,15 +56,21 @@ DEVICE_CHECKS = ("device_count", "alloc", "matmul", "memory", "nvml")
 # ---------------------------------------------------------------------------------------------
 
 DEVICE_ERRORS = [
-    ("CUDA error: an illegal memory access was encountered", "illegal_memory_access", True),
-    ("CUDA error: uncorrectable ECC error encountered", "ecc", True),
-    ("CUDA error: unspecified launch failure", "launch_failure", True),
-    ("Unable to determine the device handle for GPU 0000:3B:00.0: GPU is lost.", "device_lost", True),
+    # what a kernel bug looks like too: not evidence against the host by itself
+    ("CUDA error: an illegal memory access was encountered", "illegal_memory_access", False),
+    ("CUDA error: unspecified launch failure", "launch_failure", False),
     ("CUDA error: device-side assert triggered", "device_assert", False),
-    ("CUDA error: misaligned address", "misaligned_address", True),
+    ("CUDA error: misaligned address", "misaligned_address", False),
+    ("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, ...)`", "cublas_execution_failed", False),
+    ("CUDA error: operation not permitted when stream is capturing", "cuda", False),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with NCCL_DEBUG=INFO)", "nccl_cuda", False),
+    # evidence that points at the hardware
+    ("CUDA error: uncorrectable ECC error encountered", "ecc", True),
+    ("Unable to determine the device handle for GPU 0000:3B:00.0: GPU is lost.", "device_lost", True),
     ("CUDA error: uncorrectable NVLink error detected during the execution", "nvlink", True),
-    ("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, ...)`", "cublas_execution_failed", True),
-    ("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with NCCL_DEBUG=INFO)", "nccl_cuda", True),
+    ("NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, GPU has fallen off the bus.", "device_lost", True),
+    ("NVRM: Xid (PCI:0000:3b:00): 48, pid=1234, An uncorrectable double bit error", "xid", True),
+    # a peer or the network
     ("[Rank 3] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=81, OpType=ALLREDUCE) ran for 600012 milliseconds before timing out.", "nccl_timeout", False),
     ("NCCL communicator was aborted on rank 2.", "nccl", False),
     ("NCCL timeout in: ProcessGroupNCCL.cpp", "nccl_timeout", False),
@@ -94,7 +100,8 @@ def test_other_errors_are_not_device_errors(message):
 
 def test_classifier_types_and_cause_chain():
     assert device_fault(torch.OutOfMemoryError("CUDA out of memory")) is None
-    assert device_fault(torch.AcceleratorError("something new")).kind == "accelerator"
+    fault = device_fault(torch.AcceleratorError("something new"))
+    assert fault.kind == "accelerator" and fault.blames_host is False
     # arc-dist's own errors are already classified, whatever their text says
     assert device_fault(HardwareError("CUDA error: an illegal memory access")) is None
     # a device error wrapped by the user's code is still found
@@ -246,6 +253,30 @@ def test_host_streak_breaks(tmp_path, attempts, streak):
     assert (out.exit_code == ExitCode.BAD_NODE) == (expected is not None), out.reason
 
 
+def test_kernel_bug_is_not_blamed_on_the_host_unless_other_hosts_ran_clean(tmp_path):
+    def illegal():
+        return hardware_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+    peer = RuntimeError("Connection reset by peer")
+    # the same kernel error on every attempt of a single host: a bug in the code, not the node
+    alone = [[(0, illegal(), "node-a", float(i))] for i in range(3)]
+    last, failures = scan_run_dirs(_error_files(tmp_path / "alone", alone))
+    assert hardware_streak(failures, last) == 0
+    assert decide(1, failures, last, bad_node_after=2).exit_code == ExitCode.HARDWARE
+    # every host fails alike (shared log folder): still the code
+    both = [
+        [(0, illegal(), "node-a", i + 0.1), (1, illegal(), "node-b", i + 0.2)] for i in range(3)
+    ]
+    last, failures = scan_run_dirs(_error_files(tmp_path / "both", both))
+    assert hardware_streak(failures, last) == 0
+    # only node-a's ranks hit it while node-b ran the same steps and lost its peer: the node
+    one = [[(0, illegal(), "node-a", i + 0.1), (1, peer, "node-b", i + 0.2)] for i in range(2)]
+    last, failures = scan_run_dirs(_error_files(tmp_path / "one", one))
+    assert hardware_streak(failures, last) == 2
+    out = decide(1, failures, last, bad_node_after=2)
+    assert out.exit_code == ExitCode.BAD_NODE and "node-a" in out.reason
+
+
 def test_error_file_carries_device_and_blame(tmp_path):
     path = tmp_path / "error.json"
     err = hardware_error(RuntimeError("[Rank 1] Watchdog caught collective operation timeout: "
@@ -360,7 +391,8 @@ def test_device_error_in_a_step_exits_12_under_torchrun(tmp_path):
     assert set(by_rank) == {0, 1} and all(f.exit_code == ExitCode.HARDWARE for f in failures)
     assert "device error at step 3 (illegal_memory_access)" in by_rank[0].message
     assert "(launch_failure)" in by_rank[1].message  # raised by the forward, caught by main_entry
-    assert all(f.device == "cpu" and f.host and f.blames_host for f in failures)
+    # an illegal address and a launch failure are what a kernel bug looks like: no blame
+    assert all(f.device == "cpu" and f.host and not f.blames_host for f in failures)
     # steps 0-2 completed on both ranks, step 3 on none: no rollback was attempted
     assert run.markers_named("step-") == [f"step-{r}-{s}" for r in (0, 1) for s in range(3)]
 

@@ -14,9 +14,11 @@ from arc_dist.exitcodes import (
     classify_error_data,
     decide,
     hardware_streak,
+    no_progress_streak,
     read_error_file,
     root_cause,
     scan_run_dirs,
+    track_progress,
     write_error_file,
 )
 from arc_dist.launch import build_command, format_command, main, parse_args
@@ -134,6 +136,80 @@ def test_decide_orders_stop_codes_preemption_success_and_signals(tmp_path):
     assert decide(1, retry, 0).exit_code == ExitCode.RETRY
 
 
+class _Trainer:
+    def __init__(self, step: int) -> None:
+        self.global_step = step
+
+
+def _attempts(root, attempts: list[tuple[BaseException, int, int] | None]) -> list[str]:
+    """attempts[a] = (error, resumed from, step reached) on local rank 0; None: no error file."""
+    run = root / "arc-test_np"
+    for a, spec in enumerate(attempts):
+        (run / f"attempt_{a}" / "0").mkdir(parents=True)
+        if spec is None:
+            continue
+        err, resumed, reached = spec
+        trainer = _Trainer(resumed)
+        track_progress(trainer, resumed)
+        trainer.global_step = reached
+        path = run / f"attempt_{a}" / "0" / "error.json"
+        write_error_file(err, int(getattr(err, "exit_code", ExitCode.RETRY)), path=str(path))
+        data = json.loads(path.read_text())
+        data["message"]["arc"]["time"] = float(a)
+        path.write_text(json.dumps(data))
+    return [str(run)]
+
+
+def _bug(step: int = 0) -> BaseException:
+    return KeyError(f"'labels' (batch {step})")
+
+
+@pytest.mark.parametrize(
+    "attempts, streak",
+    [
+        # the same bug before the first step after every resume: a restart cannot help
+        ([(_bug(), 0, 0), (_bug(), 0, 0), (_bug(), 0, 0)], 3),
+        ([(_bug(40), 40, 40), (_bug(40), 40, 40), (_bug(40), 40, 40)], 3),  # numbers aside
+        # a crash that moves on (the step reached passes the resume step) breaks the streak
+        ([(_bug(), 0, 0), (_bug(), 40, 57), (_bug(), 50, 50)], 1),
+        # another error breaks it
+        ([(_bug(), 0, 0), (ValueError("bad shape"), 0, 0), (_bug(), 0, 0)], 1),
+        # an attempt without an error file (SIGKILL, OOM killer) breaks it
+        ([(_bug(), 0, 0), None, (_bug(), 0, 0)], 1),
+        # peers, the network, storage, hangs, preemption: never "the same bug"
+        ([(RuntimeError("Connection closed by peer [10.0.0.2]:3921"), 0, 0)] * 3, 0),
+        ([(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Gloo error"), 0, 0)] * 3, 0),
+        ([(HangError("rank 1 made no progress for 300 s"), 0, 0)] * 3, 0),
+        ([(TimeoutError("store"), 0, 0)] * 3, 0),
+        # device errors have their own rule
+        ([(HardwareError("CUDA error: illegal memory access"), 0, 0)] * 3, 0),
+    ],
+)
+def test_no_progress_streak(tmp_path, attempts, streak):
+    last, failures = scan_run_dirs(_attempts(tmp_path, attempts))
+    assert no_progress_streak(failures, last) == streak
+    out = decide(1, failures, last, no_progress_after=3)
+    if streak >= 3:
+        assert out.exit_code == ExitCode.UNRECOVERABLE, out.reason
+        assert "before passing the step they resumed from" in out.reason
+        assert "KeyError: \"'labels' (batch" in out.reason  # names the repeated error
+    else:
+        assert out.exit_code != ExitCode.UNRECOVERABLE, out.reason
+    assert decide(1, failures, last, no_progress_after=0).exit_code != ExitCode.UNRECOVERABLE
+
+
+def test_no_progress_needs_arc_dists_record(tmp_path):
+    """A file from torch's plain @record says nothing about progress: it never counts."""
+    run = tmp_path / "arc-test_rec"
+    for a in range(3):
+        path = run / f"attempt_{a}" / "0" / "error.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(_torch_record("KeyError: 'labels'")))
+    last, failures = scan_run_dirs([str(run)])
+    assert [f.made_progress for f in failures] == [None] * 3
+    assert no_progress_streak(failures, last) == 0
+
+
 def test_flags_env_defaults_and_command(tmp_path, monkeypatch):
     script = tmp_path / "train.py"
     script.write_text("")
@@ -158,7 +234,7 @@ def test_flags_env_defaults_and_command(tmp_path, monkeypatch):
     assert cmd[-3:] == [str(script), "--lr", "3e-4"]
     line = format_command(cmd, env)
     assert line.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
-    assert shlex.split(line)[len(env):] == cmd
+    assert shlex.split(line)[len(env) :] == cmd
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "20"  # inside the launcher's own 30 s
 
 
@@ -240,7 +316,83 @@ def test_main_entry_records_the_exit_code(raise_, code, message, tmp_path, monke
     assert f.exit_code == code and f.message.startswith(message)
 
 
-def test_main_entry_leaves_other_errors_to_record(tmp_path, monkeypatch):
+def _bad_config():
+    from arc_dist import ArcConfig
+
+    ArcConfig(confirm_after=-1)
+
+
+def _implicit_type_error_in_arc_dist():
+    from arc_dist.checkpoint.storage import Storage
+
+    Storage("/tmp").join(None)  # a TypeError inside arc-dist that no validation raised: 10
+
+
+def _script_value_error():
+    int("not a number")  # a bug in the script: may depend on its data, so a restart is allowed
+
+
+def _unwritable_checkpoint_dir(tmp_path):
+    from arc_dist.checkpoint import CheckpointManager
+    from tests import faultfs
+
+    CheckpointManager(
+        faultfs.url(tmp_path / "ck"), storage_options={"write_error": "PermissionError"}
+    )
+
+
+def _unreachable_checkpoint_dir(tmp_path):
+    from arc_dist.checkpoint import CheckpointManager
+    from tests import faultfs
+
+    CheckpointManager(
+        faultfs.url(tmp_path / "ck"), storage_options={"write_error": "ConnectionError"}
+    )
+
+
+@pytest.mark.parametrize(
+    "body, code, message",
+    [
+        (lambda tmp: _bad_config(), 11, "ValueError: ArcConfig.confirm_after=-1"),
+        (lambda tmp: _script_value_error(), 10, "ValueError: invalid literal"),
+        (lambda tmp: _implicit_type_error_in_arc_dist(), 10, "TypeError: sequence item 1"),
+        (lambda tmp: (_ for _ in ()).throw(RuntimeError("Connection reset by peer")), 10,
+         "RuntimeError: Connection reset"),
+        (_unwritable_checkpoint_dir, 11, "CheckpointStorageError: arc_dist: checkpoint_dir="),
+        (_unreachable_checkpoint_dir, 10, "CheckpointStorageError: arc_dist: checkpoint_dir="),
+    ],
+)  # fmt: skip
+def test_main_entry_classifies_usage_errors_and_records_progress(body, code, message, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    from arc_dist.exitcodes import track_progress
+    from arc_dist.launch import main_entry
+
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+
+    class Trainer:
+        global_step = 7
+
+    trainer = Trainer()
+    track_progress(trainer, 7)  # resumed from step 7, then failed before passing it
+
+    @main_entry
+    def main():
+        body(tmp_path)
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == code
+    f = read_error_file(str(tmp_path / "error.json"))
+    assert f.exit_code == code and f.message.startswith(message), f.message
+    assert f.made_progress is False and f.error_type == message.split(":")[0]
+    trainer.global_step = 8  # one step past the resume step: progress
+    (tmp_path / "error.json").unlink()  # torchrun gives every attempt a fresh error file
+    with pytest.raises(SystemExit):
+        main()
+    assert read_error_file(str(tmp_path / "error.json")).made_progress is True
+
+
+def test_main_entry_without_errors_writes_nothing(tmp_path, monkeypatch):
     from arc_dist.launch import main_entry
 
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
@@ -249,15 +401,7 @@ def test_main_entry_leaves_other_errors_to_record(tmp_path, monkeypatch):
     def ok():
         return 42
 
-    @main_entry
-    def crash():
-        raise RuntimeError("Connection reset by peer")
-
     assert ok() == 42 and not (tmp_path / "error.json").exists()
-    with pytest.raises(RuntimeError):
-        crash()
-    f = read_error_file(str(tmp_path / "error.json"))  # torch's @record wrote it
-    assert f.exit_code == ExitCode.RETRY and "Connection reset" in f.message
 
 
 @pytest.mark.parametrize("later", [RuntimeError("Connection closed by peer"), HangError("late")])
@@ -276,6 +420,29 @@ def test_main_entry_keeps_the_record_arc_step_wrote_first(later, tmp_path, monke
 
     with pytest.raises(SystemExit) as e:
         main()
-    assert e.value.code == (int(later.exit_code) if isinstance(later, HangError) else 1)
+    assert e.value.code == (
+        int(later.exit_code) if isinstance(later, HangError) else int(ExitCode.RETRY)
+    )
     f = read_error_file(str(path))
     assert f.message == "ValueError: rank 1 passed a non-scalar loss"
+
+
+def test_arc_reports_its_progress_in_error_files(tmp_path):
+    import torch
+
+    from arc_dist import Arc, ArcConfig
+
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    arc = Arc(model, opt, config=ArcConfig(hang_timeout=None))
+    path = str(tmp_path / "error.json")
+    assert arc.resume() == 0
+    write_error_file(RuntimeError("x"), 10, path=path)
+    assert read_error_file(path).made_progress is False  # failed before its first step
+    loss = model(torch.randn(8, 4)).pow(2).mean()
+    loss.backward()
+    arc.step(loss)
+    opt.step()
+    write_error_file(RuntimeError("x"), 10, path=path)
+    assert read_error_file(path).made_progress is True
+    arc.close()

@@ -101,6 +101,16 @@ def test_unrecoverable_error_exits_11_without_a_restart_loop(tmp_path):
     assert max(r for r, _, _ in run.starts) <= 1
 
 
+@pytest.mark.timeout(240)
+def test_the_same_bug_before_any_progress_exits_11_after_three_attempts(tmp_path):
+    run = Launch(tmp_path, "bug", "--nproc-per-node=2", "--max-restarts=6")
+    rc, out = run.wait(200)
+    assert rc == ExitCode.UNRECOVERABLE, out
+    assert "3 attempts in a row failed with the same error before passing the step" in out
+    assert "KeyError: \"'labels'\"" in out and "stopping torchrun instead of restarting" in out
+    assert 2 <= max(r for r, _, _ in run.starts) <= 3  # not 6 restarts (one may slip through)
+
+
 @pytest.mark.timeout(180)
 def test_sigkilled_worker_exits_retry_when_restarts_run_out(tmp_path):
     run = Launch(tmp_path, "kill", "--nproc-per-node=2", "--max-restarts=1")
@@ -148,3 +158,37 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_while_torchrun_is_being_started_is_forwarded(tmp_path, monkeypatch, capfd):
+    """A SIGTERM between the launcher's handler and torchrun's start is not lost."""
+    from arc_dist import launch
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    for k in list(os.environ):
+        if k.startswith(("ARC_", "PET_", "TORCHELASTIC_")):
+            monkeypatch.delenv(k)
+    spec, _ = launch.parse_args([f"--log-dir={tmp_path / 'logs'}", "--max-restarts=3",
+                                 WORKER, "sleep", str(markers)])  # fmt: skip
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen] = []
+
+    def popen_after_sigterm(*args, **kwargs):
+        if not started:  # the signal arrives while the launcher is starting torchrun
+            os.kill(os.getpid(), signal.SIGTERM)
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen_after_sigterm)
+    try:
+        outcome = launch.Launcher(spec).run()
+    finally:
+        for p in started:
+            _kill_leftovers(p, markers)
+    err = capfd.readouterr().err
+    assert outcome.exit_code == ExitCode.RETRY, err
+    assert "forwarding SIGTERM to torchrun" in err and "preempted" in outcome.reason
+    assert all(r == 0 for r, _, _ in _starts(markers))  # torchrun did not restart anything

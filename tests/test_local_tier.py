@@ -94,6 +94,11 @@ def test_manifest_check_names_what_changed():
     assert "ArcConfig changed" in check_manifest(m, _ident(config_digest="e"), 30)
     assert "not rank step 25" in check_manifest(m, _ident(), 25)
     assert "not an arc-dist" in check_manifest({"format": "x"}, _ident(), 30)
+    # a manifest never leads the reader out of its directory
+    assert "garbles its file" in check_manifest(
+        {**m, "file": {**m["file"], "name": "../../x.pt"}}, _ident(), 30
+    )
+    assert "outside its directory" in check_manifest({**m, "shared": "../s"}, _ident(), 30)
     del m["lineage"]
     assert "garbles" in check_manifest(m, _ident(), 30)
 
@@ -238,6 +243,27 @@ def test_unusable_local_tier_falls_back_to_durable_storage(tmp_path, run_id, dam
     if damage == "flip":
         assert "local snapshot step_10 is unusable (rank 0: shared_w0.pt fails its" in caplog.text
     assert_state_equal(state, reference_state(20))
+
+
+def test_local_restore_failing_midway_without_a_durable_checkpoint_fails_loudly(tmp_path, run_id):
+    import shutil
+
+    from arc_dist.errors import CheckpointError
+
+    ckpt, local = str(tmp_path / "ck"), str(tmp_path / "shm")
+    _crashed_run(ckpt, local)
+    shutil.rmtree(ckpt)  # no durable checkpoint to load over a half-restored state
+    arc, model, opt, sched, pos = _arc(ckpt, local, seed=1)
+
+    def broken(sd):  # the model and optimizer are restored by now: the state is half restored
+        raise RuntimeError("simulated: this object cannot take its state")
+
+    pos.load_state_dict = broken
+    with pytest.raises(CheckpointError, match="failed midway") as err:
+        arc.resume()  # before: "started fresh" at step 0 with the snapshot's weights
+    assert "simulated: this object cannot take its state" in str(err.value)
+    assert str(Path(local)) in str(err.value)  # what to remove to start fresh
+    arc._close(clean=False)
 
 
 def test_a_newer_healthy_durable_checkpoint_beats_the_local_tier(tmp_path, run_id, caplog):

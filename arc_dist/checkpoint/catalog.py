@@ -18,7 +18,7 @@ from .manifest import (
     ManifestError,
     parse_step_dir,
 )
-from .storage import Storage
+from .storage import Storage, storage_fault
 
 
 @dataclass(slots=True)
@@ -28,8 +28,10 @@ class CheckpointInfo:
     #: file name -> size, from the listing
     files: dict[str, int] = field(default_factory=dict)
     manifest: Manifest | None = None
-    #: why the manifest could not be used (it exists but is unreadable or garbled)
+    #: why the manifest could not be used (it exists but is garbled)
     manifest_error: str | None = None
+    #: the storage error that kept the manifest from being read (the checkpoint may be intact)
+    read_error: str | None = None
 
     @property
     def committed(self) -> bool:
@@ -57,12 +59,13 @@ class CheckpointInfo:
             "files": dict(self.files),
             "manifest": self.manifest.to_json() if self.manifest is not None else None,
             "manifest_error": self.manifest_error,
+            "read_error": self.read_error,
         }
 
     @classmethod
     def from_wire(cls, d: dict) -> CheckpointInfo:
         m = Manifest.from_json(d["manifest"]) if d["manifest"] is not None else None
-        return cls(d["step"], d["path"], d["files"], m, d["manifest_error"])
+        return cls(d["step"], d["path"], d["files"], m, d["manifest_error"], d["read_error"])
 
 
 def scan(storage: Storage, *, read_manifests: bool = True) -> list[CheckpointInfo]:
@@ -89,8 +92,10 @@ def read_manifest(storage: Storage, info: CheckpointInfo) -> None:
     except FileNotFoundError:
         info.files.pop(MANIFEST_NAME, None)  # removed since the listing: no longer committed
         return
-    except OSError as e:
-        info.manifest_error = f"manifest unreadable ({type(e).__name__}: {e})"
+    except Exception as e:
+        if not storage_fault(e):
+            raise
+        info.read_error = f"manifest unreadable ({type(e).__name__}: {e})"
         return
     if m.step != info.step:
         info.manifest_error = f"manifest says step {m.step} but the directory is step_{info.step}"
@@ -99,11 +104,15 @@ def read_manifest(storage: Storage, info: CheckpointInfo) -> None:
 
 
 def verify(storage: Storage, info: CheckpointInfo, names: list[str] | None = None) -> list[str]:
-    """Problems with ``names`` (default: every file in the manifest); empty when intact."""
+    """Problems with ``names`` (default: every file in the manifest); empty when intact.
+
+    A storage fault (``storage.storage_fault``: an outage, access denied) is raised, not
+    reported: it says nothing about the checkpoint.
+    """
     if not info.committed:
         return ["no manifest (an incomplete save)"]
     if info.manifest is None:
-        return [info.manifest_error or "manifest missing"]
+        return [info.manifest_error or info.read_error or "manifest missing"]
     m = info.manifest
     problems = []
     for name in sorted(m.files) if names is None else names:
@@ -114,8 +123,8 @@ def verify(storage: Storage, info: CheckpointInfo, names: list[str] | None = Non
         except FileNotFoundError:
             problems.append(f"{name} is missing")
             continue
-        except OSError as e:
-            problems.append(f"{name} is unreadable ({type(e).__name__}: {e})")
+        except IsADirectoryError:
+            problems.append(f"{name} is a directory, not a file")
             continue
         except ValueError as e:  # a checksum this installation cannot compute
             problems.append(str(e))

@@ -158,26 +158,54 @@ class HashingWriter(FsspecWriter):
         return dict(self.fs.records)
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP ``Metadata`` and nothing else (no arbitrary callables)."""
+#: the only globals a DCP ``.metadata`` pickle may name: DCP's metadata classes (torch 2.4-2.13),
+#: the containers and the torch values their fields hold. Exact (module, name) pairs: a module
+#: prefix would let a protocol-4 dotted name (``"os.system"`` looked up *in* an allowed module)
+#: reach any attribute reachable from it.
+_METADATA_GLOBALS = frozenset(
+    {
+        *(
+            ("torch.distributed.checkpoint.metadata", n)
+            for n in (
+                "Metadata",
+                "MetadataIndex",
+                "StorageMeta",
+                "TensorProperties",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),  # maps "torch.strided" to the layout object
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id of a local save; no I/O to build
+        ("pathlib", "PurePosixPath"),
+        *(
+            ("builtins", n)
+            for n in "dict list tuple set frozenset int float str bytes bool".split()
+        ),
+    }
+)
 
-    _BUILTINS = frozenset(
-        {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bool"}
-    )
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP ``Metadata`` and nothing else (no arbitrary callables).
+
+    Allowed: the exact pairs in ``_METADATA_GLOBALS`` and torch's dtype/layout/memory-format
+    values (``torch.float32``: plain objects, nothing callable). Any dotted name is refused.
+    """
 
     def find_class(self, module: str, name: str):
-        if module.startswith("torch.distributed.checkpoint.") or (
-            module == "collections" and name == "OrderedDict"
-        ):
-            return super().find_class(module, name)
-        if module == "builtins" and name in self._BUILTINS:
-            return super().find_class(module, name)
-        if module == "torch.serialization" and name == "_get_layout":
-            return super().find_class(module, name)  # maps "torch.strided" to the layout object
-        if module == "torch":
-            obj = getattr(torch, name, None)
-            if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
-                return obj
+        if "." not in name:
+            if (module, name) in _METADATA_GLOBALS:
+                return super().find_class(module, name)
+            if module == "torch":
+                obj = getattr(torch, name, None)
+                if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                    return obj
         raise pickle.UnpicklingError(
             f"DCP .metadata references {module}.{name}, which is not DCP metadata"
         )

@@ -8,7 +8,10 @@ group, in the same order; the controller does this):
   training stall) and a background thread writes it, then commits. **At most one save is in
   flight**: when a periodic save is due while the previous one is still writing (or retrying), the
   new one is *skipped and counted* (``stats()["checkpoints_skipped"]``); ranks agree on that with
-  one tiny all-reduce, so they never diverge. Training never waits for slow storage.
+  one tiny all-reduce, so they never diverge. Training never waits for slow storage. Every
+  rank stages its copy *before* DCP and the ranks agree (another tiny all-reduce) that all of
+  them could: a rank whose staging failed (a pinned allocation, host memory) would otherwise
+  skip DCP while the others wait in its collectives; now the save is abandoned on every rank.
 * ``on_healthy_step(global_step, rollback_targets=...)`` (every rank, no communication): counts
   healthy steps after each checkpoint; after ``confirm_after`` of them rank 0 writes the
   confirmation sidecar.
@@ -18,7 +21,9 @@ group, in the same order; the controller does this):
 * ``load(app_state)`` (collective): the newest checkpoint saved under a healthy verdict (or
   confirmed); checksums are verified, the model's keys and shapes compared, and a damaged or
   incompatible checkpoint is skipped for the next older one. ``CheckpointError`` names every
-  checkpoint tried and why, only when none is usable.
+  checkpoint tried and why, only when none is usable. A checkpoint that cannot be *read* (an
+  outage, expired credentials, one node without access) is not skipped: every rank raises
+  ``CheckpointStorageError`` (exit code 10, restart).
 * ``wait()``, ``close()`` (every rank): wait for the save in flight; ``close`` also stops the thread.
 
 What is resumed, confirmed, retracted and pruned is decided by ``lifecycle.Lifecycle`` (pure
@@ -56,7 +61,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 
 from ..errors import ArcError, CheckpointError, ExitCode, ReshardError
 from . import retention
@@ -71,7 +76,7 @@ from .manifest import (
     default_algorithm,
     make_manifest,
 )
-from .storage import Storage, describe_options
+from .storage import Storage, describe_options, storage_fault
 
 # DCP warns on every call without an initialized process group; world size 1 is a supported mode
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
@@ -79,12 +84,19 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unav
 
 
 class CheckpointStorageError(ArcError):
-    """Checkpoint storage could not be written or listed; older checkpoints are untouched.
+    """Checkpoint storage could not be written, listed or read; older checkpoints are untouched.
 
-    Restarting can help (an outage ends, space is freed), so the exit code is ``RETRY``.
+    Restarting can help (an outage ends, space is freed), so the exit code is ``RETRY``;
+    except for a ``checkpoint_dir`` that cannot work as configured (permission denied, a file
+    where the directory should be, a bucket that does not exist), which is ``UNRECOVERABLE``.
     """
 
     exit_code = ExitCode.RETRY
+
+    def __init__(self, message: str, *, exit_code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class _CommitFailed(Exception):
@@ -145,16 +157,28 @@ def _fix_hint(e: BaseException) -> str:
     return "check that the checkpoint storage is reachable and storage_options are right"
 
 
+def _config_fault(e: BaseException) -> str | None:
+    """The fix, when a ``checkpoint_dir`` that failed its start-up probe cannot work as
+    configured (a restart would fail the same way); None for faults that may pass."""
+    if isinstance(e, PermissionError):
+        return "make checkpoint_dir writable by this user (or pass another checkpoint_dir)"
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        return "checkpoint_dir (or a folder above it) is a file: pass a directory path"
+    if isinstance(e, FileNotFoundError):
+        return "create the bucket (arc-dist never creates one) or fix the URL's bucket name"
+    return None
+
+
 def _retriable(e: BaseException) -> bool:
     # a permission problem does not go away by waiting; everything else may (outage, full disk
     # that retention or an operator frees)
     return "permission" not in {_kind(x) for x in _flatten_failures(e)}
 
 
-class _RecordingStager(DefaultStager):
-    """DCP's stager (reused, so its CPU buffers are too) that keeps the last staged copy for retries."""
+class _Stager(DefaultStager):
+    """DCP's stager, reused so its CPU buffers are too; staging is synchronous (no future)."""
 
-    _synchronize_after_execute = False  # staging is synchronous: nothing to wait for
+    _synchronize_after_execute = False
 
     def __init__(self, cuda: bool) -> None:
         super().__init__(
@@ -165,11 +189,21 @@ class _RecordingStager(DefaultStager):
                 use_non_blocking_copy=cuda,
             )
         )
-        self.last: dict | None = None
+
+
+class _Staged(AsyncStager):
+    """Hands ``dcp.async_save`` a state already staged, once every rank agreed to save it."""
+
+    _synchronize_after_execute = False
 
     def stage(self, state_dict, **kwargs):
-        self.last = super().stage(state_dict, **kwargs)
-        return self.last
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclasses.dataclass(eq=False)
@@ -334,7 +368,7 @@ class CheckpointManager:
         self._unwritten_confirms: list[tuple[int, int, int]] = []  # rank 0: sidecars to retry
         self._closed = False
         self._loaded_step: int | None = None
-        self._stager = _RecordingStager(cuda=torch.cuda.is_available())
+        self._stager = _Stager(cuda=torch.cuda.is_available())
 
         error = None
         listing: list[tuple[int, bool]] = []  # (step, confirmed) of every committed checkpoint
@@ -346,7 +380,7 @@ class CheckpointManager:
                 self._known_steps = {i.step for i in infos}
                 listing = [(i.step, i.confirmed) for i in infos if i.committed]
             except Exception as e:  # OSError, botocore errors, ...
-                error = f"{type(e).__name__}: {e}"
+                error = (f"{type(e).__name__}: {e}", _config_fault(e))
             if error is None:
                 opts = describe_options(self.storage.options)
                 self.log.info(
@@ -360,10 +394,11 @@ class CheckpointManager:
         # retention keeps more rather than less
         self._lifecycle.known(Entry(step, True, confirmed) for step, confirmed in listing)
         if error is not None:
+            what, fix = error
             raise CheckpointStorageError(
-                f"arc_dist: checkpoint_dir={self.storage.display!r} is not usable: {error}. Fix: "
-                "make it writable by this user, check that the storage is reachable and that "
-                "storage_options are right"
+                f"arc_dist: checkpoint_dir={self.storage.display!r} is not usable: {what}. Fix: "
+                + (fix or "check that the storage is reachable and that storage_options are right"),
+                exit_code=ExitCode.UNRECOVERABLE if fix else None,
             )
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._worker, name="arc-checkpoint", daemon=True)
@@ -384,13 +419,14 @@ class CheckpointManager:
         dist.all_gather_object(out, obj, group=self._io_group)
         return out
 
-    def _agree_busy(self, busy: bool) -> bool:
+    def _any_rank(self, flag: bool) -> bool:
+        """Training thread: True on every rank when ``flag`` is True on any (one tiny all-reduce
+        on the checkpoint control group), so a save is made or skipped by all ranks alike."""
         if self.world_size == 1:
-            return busy
-        # training thread, own gloo group: every rank reaches the same skip decision
-        flag = torch.tensor([int(busy)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._ctrl_group)
-        return bool(flag.item())
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ctrl_group)
+        return bool(t.item())
 
     # -- worker thread -------------------------------------------------------------------
     def _worker(self) -> None:
@@ -464,7 +500,19 @@ class CheckpointManager:
         self._loaded_step = None
         if blocking:
             self.wait()
-            job = _SaveJob(step, verdict, True, state=self._state_dict(app_state))
+            error: BaseException | None = None
+            try:
+                state = self._state_dict(app_state)
+            except Exception as e:
+                error = e
+            if self._any_rank(error is not None):  # nobody enters DCP without the others
+                if error is not None:
+                    raise error
+                raise CheckpointStorageError(
+                    f"arc_dist: checkpoint step_{step} not written: another rank could not "
+                    "prepare its state (its own error says why)"
+                )
+            job = _SaveJob(step, verdict, True, state=state)
             self._start(job)
             self._submit(lambda: self._run_save(job))
             job.done.wait()
@@ -474,7 +522,7 @@ class CheckpointManager:
 
         with self._lock:
             busy = self._in_flight
-        if self._agree_busy(busy):
+        if self._any_rank(busy):
             self._stats["checkpoints_skipped"] += 1
             if self.rank == 0:
                 self.log.info(
@@ -486,26 +534,33 @@ class CheckpointManager:
         t0 = time.perf_counter()
         job = _SaveJob(step, verdict, False)
         self._start(job)
+        # everything that can fail on one rank alone (staging: a pinned allocation, host memory,
+        # a user object's state_dict) happens before DCP, and every rank agrees on the outcome:
+        # a rank that skipped DCP would leave the others in its collectives until they time out
+        error: BaseException | None = None
         try:
-            state = self._state_dict(app_state)
+            job.state = self._stager.stage(self._state_dict(app_state))
             job.writer = self._writer(step)
-            if self.rank == 0 and step in self._known_steps:
-                self._queue.join()  # only rank-0 bookkeeping can be queued: no save is in flight
-                self._clear_step_dir(step, job.writer, quiet=False)
-            job.future = dcp.async_save(
-                state, storage_writer=job.writer, async_stager=self._stager, **self._dcp_kwargs()
-            )
-            job.state = self._stager.last
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException as e:  # staging failed (e.g. out of host memory): training goes on
+        except BaseException as e:
+            error = e
+        if self._any_rank(error is not None):  # training goes on; no rank enters DCP
             with self._lock:
                 self._in_flight, self._current = False, None
                 self._lifecycle.abandoned(job.step)
+            job.state = None
             self._stats["checkpoint_failures"] += 1
             self._stats["checkpoints_abandoned"] += 1
-            self.log.error("[rank %d] %s", self.rank, self._failure_message(step, e))
+            why = error if error is not None else RuntimeError("another rank could not stage")
+            self.log.error("[rank %d] %s", self.rank, self._failure_message(step, why))
             return
+        if self.rank == 0 and step in self._known_steps:
+            self._queue.join()  # only rank-0 bookkeeping can be queued: no save is in flight
+            self._clear_step_dir(step, job.writer, quiet=False)
+        job.future = dcp.async_save(
+            job.state, storage_writer=job.writer, async_stager=_Staged(), **self._dcp_kwargs()
+        )
         self._stats["checkpoint_stall_s"] = time.perf_counter() - t0
         self._submit(lambda: self._run_save(job))
 
@@ -832,31 +887,38 @@ class CheckpointManager:
         )
 
     def _try_load(self, info: CheckpointInfo, app_state: dict) -> str | None:
-        """Every rank: None on success, else why ``info`` is unusable (the same on every rank)."""
+        """Every rank: None on success, else why ``info`` is unusable (the same on every rank).
+
+        A checkpoint that is damaged or does not fit is skipped (the caller tries an older one);
+        one that any rank could not *read* (``storage_fault``: an outage, expired credentials,
+        a node without access) raises ``CheckpointStorageError`` on every rank: nothing says it
+        is damaged, and falling back would silently lose the newest progress.
+        """
         if info.manifest is None:
+            if info.read_error is not None:
+                self._unreadable(info, [f"rank 0: {info.read_error}"])
             return info.manifest_error or "manifest missing"
         names = sorted(info.manifest.files)
-        problems: list[str] = []
+        why = fault = None
         if self.verify_on_load:
             try:
-                problems = verify(self.storage, info, names[self.rank :: self.world_size])
-            except Exception as e:  # e.g. an object store error that is not an OSError: every
-                # rank must still reach the gather below
-                problems = [f"verification failed on rank {self.rank}: {type(e).__name__}: {e}"]
-        problems = [p for ps in self._all_gather(problems) for p in ps]
-        if problems:
-            return "; ".join(problems)
+                why = "; ".join(verify(self.storage, info, names[self.rank :: self.world_size]))
+            except Exception as e:  # every rank must still reach the gather below
+                why, fault = self._classify(e, "verification failed")
+        why = self._agree_on(info, why or None, fault)
+        if why:
+            return why
 
         url = self.storage.to_url(info.path)
-        why = None
+        why = fault = None
         try:
             md = SafeReader(url, storage_options=self.storage.options).read_metadata()
             load_sd, dynamic, why = self._load_template(app_state, md)
         except ReshardError:
             raise  # the job must choose; every rank raises it here (same keys), nothing loaded
         except Exception as e:
-            why = f"DCP metadata unreadable ({type(e).__name__}: {e})"
-        why = next((w for w in self._all_gather(why) if w), None)
+            why, fault = self._classify(e, "DCP metadata unusable")
+        why = self._agree_on(info, why, fault)
         if why:
             return why
         if info.manifest.world_size != self.world_size and self.rank == 0:
@@ -866,6 +928,7 @@ class CheckpointManager:
                 info.manifest.world_size,
                 self.world_size,
             )
+        why = fault = None
         try:
             # tensors load in place into the templates (the model's own parameters where
             # get_state_dict returns them); other values are set into the nested templates
@@ -883,8 +946,30 @@ class CheckpointManager:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:
-            why = f"loading failed: {_describe(e)}"
-        return next((w for w in self._all_gather(why) if w), None)
+            why, fault = self._classify(e, "loading failed")
+        return self._agree_on(info, why, fault)
+
+    def _classify(self, e: BaseException, what: str) -> tuple[str | None, str | None]:
+        """(why the checkpoint is unusable, None) or (None, the storage fault that hid it)."""
+        if any(storage_fault(x) for x in _flatten_failures(e)):
+            return None, _describe(e)
+        return f"{what}: {_describe(e)}", None
+
+    def _agree_on(self, info: CheckpointInfo, why: str | None, fault: str | None) -> str | None:
+        """Every rank: share each rank's outcome; raise on all when any rank could not read."""
+        gathered = self._all_gather((why, fault))
+        faults = [f"rank {r}: {f}" for r, (_, f) in enumerate(gathered) if f]
+        if faults:
+            self._unreadable(info, faults)
+        return next((w for w, _ in gathered if w), None)
+
+    def _unreadable(self, info: CheckpointInfo, faults: list[str]) -> None:
+        raise CheckpointStorageError(
+            f"arc_dist: checkpoint step_{info.step} in {self.storage.display} could not be read "
+            f"({'; '.join(faults)}). It was not skipped for an older one: nothing says it is "
+            "damaged. Fix: check that every node reaches the storage with valid credentials and "
+            "read access; a restart (exit code 10) tries it again"
+        )
 
     def _load_template(self, app_state: dict, md) -> tuple[dict, dict[str, list[str]], str | None]:
         """What DCP loads into, the checkpoint keys of each dynamic object, and what does not match.

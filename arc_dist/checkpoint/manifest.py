@@ -61,6 +61,35 @@ class _Crc32:
         return f"{self.value & 0xFFFFFFFF:08x}"
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
+
+
+def loads_strict(data: bytes | str) -> Any:
+    """``json.loads`` for files read from storage: standard JSON only (no NaN/Infinity, which
+    Python's parser accepts) and no duplicate keys, so a file cannot mean two things."""
+    return json.loads(data, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+
+
+def is_plain_name(name: Any) -> bool:
+    """A file name inside one directory: no separators, not ``.``/``..`` (a manifest names its
+    own files; it must not lead a reader elsewhere)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
 def default_algorithm() -> str:
     """``xxh3_64`` when the ``xxhash`` package is installed, else ``crc32``.
 
@@ -164,8 +193,8 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            doc = loads_strict(data)
+        except (UnicodeDecodeError, ValueError) as e:
             raise ManifestError(f"manifest is not valid JSON ({e})") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ManifestError(f"manifest is not an {FORMAT} manifest")
@@ -176,7 +205,7 @@ class Manifest:
             )
         try:
             files = {
-                str(name): FileEntry(int(e["size"]), str(e["checksum"]))
+                name: FileEntry(int(e["size"]), str(e["checksum"]))
                 for name, e in doc["files"].items()
             }
             m = cls(
@@ -191,6 +220,11 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ManifestError(f"manifest misses or garbles a field ({e!r})") from None
+        bad = [n for n, e in m.files.items() if not is_plain_name(n) or e.size < 0]
+        if bad:
+            raise ManifestError(
+                f"manifest lists files outside its directory or sized < 0: {bad[:4]}"
+            )
         if m.checksum_algorithm not in CHECKSUM_ALGORITHMS:
             raise ManifestError(f"manifest uses unknown checksum {m.checksum_algorithm!r}")
         if ".metadata" not in m.files:

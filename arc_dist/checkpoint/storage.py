@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 from .manifest import new_hasher
 
 _CHUNK = 8 << 20
+#: fsspec protocols without directories, where a missing root means a missing bucket
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
 
 
 def redact(url: str) -> str:
@@ -152,8 +154,13 @@ class Storage:
             os.rmdir(path)
 
     def probe_writable(self) -> None:
-        """Create the root and write/remove a probe file; raises the filesystem's error."""
-        self.makedirs(self.root)
+        """Create the root and write/remove a probe file; raises the filesystem's error.
+
+        On object stores nothing is created first: there are no directories, and creating the
+        root would create a bucket that does not exist (a misspelt name) instead of failing.
+        """
+        if self.protocol not in _OBJECT_STORES:
+            self.makedirs(self.root)
         probe = self.join(f".arc_probe_{uuid.uuid4().hex[:8]}")
         self.fs.pipe_file(probe, b"arc-dist write probe")
         self.rm_file(probe)
@@ -171,6 +178,30 @@ class Storage:
                 size += len(chunk)
                 h.update(chunk)
         return size, h.hexdigest()
+
+
+#: packages whose exceptions are storage or network faults (object store clients, HTTP stacks)
+_IO_PACKAGES = frozenset(
+    {"botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "adlfs", "azure", "google", "aiohttp",
+     "urllib3", "requests", "http", "ssl", "socket", "fsspec"}
+)  # fmt: skip
+
+
+def storage_fault(e: BaseException) -> bool:
+    """True when ``e`` is the storage failing to answer (an outage, a timeout, expired
+    credentials, access denied on one node), not a file that is missing or damaged.
+
+    Reading a checkpoint that fails this way says nothing about the checkpoint: it must not be
+    thrown away for an older one, and a restart may succeed. ``FileNotFoundError`` is not one
+    (the file is gone: that is damage); other ``OSError``s and the exceptions of object-store
+    clients and HTTP stacks (botocore's are not ``OSError``s) are. A path that is a directory
+    where a file should be (or the reverse) is damage too.
+    """
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(e, OSError):
+        return True
+    return any(c.__module__.split(".")[0] in _IO_PACKAGES for c in type(e).__mro__[:-2])
 
 
 _SAFE_KEY = re.compile(r"(secret|token|password|key|credential)", re.IGNORECASE)

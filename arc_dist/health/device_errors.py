@@ -26,8 +26,9 @@ class DeviceFault:
     """What kind of device error an exception is."""
 
     kind: str
-    #: the error implicates this host's own GPU (False: a peer, the network or the program
-    #: may be at fault, so it does not count towards the launcher's bad-node rule)
+    #: the error itself points at this host's hardware (ECC, a lost device, NVLink, an Xid).
+    #: False: a peer, the network or the program may be at fault; the launcher's bad-node rule
+    #: then counts it only when the same code ran without it on another host
     blames_host: bool
 
 
@@ -40,26 +41,31 @@ _NOT_DEVICE = (
     "not compiled with cuda",
     "cuda is not available",
 )
-#: (substring of the lower-cased message, kind, blames_host), first match wins
+#: (substring of the lower-cased message, kind, blames_host), first match wins.
+#: blames_host only on evidence that points at the hardware (ECC, a lost device, NVLink, an
+#: Xid): an illegal address, a launch failure or a failed cuBLAS call is what a kernel bug or a
+#: bad index looks like too, and would repeat on any healthy node running the same code.
 _CUDA_PATTERNS = (
-    ("illegal memory access", "illegal_memory_access", True),
     ("uncorrectable ecc", "ecc", True),
     ("ecc error", "ecc", True),
-    ("unspecified launch failure", "launch_failure", True),
     ("fallen off the bus", "device_lost", True),
     ("device lost", "device_lost", True),
     ("gpu is lost", "device_lost", True),
-    ("illegal instruction", "illegal_instruction", True),
-    ("misaligned address", "misaligned_address", True),
-    ("hardware stack error", "hardware_stack_error", True),
     ("nvlink", "nvlink", True),
-    ("launch timed out", "launch_timeout", True),
-    # usually an index out of range in the program, but the context is poisoned all the same
+    ("row remap", "row_remap", True),
+    ("nvrm: xid", "xid", True),
+    ("xid error", "xid", True),
+    ("illegal memory access", "illegal_memory_access", False),
+    ("unspecified launch failure", "launch_failure", False),
+    ("illegal instruction", "illegal_instruction", False),
+    ("misaligned address", "misaligned_address", False),
+    ("hardware stack error", "hardware_stack_error", False),
+    ("launch timed out", "launch_timeout", False),
     ("device-side assert", "device_assert", False),
-    ("cublas_status_execution_failed", "cublas_execution_failed", True),
-    ("cudnn_status_execution_failed", "cudnn_execution_failed", True),
-    ("cuda driver error", "cuda_driver", True),
-    ("cuda error", "cuda", True),
+    ("cublas_status_execution_failed", "cublas_execution_failed", False),
+    ("cudnn_status_execution_failed", "cudnn_execution_failed", False),
+    ("cuda driver error", "cuda_driver", False),
+    ("cuda error", "cuda", False),
 )
 
 
@@ -91,8 +97,8 @@ def _classify_one(error: BaseException | str) -> DeviceFault | None:
     if "OutOfMemoryError" in names or any(s in msg for s in _NOT_DEVICE):
         return None
     if "nccl" in msg:
-        if "unhandled cuda error" in msg:
-            return DeviceFault("nccl_cuda", True)
+        if "unhandled cuda error" in msg:  # a CUDA error NCCL saw: what kind, it does not say
+            return DeviceFault("nccl_cuda", False)
         if "timeout" in msg or "timed out" in msg:
             return DeviceFault("nccl_timeout", False)
         return DeviceFault("nccl", False)
@@ -100,7 +106,7 @@ def _classify_one(error: BaseException | str) -> DeviceFault | None:
         if pattern in msg:
             return DeviceFault(kind, blames)
     if "AcceleratorError" in names:
-        return DeviceFault("accelerator", True)
+        return DeviceFault("accelerator", False)
     return None
 
 

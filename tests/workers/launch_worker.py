@@ -30,11 +30,13 @@ def main() -> None:
     if mode == "unrecoverable":
         raise UnrecoverableError(f"step 7: nonfinite_loss persisted on rank {rank}")
     if mode == "hardware":
-        raise HardwareError(f"rank {rank}: simulated CUDA error: an illegal memory access")
+        raise HardwareError(f"rank {rank}: simulated CUDA error: uncorrectable ECC error")
     if mode == "kill":
         if rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(120)  # the agent stops the others
+    if mode == "bug":  # the same bug in the script on every start, before any step
+        raise KeyError("'labels'")
     if mode == "sleep":
         time.sleep(120)
     raise SystemExit(f"unknown mode {mode!r}")
