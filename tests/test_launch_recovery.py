@@ -44,6 +44,14 @@ def _confirmed_before_restart(output: str) -> int:
     return max(steps, default=0)
 
 
+def _committed_before_restart(output: str) -> int:
+    """The newest checkpoint step committed in the first attempt's log (every checkpoint Arc
+    writes holds a state whose agreed verdict was healthy)."""
+    first_attempt = output.split("restart 1, world size")[0]
+    steps = [int(s) for s in re.findall(r"checkpoint step_(\d+) committed", first_attempt)]
+    return max(steps, default=0)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The fault-free run's final loss (mean of its last 20 steps)."""
