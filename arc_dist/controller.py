@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -28,15 +30,34 @@ from .agreement import Agreement, comm_device
 from .config import ArcConfig
 from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
 from .events import EventLog, Recorder
+from .failfast import FailFast
 from .lr import LRGuard
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .preemption import PreemptionHandler
-from .signals import Col, DDPRide, SignalCollector, is_dtensor, layout_of, ride_row
+from .signals import Col, DDPRide, SignalCollector, error_row, is_dtensor, layout_of, ride_row
 from .silent import StragglerTracker
 from .snapshot import SnapshotStore
 from .watchdog import Watchdog
 
 log = logging.getLogger("arc_dist")
+
+
+@dataclass(slots=True)
+class _Route:
+    """How every rank judges the current step: the DDP ride it is judged from (None until
+    known), and whether the ranks run Arc's own collective (None until the ride's verdict is
+    known)."""
+
+    ride: tuple | None
+    collective: bool | None
+
+
+class _Phase(enum.Enum):
+    """Where ``Arc.step`` is: who else an error raised there concerns (failfast.py)."""
+
+    LOCAL = 1  # before the step's collective: this rank's own error
+    JOINED = 2  # in the collective: possibly the consequence of another rank's failure
+    DECIDED = 3  # after it: an ArcError here is raised on every rank from the shared verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +99,19 @@ def _validate(model, optimizer, scheduler, config, process_group) -> None:
             f"Arc: {foreign} of the optimizer's parameters are not parameters of the model; "
             "build the optimizer from model.parameters() (after wrapping it in DDP/FSDP2)"
         )
-    if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+    initialized = dist.is_available() and dist.is_initialized()
+    if process_group is not None and not initialized:
         raise ValueError(
             "Arc(process_group=...) was given but torch.distributed is not initialized; call "
             "dist.init_process_group() first or pass process_group=None"
+        )
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not initialized and world.isdigit() and int(world) > 1:
+        # every process would train alone as rank 0 of 1, writing over the others' checkpoints
+        raise ValueError(
+            f"Arc: WORLD_SIZE={world} in the environment (a torchrun/Ray/Kubernetes launch) but "
+            "torch.distributed is not initialized, so each process would train alone as rank 0; "
+            "call torch.distributed.init_process_group() before Arc(...)"
         )
 
 
@@ -121,6 +151,8 @@ class Arc:
             preflight(self.group, devices=[param.device] if param.device.type == "cuda" else None)
         self.device = param.device
         self.layout = layout_of(model, self.world_size)
+        self._failfast = FailFast(self.group, self.rank, self.world_size)
+        self._phase, self._route = _Phase.LOCAL, None
         self._agree = Agreement(self.group, self.rank, self.world_size, comm_device(self.group, self.device))
         self._signals = SignalCollector(
             model, optimizer, self._agree.device, self.config.divergence_check_optimizer
@@ -128,8 +160,8 @@ class Arc:
         # under DDP the signals ride on DDP's gradient all-reduce (signals.DDPRide)
         self._ride: DDPRide | None = None
         self._ride_loss: torch.Tensor | None = None  # this step's loss, sent with the next step
+        self._ride_loss_judged = True  # ... after this step judged it (the collective path)
         self._ride_busy = 0.0
-        self._loss_judged = True  # the loss the next ride carries was already judged
         if (
             isinstance(model, nn.parallel.DistributedDataParallel)
             and self.world_size > 1
@@ -138,10 +170,14 @@ class Arc:
             and dist.get_rank(model.process_group) == self.rank
         ):
             try:
-                self._ride = DDPRide(model, model.process_group, self._ride_row)
+                self._ride = DDPRide(
+                    model, model.process_group, self._ride_row, explain=self._failfast.explain
+                )
             except RuntimeError as e:  # the job registered its own comm hook
                 log.info("arc_dist: keeping the job's DDP comm hook (%s); one collective per step", e)
-        self._policy = HealthPolicy(self.config.thresholds, self.layout, self.world_size)
+        self._policy = HealthPolicy(
+            self.config.thresholds, self.layout, self.world_size, max_skips=self.config.max_skips
+        )
         # replicas are compared only where they must be bit-identical (DDP)
         self._check_divergence = (
             self.config.divergence_every > 0 and self.layout == "replicated" and self.world_size > 1
@@ -225,16 +261,53 @@ class Arc:
         rolled back, since the CUDA context cannot be trusted: it is logged with rank, host and
         device and re-raised as :class:`~arc_dist.errors.HardwareError` (exit code 12 under
         ``arc_dist.launch.main_entry``). See arc_dist/health/device_errors.py.
+
+        Any other error raised on this rank alone (a non-scalar loss or a bad ``grad_norm`` on
+        one rank, a failed restore) is published to the other ranks and recorded in this
+        process's error file; when the others wait for this step's collective, this rank joins
+        it with an error flag, so they raise :class:`~arc_dist.errors.PeerError` naming this
+        rank and its error at once instead of at the collective timeout (failfast.py).
         """
+        if self._closed:
+            raise RuntimeError("Arc.step() called after close(); create a new Arc")
+        if self._failfast.failed is not None:
+            raise RuntimeError(
+                f"Arc.step() after an error inside it ({self._failfast.failed}): the ranks are "
+                "out of step; restart the job"
+            )
+        self._phase, self._route = _Phase.LOCAL, None
         try:
             return self._step(loss, grad_norm)
         except Exception as exc:
             from .health import hardware_error
 
             hw = hardware_error(exc, rank=self.rank, device=self.device, step=self.global_step)
-            if hw is None:
+            error = exc if hw is None else hw
+            if self._phase is _Phase.DECIDED and isinstance(error, ArcError) and hw is None:
+                raise  # raised on every rank from the agreed matrix
+            out = self._failfast.fail(
+                error, self.global_step, joined=self._phase is not _Phase.LOCAL
+            )
+            # a device that cannot be trusted joins no collective
+            if self._phase is _Phase.LOCAL and hw is None and self._others_join_collective():
+                self._phase = _Phase.JOINED
+                self._agree.reduce(error_row(self._agree.device))  # they raise PeerError
+            if out is exc:
                 raise
-            raise hw from exc
+            raise out from exc
+
+    def _others_join_collective(self) -> bool:
+        """Whether the other ranks judge this step through Arc's own collective (not from DDP's
+        ride), from what every rank shares; False when this rank cannot tell."""
+        route = self._route
+        if route is None or self._failfast.enabled is False:
+            return False
+        if route.collective is None:  # judged from the ride unless it shows an anomaly
+            ride = route.ride
+            if ride is None or ride[0] is None:
+                return False
+            route.collective = self._judge_ride(ride)[0] is None
+        return route.collective
 
     def _user_grad_sq(self, grad_norm) -> torch.Tensor:
         """The job's global gradient norm as this rank's share of the squared norm."""
@@ -257,44 +330,56 @@ class Arc:
         return sq / self.world_size if self.layout == "sharded" else sq
 
     def _step(self, loss: torch.Tensor, grad_norm=None) -> Action:
-        if self._closed:
-            raise RuntimeError("Arc.step() called after close(); create a new Arc")
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"Arc.step(loss) needs the scalar loss tensor of this step, got {shape}; "
-                "reduce it first (e.g. loss.mean())"
-            )
         start = time.monotonic()
+        # which collective every rank runs this step is settled first, from what every rank
+        # shares, so that a rank failing below still knows whether the others wait for it.
+        # Snapshot steps always run the deep (and divergence) checks: only verified states,
+        # identical across replicas, become rollback targets. So does the step after a skip:
+        # damaged state behind a one-step anomaly is then found at once.
+        snapshot_step = self.global_step % self.config.snapshot_every == 0
+        last = self._last
+        after_skip = last is not None and last.should_skip and not last.rolled_back
+        deep = snapshot_step or after_skip or self._calls % self.config.deep_check_every == 0
+        compare = self._check_divergence and (
+            snapshot_step or self._calls % self.config.divergence_every == 0
+        )
+        self._calls += 1
+        ride = self._ride.take() if self._ride is not None else None
+        collective = True if ride is None or deep or compare else None
+        # under FSDP2 the others may be inside the collective of the job's DTensor norm
+        sharded_norm = grad_norm is not None and self.layout == "sharded"
+        self._route = _Route(None, None if sharded_norm else collective)
         if self.chaos is not None:
             self.chaos.before_check()
+        self._lr.follow_loop()  # an LR the loop set is its schedule: Arc's backoff goes on top
         user_sq = self._user_grad_sq(grad_norm) if grad_norm is not None else None
-        ride = self._ride.take() if self._ride is not None else None
+        self._route.collective = collective
         if self._ride is not None:
             self._ride.measure = user_sq is None  # from the next backward on
         if ride is not None and (user_sq is not None or ride[0] is None):
             if user_sq is None:  # the job stopped passing grad_norm: measure from now on
                 user_sq = self._signals.grad_sq()
             ride = (user_sq, ride[1], ride[2])
-        if ride is None and self._calls == 0 and not any(p.grad is not None for p in self._signals.params):
+        self._route.ride = ride  # what the ride verdict is judged from, as on every rank
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"Arc.step(loss) needs the scalar loss tensor of this step, got {shape}; "
+                "reduce it first (e.g. loss.mean())"
+            )
+        first = ride is None and last is None
+        if first and not any(p.grad is not None for p in self._signals.params):
             raise ValueError(
                 f"Arc.step() at step {self.global_step} found no gradients: call loss.backward() "
                 "before arc.step(loss), and optimizer.zero_grad() after it"
             )
         if not self._snapshots.snapshots:
             self._take_snapshot()  # the first rollback target: the state this run starts from
-        # snapshot steps always run the deep (and divergence) checks: only verified states,
-        # identical across replicas, become rollback targets
-        snapshot_step = self.global_step % self.config.snapshot_every == 0
-        deep = snapshot_step or self._calls % self.config.deep_check_every == 0
-        compare = self._check_divergence and (
-            snapshot_step or self._calls % self.config.divergence_every == 0
-        )
-        self._calls += 1
         busy = self._busy_time(start)
         m = verdict = None
         if ride is not None and not (deep or compare):
             m, verdict = self._judge_ride(ride)
+            self._route.collective = m is None
         fast = m is not None
         if not fast:
             # the collective path: this step's full row, one all-reduce of our own
@@ -304,16 +389,22 @@ class Arc:
                 grad_sq=ride[0] if ride is not None else user_sq,
                 local_grad_sq=ride[1] if ride is not None else None,
                 lr_ratio=self._lr.ratio(),
+                lr=max(self._lr.lrs()),
                 step_time=busy,
                 preempt=self._preemption.requested,
                 fingerprint=compare,
+                # the previous step's loss if it rode here unjudged: judged now, never dropped
+                late_loss=None if self._ride_loss_judged else self._ride_loss,
             )
+            self._phase = _Phase.JOINED
             m = self._agree.reduce(row)  # one collective and one host sync
+            failed = np.flatnonzero(m[:, Col.ERROR]).tolist()
+            if failed:  # ranks that raised inside step() and only joined to say so
+                self._phase = _Phase.DECIDED
+                raise self._failfast.peer_error(failed)
             verdict = self._policy.judge(m, amp=self.scaler is not None)
+        self._phase = _Phase.DECIDED  # every rank holds the same matrix and verdict
         self._ride_busy = busy
-        # a ride carries the previous step's loss: after a collective step it is known already
-        add_loss = not (fast and self._loss_judged)
-        self._loss_judged = not fast
         self._fast_steps += fast
         self._track_stragglers(m)
         if verdict.reason == "replica_divergence":
@@ -323,13 +414,16 @@ class Arc:
         decision = self._recovery.decide(verdict, [s.step for s in self._snapshots.snapshots])
         step_judged = self.global_step
         self._rec.verdict(step_judged, verdict, decision.kind)
-        action = self._act(m, verdict, decision, add_loss)
+        action = self._act(m, verdict, decision)
         failing = self._recovery.failed_at is not None
         self._recovery.record(decision, step_judged, self.global_step if action.rolled_back else None)
         if failing and self._recovery.failed_at is None:
             self._rec.recovered(self.global_step)
         self._rec.on_step(action)
+        # the ride carries this loss with the next step: to judge (on the fast path nothing has)
+        # or only to report
         self._ride_loss = loss.detach() if not action.should_skip else None
+        self._ride_loss_judged = not fast
         self._last = action
         if self._registered:
             self._hold_registered()
@@ -338,10 +432,10 @@ class Arc:
             self._watchdog.beat()
         return action
 
-    def _act(self, m, verdict: Verdict, decision: Decision, add_loss: bool = True) -> Action:
+    def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
         base = dict(reason=verdict.reason, bad_ranks=verdict.bad_ranks, loss=verdict.loss, grad_norm=verdict.grad_norm)
         if decision.kind == "continue":
-            self._policy.observe(m, verdict, add_loss=add_loss)
+            self._policy.observe(m, verdict)
             if verdict.status != HEALTHY:
                 self._stats["warnings"] += 1
                 self._log_verdict(verdict)
@@ -363,12 +457,16 @@ class Arc:
             self._lr.remember()
             return Action(self.global_step, verdict.status, False, False, **base)
         if decision.kind == "skip":
+            self._policy.observe(m, verdict, applied=False)
             self._stats["skips"] += 1
             self._log_verdict(verdict)
             if self.scaler is not None:
                 # the update is skipped, so scaler.step/update are not called; lower the scale
-                # as GradScaler.update would after an overflow
-                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+                # as GradScaler.update would after an overflow (a finite outlier keeps it)
+                scale = self.scaler.get_scale()
+                if not math.isfinite(verdict.grad_norm):
+                    scale *= self.scaler.get_backoff_factor()
+                self.scaler.update(scale)
             self.optimizer.zero_grad(set_to_none=True)
             return Action(self.global_step, verdict.status, True, False, **base)
         self._stats["failures"] += 1
@@ -384,11 +482,11 @@ class Arc:
             if self._local is not None:  # no retry will resume from them: free the memory
                 self._local.close(clean=True)
             raise UnrecoverableError(message)
-        self._rollback(verdict, decision.drop)
+        self._rollback(verdict, decision)
         return Action(self.global_step, FAILURE, True, True, **base)
 
-    def _rollback(self, verdict: Verdict, drop: int) -> None:
-        failed_at = self.global_step
+    def _rollback(self, verdict: Verdict, decision: Decision) -> None:
+        failed_at, drop = self.global_step, decision.drop
         t0 = time.monotonic()
         for _ in range(drop):
             self._snapshots.drop_newest()
@@ -404,7 +502,7 @@ class Arc:
         self._ride_loss = None
         if snap.step != self._saved_step:
             self._saved_step = None  # training will reach that step again along another path
-        self._lr.back_off(snap.extra["lr_scale"], failed_at)
+        self._lr.after_restore(snap.extra["lr_scale"], failed_at, decision.back_off)
         self.global_step = snap.step
         self._stats["rollbacks"] += 1
         if self._checkpoints is not None:
@@ -417,7 +515,8 @@ class Arc:
                 "back to step %d in %.3fs, lr x%.3g (cumulative %.3g)",
                 failed_at, verdict.reason, list(verdict.bad_ranks), verdict.loss, verdict.grad_norm,
                 " escalated to an older snapshot" if drop else "", snap.step,
-                time.monotonic() - t0, self.config.lr_backoff, self._lr.scale,
+                time.monotonic() - t0, self.config.lr_backoff if decision.back_off else 1.0,
+                self._lr.scale,
             )
 
     def _log_verdict(self, verdict: Verdict) -> None:
@@ -458,19 +557,23 @@ class Arc:
             local_grad_norm,
             self._ride_loss,
             lr_ratio=self._lr.ratio(),
+            lr=max(self._lr.lrs()),
             busy=self._ride_busy,
             preempt=self._preemption.requested,
+            loss_judged=self._ride_loss_judged,
         )
 
     def _judge_ride(self, ride) -> tuple[Any, Verdict | None]:
         """Judge from what rode on DDP's all-reduce; (None, None) sends the step down the
-        collective path, which every rank decides identically (replicated inputs only)."""
+        collective path, which every rank decides identically (replicated inputs only), to
+        judge this step's own signals with exact blame, and the previous step's loss that rode
+        here as its late loss."""
         post_sq, _, matrix = ride
         matrix[:, Col.GRAD_SQ] = post_sq  # reduced gradients: the same on every rank
         m = self._agree.to_host(matrix)
         verdict = self._policy.judge(m, amp=self.scaler is not None)
         if verdict.status != HEALTHY or m[:, Col.PREEMPT].any():
-            return None, None  # anomaly: judge this step's own signals, with exact blame
+            return None, None
         return m, verdict
 
     # -- silent failures ---------------------------------------------------------------

@@ -83,6 +83,20 @@ class HardwareError(ArcError):
         self.details = {k: v for k, v in self.details.items() if v is not None}
 
 
+class PeerError(ArcError):
+    """Another rank failed inside ``Arc.step`` on its own, so this rank stops too.
+
+    Raised within seconds instead of at the collective timeout (see ``arc_dist/failfast.py``).
+    ``rank`` and ``cause`` name the first failure, the one to look at.
+    """
+
+    exit_code = ExitCode.RETRY
+
+    def __init__(self, message: str, *, rank: int | None = None, cause: str | None = None):
+        super().__init__(message)
+        self.rank, self.cause = rank, cause
+
+
 class BadNodeError(HardwareError):
     """This node failed its preflight health check (``arc_dist.health``): do not retry here."""
 

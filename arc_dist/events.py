@@ -49,8 +49,8 @@ KINDS = (
     "restart",  # resume() in a process that continues an earlier one (cost: steps and time lost)
     "load",  # a checkpoint was loaded (values: seconds, bytes, MB_per_s)
     "metrics",  # every metrics_every steps: means of loss and grad_norm over the period, lr, ...
-    "warning",  # a verdict that did not stop the update (reason, ranks, values)
-    "failure",  # a verdict that stopped the update (reason, ranks, values: decision, ...)
+    "warning",  # a verdict with no damage: update applied or skipped (values: decision, ...)
+    "failure",  # evidence of damage (reason, ranks, values: decision: rollback or raise, ...)
     "rollback",  # state restored (step: the restored step; cost: steps lost, seconds)
     "escalation",  # a rollback that discarded snapshots to reach an older state
     "recovered",  # training got past the failure (cost.seconds: time since the first failure)

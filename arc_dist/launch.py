@@ -75,6 +75,8 @@ def main_entry(fn: _F) -> _F:
     (UNRECOVERABLE) when arc-dist's own validation raised them (a ``ValueError``/``TypeError``
     such as a bad ``ArcConfig`` value), else 10 (RETRY). Every record carries the step the
     worker resumed from and the step it reached, for the launcher's no-progress rule.
+    A failure ``Arc.step`` already recorded (an error on one rank, recorded as it happened, see
+    arc_dist/failfast.py) keeps that record: it is the earliest, the root cause.
 
     Example::
 
@@ -120,8 +122,10 @@ def main_entry(fn: _F) -> _F:
 
 
 def _exit_recorded(err: BaseException, code: int) -> None:
-    """Record ``err`` in the error file (with this process's progress), say why, and exit."""
-    _write_error_file(err, code)
+    """Record ``err`` in the error file (with this process's progress), say why, and exit. A
+    record ``Arc.step`` wrote first (an error on one rank) is the root cause and is kept."""
+    if not _error_file_written():
+        _write_error_file(err, code)
     rank = os.environ.get("RANK", "0")
     sys.stderr.write(
         f"[arc] rank {rank}: {type(err).__name__}: {err} -> exit {code} ({ExitCode(code).name})\n"

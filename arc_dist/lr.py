@@ -1,9 +1,19 @@
-"""The learning rate's part in recovery: spotting a spike, backing off, restoring.
+"""The learning rate's part in recovery: evidence of a spike, backing off, restoring.
 
-A spike is an LR that nothing explains: not the attached scheduler's last value, nor (without a
-scheduler) the LR of the previous step. After a rollback every group's LR is multiplied by the
-backoff factor, and so are the scheduler's bases, so its next step does not undo it; once
-training is ``recovery_steps`` past the failure, the factor is undone step by step.
+Arc keeps its LR backoff as a multiplier on whatever LR the training loop asks for:
+
+* **with a scheduler** attached to Arc, the backoff also scales the scheduler's bases, so its
+  next step keeps it; an LR more than ``lr_ratio_fail`` times what the scheduler says is
+  evidence of a spike (nothing explains it);
+* **without one**, the loop owns the schedule (a warm-up from 0, any manual schedule): an LR the
+  loop sets is change, not damage. Arc notices the loop changed the LR since Arc last left it and
+  applies its backoff on top (the loop sets the LR before ``arc.step``, ``optimizer.step``
+  follows it). A too-high LR then shows in what it does to the loss, gradients and weights; a
+  spike on some ranks only shows as ranks disagreeing on the LR (policy.py).
+
+A non-finite LR is a spike either way. After a rollback that backs off, every group's LR is
+multiplied by the backoff factor; once training is ``recovery_steps`` past the failure, the
+factor is undone step by step.
 """
 
 from __future__ import annotations
@@ -25,36 +35,55 @@ class LRGuard:
         #: product of the backoffs in force (1.0: none)
         self.scale = 1.0
         self._restore_at = 0
-        self._expected: list[float] | None = None
+        self._applied: list[float] | None = None  # the LRs as Arc last left them
 
     def lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def remember(self) -> None:
-        """The current LRs are explained (Arc or the scheduler set them)."""
-        self._expected = self.lrs()
+        """The current LRs are the ones Arc applies."""
+        self._applied = self.lrs()
+
+    def follow_loop(self) -> None:
+        """Before a step is judged: an LR the loop set since Arc last left it is the loop's own
+        schedule; Arc's backoff applies on top of it. With a scheduler, its bases carry the
+        backoff already."""
+        if self.scheduler is None and self._applied is not None and self.scale != 1.0:
+            for i, g in enumerate(self.optimizer.param_groups):
+                lr = g["lr"]
+                if isinstance(lr, (int, float)) and (
+                    i >= len(self._applied) or lr != self._applied[i]
+                ):
+                    g["lr"] = lr * self.scale
+        self.remember()
 
     def ratio(self) -> float:
-        """How far the current LR exceeds what explains it (max over param groups)."""
+        """How far the current LR exceeds the attached scheduler's (max over param groups);
+        1.0 without a scheduler, inf for a non-finite LR."""
         lrs = self.lrs()
-        expected = self._expected
-        if self.scheduler is not None and hasattr(self.scheduler, "get_last_lr"):
-            try:
-                expected = [float(x) for x in self.scheduler.get_last_lr()]
-            except (AttributeError, RuntimeError):
-                pass
-        if not expected or len(expected) != len(lrs):
+        if not all(math.isfinite(x) for x in lrs):
+            return math.inf
+        if self.scheduler is None or not hasattr(self.scheduler, "get_last_lr"):
             return 1.0
-        ratios = [lr / e if e > 0 else (1.0 if lr <= 0 else math.inf) for lr, e in zip(lrs, expected)]
-        finite = all(math.isfinite(r) for r in ratios) and all(math.isfinite(x) for x in lrs)
-        return max(ratios) if finite else math.inf
+        try:
+            expected = [float(x) for x in self.scheduler.get_last_lr()]
+        except (AttributeError, RuntimeError):
+            return 1.0
+        if len(expected) != len(lrs):
+            return 1.0
+        ratios = [
+            lr / e if e > 0 else (1.0 if lr <= 0 else math.inf) for lr, e in zip(lrs, expected)
+        ]
+        return max(ratios)
 
-    def back_off(self, snapshot_scale: float, failed_at: int) -> None:
-        """After restoring a snapshot taken under ``snapshot_scale``: one more backoff."""
-        self.scale *= self.backoff
+    def after_restore(self, snapshot_scale: float, failed_at: int, back_off: bool) -> None:
+        """After restoring a snapshot taken under ``snapshot_scale``: the backoff in force, one
+        more factor when the failure recurred."""
+        if back_off:
+            self.scale *= self.backoff
+            self._restore_at = failed_at + self.recovery_steps
         self._apply(self.scale / snapshot_scale)
         self.remember()
-        self._restore_at = failed_at + self.recovery_steps
 
     def maybe_restore(self, step: int, rank: int) -> None:
         """Undo one backoff factor once ``recovery_steps`` healthy steps passed."""

@@ -5,10 +5,19 @@ into the same :class:`HealthPolicy`, whose history only ever changes as a functi
 matrices, so every rank computes the same :class:`Verdict` bit for bit: no rank-local decision
 can desynchronise the replicas. Nothing here touches torch or the process group, so the logic
 is tested without processes.
+
+The policy tells damage from change (docs/policy.md). A signal of one step (the loss, the
+gradient norm) can be withheld with the update: a non-finite value or an extreme outlier is a
+*skip*, which leaves the model and optimizer as they were. Only evidence that the state itself
+is damaged (non-finite or jumping weights or optimizer state, replicas that differ, an LR that
+contradicts the scheduler or the other ranks), or trouble that persists over ``max_skips + 1``
+consecutive steps, is a *failure* that rolls back. Parameters gaining or losing optimizer
+state, schedules the loop sets and heavy-tailed per-batch losses are change, not damage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,6 +32,8 @@ HEALTHY, WARNING, FAILURE = "healthy", "warning", "failure"
 
 #: MAD -> standard deviation for normally distributed data
 _MAD_SCALE = 1.4826
+#: (90th percentile - median) -> standard deviation for normally distributed data
+_Q90_SCALE = 1.2816
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,26 +47,46 @@ class Verdict:
     grad_norm: float = math.nan
     #: values behind the verdict, for logs and events
     details: dict = field(default_factory=dict)
+    #: withhold this step's update (a warning whose state is intact without it)
+    skip: bool = False
 
     @property
     def healthy(self) -> bool:
         return self.status == HEALTHY
 
 
-class RobustWindow:
-    """Median and MAD over the last ``size`` healthy values, and the largest of the most recent.
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    #: median of the window, in the signal's own units
+    median: float
+    #: largest of the most recent values, in the signal's own units
+    recent: float
+    #: the window's upper spread as a standard deviation, in log units when ``log``
+    spread: float
+    #: the statistics are of log(values) (every value was > 0)
+    log: bool
+    #: the median in the units of ``spread``
+    center: float
 
-    Statistics are cached between additions: ``judge`` runs every step and must stay cheap.
+
+class RobustWindow:
+    """Robust statistics of the last ``size`` values of a signal whose updates were applied.
+
+    Positive series (losses, gradient norms) are judged in log space: per-batch losses of small
+    batches are heavy-tailed, and a multiplicative jump is what a spike is. The spread is that of
+    the window's *upper* tail, ``(q90 - median) / 1.28`` (never below the MAD's), so a stream
+    whose upper tail is long needs a proportionally larger jump to count. Statistics are cached
+    between additions: ``judge`` runs every step and must stay cheap.
     """
 
-    #: healthy values that form the "recent" reference of the ratio test
+    #: values that form the "recent" reference of the ratio test
     RECENT = 5
-    #: additions between recomputations of the median and MAD once the window is full
+    #: additions between recomputations of the quantiles once the window is full
     REFRESH = 8
 
     def __init__(self, size: int):
         self.values: deque[float] = deque(maxlen=size)
-        self._robust: tuple[float, float] | None = None
+        self._robust: tuple[float, float, float, bool] | None = None
         self._recent: float | None = None
         self._since = 0
 
@@ -66,7 +97,7 @@ class RobustWindow:
         self.values.append(float(x))
         self._recent = None
         self._since += 1
-        # a median over ~100 values moves slowly: refreshing it every few steps is enough
+        # quantiles over ~100 values move slowly: refreshing them every few steps is enough
         if len(self.values) < self.values.maxlen or self._since >= self.REFRESH:
             self._robust = None
 
@@ -74,39 +105,53 @@ class RobustWindow:
         self.values.clear()
         self._robust = self._recent = None
 
-    def stats(self) -> tuple[float, float, float]:
-        """(median, MAD scaled to a standard deviation, max of the last RECENT values)."""
+    def stats(self) -> WindowStats:
         if self._robust is None:
             a = np.fromiter(self.values, dtype=np.float64, count=len(self.values))
-            med = float(np.median(a))
-            self._robust = (med, _MAD_SCALE * float(np.median(np.abs(a - med))))
+            med_raw = float(np.median(a))
+            log = bool(a.min() > 0)
+            y = np.log(a) if log else a
+            med = float(np.median(y))
+            upper = (float(np.quantile(y, 0.9)) - med) / _Q90_SCALE
+            mad = _MAD_SCALE * float(np.median(np.abs(y - med)))
+            # a floor so that a near-constant series does not make every wiggle significant
+            floor = 1e-3 if log else max(1e-3 * abs(med), 1e-12)
+            self._robust = (med_raw, max(upper, mad, floor), med, log)
             self._since = 0
         if self._recent is None:
             n = len(self.values)
             self._recent = max(self.values[i] for i in range(max(0, n - self.RECENT), n))
-        return (*self._robust, self._recent)
+        med_raw, spread, center, log = self._robust
+        return WindowStats(med_raw, self._recent, spread, log, center)
 
 
 def _spike(x: float, window: RobustWindow, z_thr: float, ratio: float) -> tuple[bool, float]:
-    """(x spikes, its robust z-score against the window).
+    """(x spikes, its robust z-score against the window's upper tail).
 
-    A spike needs both a z-score above ``z_thr`` and ``x - ref > (ratio - 1) |ref|`` where the
-    reference is the larger of the window's median and the most recent healthy values: the
-    z-score alone fires on low-noise runs, and a ratio to the median alone on values that trend
-    upwards (gradient norms often grow for a while); a real spike jumps above both. The MAD gets
-    a floor of 1e-3 |median| so a near-constant series does not make every wiggle significant.
+    A spike needs both a z-score above ``z_thr`` and ``x - ref > (ratio - 1) |ref|``, the
+    reference being the larger of the window's median and its most recent values: the z-score
+    alone fires on low-noise runs, a ratio alone on noisy or trending ones (gradient norms often
+    grow for a while); a real spike jumps above both.
     """
-    med, mad, recent = window.stats()
-    scale = max(mad, 1e-3 * abs(med), 1e-12)
-    z = (x - med) / scale
-    ref = max(med, recent)
+    if len(window) < 3:
+        return False, 0.0
+    s = window.stats()
+    if s.log:
+        if not x > 0:
+            return False, -math.inf  # a drop to zero or below is not a spike
+        z = (math.log(x) - s.center) / s.spread
+    else:
+        z = (x - s.center) / s.spread
+    ref = max(s.median, s.recent)
     return (z > z_thr and x - ref > (ratio - 1.0) * abs(ref)), z
 
 
 def _blame(values, refs, ratio: float) -> tuple[int, ...]:
     """Ranks whose own value passes the ratio test against their reference; the standouts when
     none does on its own (the spike only shows in the combined value)."""
-    bad = tuple(r for r, (v, ref) in enumerate(zip(values, refs)) if v - ref > (ratio - 1.0) * abs(ref))
+    bad = tuple(
+        r for r, (v, ref) in enumerate(zip(values, refs)) if v - ref > (ratio - 1.0) * abs(ref)
+    )
     return bad or _standouts(values)
 
 
@@ -121,27 +166,35 @@ def _standouts(values) -> tuple[int, ...]:
     return tuple(int(r) for r in np.nonzero(values >= med + 0.5 * (top - med))[0])
 
 
+def _odd_lrs(lrs, limit: float) -> tuple[int, ...]:
+    """Ranks whose LR is more than ``limit`` times off the (lower) median rank's: ranks that run
+    one model set the same LR, whatever schedule the loop follows."""
+    ref = sorted(lrs)[(len(lrs) - 1) // 2]
+    return tuple(r for r, x in enumerate(lrs) if x > limit * ref or ref > limit * x)
+
+
 class HealthPolicy:
     """Turns an agreed signal matrix into a verdict; owns the run's robust statistics.
 
     ``judge`` is pure; ``observe`` updates the history and must be called with the verdict that
-    ``judge`` returned, on every rank, for every step (``commit=False`` for steps whose update
-    is not applied).
+    ``judge`` returned, on every rank, for every judged step (``applied=False`` when the update
+    was not applied). ``streak`` counts consecutive skipped steps: the ``max_skips + 1``-th
+    anomaly in a row is persistent trouble and a failure.
     """
 
-    def __init__(self, thresholds: Thresholds, layout: str, world_size: int):
+    def __init__(self, thresholds: Thresholds, layout: str, world_size: int, max_skips: int = 2):
         self.t = thresholds
         self.layout = layout
         self.world_size = world_size
+        self.max_skips = max_skips
         self.loss = RobustWindow(thresholds.window)
         self.grad = RobustWindow(thresholds.window)
-        self.healthy_seen = 0
-        # each rank's own gradient squared norms on recent healthy steps (who is to blame)
+        self.healthy_seen = 0  # applied steps learnt from
+        self.streak = 0
+        # each rank's own gradient squared norms on recent applied steps (who is to blame)
         self.own: deque[list[float]] = deque(maxlen=thresholds.window)
-        # last deep-check values along the current trajectory (cleared on rollback)
-        self.last_weight: np.ndarray | None = None  # per-rank squared norms
-        self.last_state: np.ndarray | None = None
-        self.last_state_step: float | None = None
+        # per-rank weight squared norms at the last deep check on this trajectory
+        self.last_weight: np.ndarray | None = None
 
     # -- pure ---------------------------------------------------------------------------
     def combine_grad_sq(self, g) -> float:
@@ -152,81 +205,142 @@ class HealthPolicy:
             return float(max(g))
         return float(sum(g)) / len(g)
 
+    @property
+    def warm(self) -> bool:
+        return self.healthy_seen >= self.t.warmup_steps
+
     def judge(self, m: np.ndarray, *, amp: bool = False) -> Verdict:
         # every step runs this on a [world, NUM_COLS] matrix: plain Python over its columns is
         # several times cheaper than numpy calls on arrays this small
         t = self.t
         cols = m.T.tolist()
-        losses = [x if v > 0 else 0.0 for x, v in zip(cols[Col.LOSS], cols[Col.LOSS_VALID])]
         gsq, own = cols[Col.GRAD_SQ], cols[Col.LOCAL_GRAD_SQ]
         finite_grads = all(map(math.isfinite, gsq)) and all(map(math.isfinite, own))
         grad_norm = math.sqrt(self.combine_grad_sq(gsq)) if finite_grads else math.nan
-        has_loss = all(v > 0 for v in cols[Col.LOSS_VALID])
-        loss = sum(losses) / len(losses) if has_loss else math.nan
+        losses, loss = self._losses(cols)
         base = dict(loss=loss, grad_norm=grad_norm)
 
-        def fail(reason: str, ranks, status: str = FAILURE, **details) -> Verdict:
-            return Verdict(status, reason, tuple(int(r) for r in ranks), details=details, **base)
+        def fail(reason: str, ranks, **details) -> Verdict:
+            return Verdict(FAILURE, reason, tuple(int(r) for r in ranks), details=details, **base)
 
-        bad = [r for r, x in enumerate(losses) if not math.isfinite(x)]
-        if bad:
-            return fail("nonfinite_loss", bad, losses=losses)
-        if not finite_grads:
-            if amp:  # the GradScaler skips this update and lowers its scale: not a fault
-                return fail("amp_overflow", (), status=WARNING)
-            bad = [r for r, x in enumerate(own) if not math.isfinite(x)]
-            return fail("nonfinite_grad", bad or range(len(gsq)))
-        lr = cols[Col.LR_RATIO]
-        bad = [r for r, x in enumerate(lr) if not x <= t.lr_ratio_fail]
-        if bad:
-            return fail("lr_spike", bad, lr_ratio=lr)
-
-        if m[0, Col.DEEP]:  # the more specific diagnosis first (a NaN weight also diverges)
+        # 1. evidence of damaged state: roll back
+        if m[0, Col.DEEP]:
             v = self._judge_deep(m, base)
             if v is not None:
                 return v
-
         if m[0, Col.FP_CHECK]:
             bad = divergent_ranks(m[:, Col.FINGERPRINT])
             if bad:
                 return fail("replica_divergence", bad, fingerprints=m[:, Col.FINGERPRINT].tolist())
+        ratio = cols[Col.LR_RATIO]
+        bad = [r for r, x in enumerate(ratio) if not x <= t.lr_ratio_fail]  # NaN included
+        if not bad and self.layout != "independent" and len(ratio) > 1:
+            bad = _odd_lrs(cols[Col.LR], t.lr_ratio_fail)
+        if bad:
+            return fail("lr_spike", bad, lr_ratio=ratio, lr=cols[Col.LR])
 
-        def blame_loss() -> tuple[int, ...]:
-            med, _, recent = self.loss.stats()
-            return _blame(losses, [max(med, recent)] * len(losses), t.loss_ratio_warn)
+        # 2. this step's own signals: skip the update, or warn. The previous step's loss, when
+        # it rode on DDP's all-reduce unjudged, is judged too: its update is applied already, but
+        # a skip-level anomaly there counts towards the streak and a lesser one is reported.
+        late = self._judge_late(cols)
+        streak = self.streak + (late is not None and late.skip)
+        judged = any(x > 0 for x in cols[Col.LOSS_JUDGED])  # reported only
+        v = None if judged else self._judge_loss(losses, loss)
+        if v is not None and v.skip:
+            return self._escalate(v, base, streak)
+        if not finite_grads:
+            if amp:  # the GradScaler skips this update and lowers its scale: not a fault
+                return Verdict(WARNING, "amp_overflow", (), skip=True, **base)
+            bad = tuple(r for r, x in enumerate(own) if not math.isfinite(x))
+            v = Verdict(WARNING, "nonfinite_grad", bad or tuple(range(len(gsq))), skip=True)
+            return self._escalate(v, base, streak)
+        g = self._judge_grad(grad_norm, own)
+        if g is not None and g.skip:
+            return self._escalate(g, base, streak)
+        if v is None and g is None and late is not None:
+            details = {**late.details, "late": True, "late_loss": late.loss}
+            return dataclasses.replace(late, skip=False, details=details, **base)
+        found = v or g
+        return (
+            self._escalate(found, base, streak) if found is not None else Verdict(HEALTHY, **base)
+        )
 
-        def blame_grad() -> tuple[int, ...]:
+    def _losses(
+        self, cols, col: int = Col.LOSS, valid: int = Col.LOSS_VALID
+    ) -> tuple[list[float], float]:
+        losses = [x if v > 0 else 0.0 for x, v in zip(cols[col], cols[valid])]
+        has_loss = all(v > 0 for v in cols[valid])
+        return (losses if has_loss else []), (sum(losses) / len(losses) if has_loss else math.nan)
+
+    def _judge_late(self, cols) -> Verdict | None:
+        losses, loss = self._losses(cols, Col.LATE_LOSS, Col.LATE_VALID)
+        v = self._judge_loss(losses, loss)
+        return dataclasses.replace(v, loss=loss) if v is not None else None
+
+    def _judge_loss(self, losses: list[float], loss: float) -> Verdict | None:
+        if not losses:
+            return None
+        bad = [r for r, x in enumerate(losses) if not math.isfinite(x)]
+        if bad:
+            return Verdict(
+                WARNING, "nonfinite_loss", tuple(bad), skip=True, details={"losses": losses}
+            )
+        if not self.warm:
+            return None
+        t = self.t
+        for thr, ratio, skip in (
+            (t.zscore_fail, t.loss_ratio_fail, True),
+            (t.zscore_warn, t.loss_ratio_warn, False),
+        ):
+            hit, z = _spike(loss, self.loss, thr, ratio)
+            if hit:
+                s = self.loss.stats()
+                ranks = _blame(losses, [max(s.median, s.recent)] * len(losses), t.loss_ratio_warn)
+                return Verdict(
+                    WARNING,
+                    "loss_spike",
+                    ranks,
+                    skip=skip,
+                    details={"zscore": z, "median": s.median},
+                )
+        return None
+
+    def _judge_grad(self, grad_norm: float, own: list[float]) -> Verdict | None:
+        t = self.t
+
+        def blame() -> tuple[int, ...]:
             if not self.own:
                 return _standouts(own)
             refs = np.median(np.asarray(self.own, dtype=np.float64), axis=0).tolist()
             return _blame(own, refs, t.grad_ratio_warn**2)
 
-        warm = self.healthy_seen >= t.warmup_steps
-        if warm:
-            if has_loss:
-                is_fail, z = _spike(loss, self.loss, t.zscore_fail, t.loss_ratio_fail)
-                if is_fail:
-                    return fail("loss_spike", blame_loss(), zscore=z, median=self.loss.stats()[0])
-            is_fail, gz = _spike(grad_norm, self.grad, t.zscore_fail, t.grad_ratio_fail)
-            if is_fail:
-                return fail("grad_explosion", blame_grad(), zscore=gz, median=self.grad.stats()[0])
-            if has_loss:
-                is_warn, z = _spike(loss, self.loss, t.zscore_warn, t.loss_ratio_warn)
-                if is_warn:
-                    return fail("loss_spike", blame_loss(), status=WARNING, zscore=z)
-            is_warn, gz = _spike(grad_norm, self.grad, t.zscore_warn, t.grad_ratio_warn)
-            if is_warn:
-                return fail("grad_explosion", blame_grad(), status=WARNING, zscore=gz)
-        elif len(self.grad) >= 3:
-            med = self.grad.stats()[0]
+        if not self.warm:
+            med = self.grad.stats().median if len(self.grad) >= 3 else 0.0
             if med > 0 and grad_norm > t.grad_ratio_warmup * med:
-                return fail("grad_explosion", blame_grad(), median=med)
-        return Verdict(HEALTHY, **base)
+                return Verdict(
+                    WARNING, "grad_explosion", blame(), skip=True, details={"median": med}
+                )
+            return None
+        for thr, ratio, skip in (
+            (t.zscore_fail, t.grad_ratio_fail, True),
+            (t.zscore_warn, t.grad_ratio_warn, False),
+        ):
+            hit, z = _spike(grad_norm, self.grad, thr, ratio)
+            if hit:
+                details = {"zscore": z, "median": self.grad.stats().median}
+                return Verdict(WARNING, "grad_explosion", blame(), skip=skip, details=details)
+        return None
+
+    def _escalate(self, v: Verdict, base: dict, streak: int) -> Verdict:
+        """A skip-level anomaly right after ``max_skips`` of them is persistent: a failure."""
+        if v.skip and streak >= self.max_skips:
+            details = {**v.details, "persistent": streak + 1}
+            return dataclasses.replace(v, status=FAILURE, skip=False, details=details, **base)
+        return dataclasses.replace(v, **base)
 
     def _judge_deep(self, m: np.ndarray, base: dict) -> Verdict | None:
         t = self.t
-        wsq, ssq = m[:, Col.WEIGHT_SQ], m[:, Col.STATE_SQ]
-        flags, steps = m[:, Col.STATE_FLAGS], m[:, Col.STATE_STEP]
+        wsq, ssq, flags = m[:, Col.WEIGHT_SQ], m[:, Col.STATE_SQ], m[:, Col.STATE_FLAGS]
 
         def fail(reason, ranks, **details) -> Verdict:
             return Verdict(FAILURE, reason, tuple(int(r) for r in ranks), details=details, **base)
@@ -238,44 +352,55 @@ class HealthPolicy:
         if bad.size:
             names = [f.name for f in StateFlag if int(flags[bad[0]]) & f]
             return fail("optimizer_state", bad, flags=names or ["nonfinite"])
-        # the total decides; ranks are blamed by how their own share moved since the last check
-        warm = self.healthy_seen >= t.warmup_steps
-        for reason, col, prev, limit in (
+        if not self.warm:
+            return None
+        # the total decides; ranks are blamed by how their own share moved since the last check.
+        # The optimizer state is compared over the parameters that had state at both checks
+        # (signals.py), so parameters joining or leaving the updates do not count.
+        common, state_base = m[:, Col.STATE_COMMON_SQ], m[:, Col.STATE_BASE_SQ]
+        for reason, now, prev, limit in (
             ("weight_corruption", wsq, self.last_weight, t.weight_ratio_fail),
-            ("optimizer_state", ssq, self.last_state, t.state_ratio_fail),
+            ("optimizer_state", common, state_base, t.state_ratio_fail),
         ):
-            if not warm or prev is None or self.combine_grad_sq(prev) <= 0:
+            if prev is None or self.combine_grad_sq(prev) <= 0:
                 continue
-            ratio = math.sqrt(self.combine_grad_sq(col) / self.combine_grad_sq(prev))
+            ratio = math.sqrt(self.combine_grad_sq(now) / self.combine_grad_sq(prev))
             if not (1 / limit <= ratio <= limit):
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    own = np.sqrt(col / prev)
+                    own = np.sqrt(now / prev)
                 odd = np.nonzero(~((own >= 1 / limit) & (own <= limit)))[0]
-                return fail(reason, odd if odd.size else range(len(col)), ratio=ratio)
-        step = float(steps.max())
-        if self.last_state_step is not None and 0 <= step < self.last_state_step:
-            return fail("optimizer_state", np.nonzero(steps < self.last_state_step)[0], reset=True)
+                return fail(reason, odd if odd.size else range(len(now)), ratio=ratio)
         return None
 
     # -- history ------------------------------------------------------------------------
-    def observe(self, m: np.ndarray, verdict: Verdict, *, add_loss: bool = True) -> None:
-        """Learn from a step whose update is applied (healthy or warning). ``add_loss=False``
-        when the verdict's loss was already learnt (the DDP ride repeats the previous loss)."""
-        if verdict.status == HEALTHY:
-            if add_loss and math.isfinite(verdict.loss):
+    def observe(self, m: np.ndarray, verdict: Verdict, *, applied: bool = True) -> None:
+        """Learn from a judged step. Only applied updates teach the windows what is normal
+        (a warning's values included: the upper tail is part of the distribution, so is a late
+        loss short of a skip); a skip extends the streak (by two after a skip-level late loss)."""
+        cols = m.T.tolist()
+        late = self._judge_late(cols)
+        late_skip = late is not None and late.skip
+        if not late_skip and cols[Col.LATE_VALID][0] > 0:
+            late_loss = self._losses(cols, Col.LATE_LOSS, Col.LATE_VALID)[1]
+            if math.isfinite(late_loss):
+                self.loss.add(late_loss)
+        if verdict.skip and verdict.reason != "amp_overflow":
+            self.streak += 1 + late_skip
+        elif applied:
+            self.streak = 0
+            if math.isfinite(verdict.loss) and not cols[Col.LOSS_JUDGED][0] > 0:
                 self.loss.add(verdict.loss)
-            self.grad.add(verdict.grad_norm)
-            self.own.append(m[:, Col.LOCAL_GRAD_SQ].tolist())
+            if math.isfinite(verdict.grad_norm):
+                self.grad.add(verdict.grad_norm)
+                self.own.append(m[:, Col.LOCAL_GRAD_SQ].tolist())
             self.healthy_seen += 1
-        if m[0, Col.DEEP]:
+        if m[0, Col.DEEP] and verdict.status != FAILURE:
             self.last_weight = m[:, Col.WEIGHT_SQ].copy()
-            self.last_state = m[:, Col.STATE_SQ].copy()
-            step = float(m[:, Col.STATE_STEP].max())
-            self.last_state_step = step if step >= 0 else None
 
     def on_rollback(self) -> None:
-        """The trajectory changed: deep-check baselines no longer apply."""
-        self.last_weight = self.last_state = self.last_state_step = None
+        """The trajectory changed: deep-check baselines and the streak no longer apply."""
+        self.last_weight = None
+        self.streak = 0
 
     def state_dict(self) -> dict:
         return {
@@ -302,15 +427,19 @@ class Decision:
     kind: str  # "continue" | "skip" | "rollback" | "raise"
     #: for rollback: how many newest snapshots to discard first (0 = restore the newest)
     drop: int = 0
+    #: for rollback: also multiply the LR by ``lr_backoff`` (the failure recurred)
+    back_off: bool = False
 
 
 class RecoveryPolicy:
     """Escalation as a small state machine, shared by all ranks.
 
     Recovered means training got ``recovery_steps`` healthy steps past the step where it last
-    failed. Until then, after ``max_rollbacks`` rollbacks the policy escalates: it discards
-    snapshots and restores one strictly older than any earlier escalation restored (the newer
-    ones may sit on a doomed trajectory). With nothing older left, the run is unrecoverable.
+    failed. The first rollback keeps the LR (one bad event is not a reason to train slower); a
+    failure that recurs before recovery rolls back with an LR backoff. After ``max_rollbacks``
+    rollbacks the policy escalates: it discards snapshots and restores one strictly older than
+    any earlier escalation restored (the newer ones may sit on a doomed trajectory). With
+    nothing older left, the run is unrecoverable.
     """
 
     def __init__(self, config: ArcConfig):
@@ -325,16 +454,16 @@ class RecoveryPolicy:
         if verdict.status == HEALTHY:
             return Decision("continue")
         if verdict.status == WARNING:
-            return Decision("skip" if verdict.reason == "amp_overflow" else "continue")
+            return Decision("skip" if verdict.skip else "continue")
         if not snapshot_steps:
             return Decision("raise")
         if self.consecutive < self.max_rollbacks:
-            return Decision("rollback")
+            return Decision("rollback", back_off=self.consecutive > 0)
         limit = min(self.floor, snapshot_steps[-1])
         older = [i for i, s in enumerate(snapshot_steps) if s < limit]
         if not older:
             return Decision("raise")
-        return Decision("rollback", drop=len(snapshot_steps) - 1 - older[-1])
+        return Decision("rollback", drop=len(snapshot_steps) - 1 - older[-1], back_off=True)
 
     def record(self, decision: Decision, step: int, restored_step: int | None = None) -> None:
         """Update after acting; ``step`` is the global step the verdict was about."""

@@ -42,9 +42,9 @@ class Col(enum.IntEnum):
     GRAD_SQ = 1  # squared L2 norm of the gradients this rank holds
     WEIGHT_SQ = 2  # squared L2 norm of the weights (deep-check steps only, else 0)
     STATE_SQ = 3  # squared norm of the optimizer's floating state (deep-check steps only)
-    STATE_FLAGS = 4  # OptimizerStateFlag bits found on this rank (deep-check steps only)
-    STATE_STEP = 5  # the optimizer's step counter (max over parameters), -1 when absent
-    LR_RATIO = 6  # max over param groups of lr / lr the scheduler (or previous step) explains
+    STATE_FLAGS = 4  # StateFlag bits found on this rank (deep-check steps only)
+    STATE_COMMON_SQ = 5  # STATE_SQ over the parameters that had state at the last deep check too
+    LR_RATIO = 6  # max over param groups of lr / the attached scheduler's lr (1 without one)
     STEP_TIME = 7  # seconds this rank was busy this step (see silent.py)
     PREEMPT = 8  # 1 when this rank received SIGTERM
     DEEP = 9  # 1 on steps where the deep checks ran (all ranks agree on this)
@@ -52,16 +52,27 @@ class Col(enum.IntEnum):
     FP_CHECK = 11  # 1 on steps where the fingerprints are compared
     LOCAL_GRAD_SQ = 12  # this rank's own gradients before DDP averages them (who is to blame)
     LOSS_VALID = 13  # 0 when the row carries no loss (a ride right after a rollback or start)
+    LR = 14  # the largest param-group LR (ranks that train one model agree on it)
+    STATE_BASE_SQ = 15  # those parameters' STATE_COMMON_SQ at the last deep check (0: none)
+    LATE_LOSS = 16  # the previous step's loss when it rode on DDP's all-reduce unjudged
+    LATE_VALID = 17  # 1 when LATE_LOSS holds such a loss
+    LOSS_JUDGED = 18  # 1 when its own step judged LOSS already (a ride after a collective step)
+    ERROR = 19  # 1 when this rank failed inside step() and only joins to say so (failfast.py)
 
 
 NUM_COLS = len(Col)
 
 
 class StateFlag(enum.IntFlag):
-    """Structural problems of the optimizer state, OR-ed into ``Col.STATE_FLAGS``."""
+    """Structural damage to the optimizer state, OR-ed into ``Col.STATE_FLAGS``.
 
-    MISSING = 1  # parameters that were updated before have no state now
-    INCONSISTENT_STEP = 2  # step counters differ between parameters
+    Per-parameter step counters legitimately differ (a parameter without a gradient on a step
+    is not updated: frozen layers, alternating heads, unused DDP parameters, MoE experts), and
+    parameters gain state when they join the updates; neither is damage.
+    """
+
+    LOST = 1  # every parameter that had state at the last deep check has none now (a reset)
+    STEP_BACK = 2  # a parameter's step counter is lower than at the last deep check
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -77,24 +88,33 @@ def layout_of(model: nn.Module, world_size: int) -> str:
     return "independent"
 
 
-def sq_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Sum of squares of all elements, as a float64 0-d tensor on ``device``.
+def _sq_norm_groups(tensors: Sequence[torch.Tensor]):
+    """(indices, their squared norms as float64) per (device, dtype) group: one
+    ``_foreach_norm`` launch each. Norms are squared in float64: ``_foreach_norm`` squares in the
+    input dtype and overflows for |x| ~ 1e19 in fp32; the upcast only touches the per-tensor
+    norms, and an overflow still reads as an explosion."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for idx in groups.values():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx])).to(torch.float64)
+        yield idx, norms.square()
 
-    One ``_foreach_norm`` launch per (device, dtype) group; the per-tensor norms are squared and
-    summed in float64 so that a large but finite norm does not overflow float32.
-    """
+
+def sq_norm(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squares of all elements, as a float64 0-d tensor on ``device``."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64, device=device)
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    parts = []
-    for ts in groups.values():
-        # _foreach_norm squares in the input dtype and overflows for |x| ~ 1e19 in fp32; the
-        # upcast only touches the per-tensor norms, and an overflow still reads as explosion.
-        norms = torch.stack(torch._foreach_norm(ts)).to(torch.float64)
-        parts.append(norms.square().sum().to(device))
+    parts = [sq.sum().to(device) for _, sq in _sq_norm_groups(tensors)]
     return torch.stack(parts).sum() if len(parts) > 1 else parts[0]
+
+
+def sq_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Each tensor's squared L2 norm, in order, as a float64 vector on ``device``."""
+    out = torch.empty(len(tensors), dtype=torch.float64, device=device)
+    for idx, sq in _sq_norm_groups(tensors):
+        out[torch.tensor(idx, device=device)] = sq.to(device)
+    return out
 
 
 def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -120,8 +140,9 @@ class SignalCollector:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.model_params = list(model.parameters())
         self.device = device
-        # parameters that had optimizer state at the previous deep check: fewer now = a reset
-        self._with_state = 0
+        # the last deep check's optimizer state: (parameters with state, per-parameter squared
+        # norms, per-parameter step counters); None after a restore
+        self._state_base: tuple[frozenset[int], torch.Tensor, torch.Tensor] | None = None
 
     def row(
         self,
@@ -130,26 +151,32 @@ class SignalCollector:
         deep: bool,
         grad_sq: torch.Tensor | None = None,
         lr_ratio: float = 1.0,
+        lr: float = 0.0,
         step_time: float = 0.0,
         preempt: bool = False,
         fingerprint: bool = False,
         local_grad_sq: torch.Tensor | None = None,
+        late_loss: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``late_loss``: the previous step's loss when nothing judged it yet (DDP ride)."""
         dev, f64 = self.device, torch.float64
         if grad_sq is None:
             grad_sq = self.grad_sq()
         # host-known values in one small tensor, device values scattered in with one op
         host = [0.0] * NUM_COLS
-        host[Col.STATE_STEP] = -1.0
-        host[Col.LR_RATIO], host[Col.STEP_TIME] = lr_ratio, step_time
+        host[Col.LR_RATIO], host[Col.LR], host[Col.STEP_TIME] = lr_ratio, lr, step_time
         host[Col.PREEMPT], host[Col.DEEP] = float(preempt), float(deep)
         host[Col.FP_CHECK], host[Col.LOSS_VALID] = float(fingerprint), 1.0
         cols = [Col.LOSS, Col.GRAD_SQ, Col.LOCAL_GRAD_SQ]
         vals = [loss.detach().reshape(()), grad_sq, grad_sq if local_grad_sq is None else local_grad_sq]
+        if late_loss is not None:
+            host[Col.LATE_VALID] = 1.0
+            cols.append(Col.LATE_LOSS)
+            vals.append(late_loss.reshape(()))
         if deep:
-            state_sq, step_max, flags = self._optimizer_state()
-            cols += [Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_FLAGS, Col.STATE_STEP]
-            vals += [sq_norm(weights_of(self.model_params), dev), state_sq, flags, step_max]
+            cols += [Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_COMMON_SQ, Col.STATE_BASE_SQ]
+            cols.append(Col.STATE_FLAGS)
+            vals += [sq_norm(weights_of(self.model_params), dev), *self._optimizer_state()]
         if fingerprint:
             cols.append(Col.FINGERPRINT)
             vals.append(param_fingerprint(self.model_params + self._state_tensors(), dev))
@@ -161,23 +188,29 @@ class SignalCollector:
         """Squared norm of the gradients this rank holds (one foreach pass)."""
         return sq_norm(grads_of(self.params), self.device)
 
-    def _optimizer_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(state sq-norm, max step counter, StateFlag bits) as float64 device tensors.
+    def _optimizer_state(self) -> list[torch.Tensor]:
+        """[state sq-norm, the same over parameters that had state at the last deep check too,
+        those parameters' sq-norm then, StateFlag bits] as float64 device tensors.
 
-        Floating tensors other than ``step`` count towards the norm (Adam's moments, SGD's
-        momentum). Step counters are compared on the device: min != max means inconsistent.
-        This walks the state dict (a Python loop over parameters), so it only runs on
-        deep-check steps.
+        Floating tensors other than ``step`` count towards the norms (Adam's moments, SGD's
+        momentum). Comparing only parameters present at both checks makes parameters that join
+        the updates later (unfrozen layers, experts routed to for the first time) invisible to
+        the ratio test, and a step counter is only compared with its own earlier value. This
+        walks the state dict (a Python loop over parameters), so it only runs on deep-check
+        steps; the comparisons stay on the device.
         """
         dev, f64 = self.device, torch.float64
+        n = len(self.params)
         floats: list[torch.Tensor] = []
+        owners: list[int] = []
         steps: list[torch.Tensor] = []
-        with_state = 0
-        for p in self.params:
+        step_owners: list[int] = []
+        present = []
+        for i, p in enumerate(self.params):
             st = self.optimizer.state.get(p)
             if not st:
                 continue
-            with_state += 1
+            present.append(i)
             for key, v in st.items():
                 if key == "step":
                     steps.append(
@@ -185,18 +218,34 @@ class SignalCollector:
                         if isinstance(v, torch.Tensor)
                         else torch.tensor(float(v), dtype=f64, device=dev)
                     )
+                    step_owners.append(i)
                 elif isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
                     floats.append(_local(v))
-        missing = float(StateFlag.MISSING) if with_state < self._with_state else 0.0
-        self._with_state = max(self._with_state, with_state)
-        flags = torch.full((), missing, dtype=f64, device=dev)
+                    owners.append(i)
+        per = torch.zeros(n, dtype=f64, device=dev)
+        if floats:
+            per.index_add_(0, torch.tensor(owners, device=dev), sq_norms(floats, dev))
+        counters = torch.full((n,), -1.0, dtype=f64, device=dev)
         if steps:
-            s = torch.stack(steps)
-            step_max = s.max()
-            flags = flags + (step_max != s.min()).to(f64) * float(StateFlag.INCONSISTENT_STEP)
-        else:
-            step_max = torch.full((), -1.0, dtype=f64, device=dev)
-        return sq_norm(floats, dev), step_max, flags
+            counters[torch.tensor(step_owners, device=dev)] = torch.stack(steps)
+        total = per.sum()
+        zero = torch.zeros((), dtype=f64, device=dev)
+        common_sq, base_sq, flags = total, zero, zero
+        now = frozenset(present)
+        if self._state_base is not None:
+            had, base_per, base_counters = self._state_base
+            common = sorted(had & now)
+            if had and not now:
+                flags = torch.full((), float(StateFlag.LOST), dtype=f64, device=dev)
+            if common:
+                idx = torch.tensor(common, device=dev)
+                common_sq, base_sq = per[idx].sum(), base_per[idx].sum()
+                back = (counters[idx] < base_counters[idx]).any().to(f64)
+                flags = flags + back * float(StateFlag.STEP_BACK)
+            else:
+                common_sq = zero
+        self._state_base = (now, per, counters)
+        return [total, common_sq, base_sq, flags]
 
     def _state_tensors(self) -> list[torch.Tensor]:
         if not self.fingerprint_optimizer:
@@ -209,8 +258,15 @@ class SignalCollector:
         ]
 
     def reset_expectations(self) -> None:
-        """After a restore the optimizer state is what the snapshot held; relearn its size."""
-        self._with_state = 0
+        """After a restore the optimizer state is what the snapshot held: no baseline."""
+        self._state_base = None
+
+
+def error_row(device: torch.device) -> torch.Tensor:
+    """The row of a rank that failed inside ``step()``: it carries nothing but the flag."""
+    row = torch.zeros(NUM_COLS, dtype=torch.float64, device=device)
+    row[Col.ERROR] = 1.0
+    return row
 
 
 def ride_row(
@@ -218,16 +274,19 @@ def ride_row(
     loss: torch.Tensor | None,
     *,
     lr_ratio: float,
+    lr: float,
     busy: float,
     preempt: bool,
+    loss_judged: bool = False,
 ) -> torch.Tensor:
-    """The row bucket 0 carries: the previous step's loss (if any), this step's LR ratio and
-    SIGTERM flag, the previous step's busy time and this rank's own bucket-0 gradient norm."""
+    """The row bucket 0 carries: the previous step's loss (if any; ``loss_judged`` when its own
+    step judged it already), this step's LR and SIGTERM flag, the previous step's busy time and
+    this rank's own bucket-0 gradient norm."""
     dev = local_grad_norm.device
     row = torch.zeros(NUM_COLS, dtype=torch.float64, device=dev)
-    row[Col.STATE_STEP] = -1.0
-    host = torch.tensor([lr_ratio, busy, float(preempt), float(loss is not None)], dtype=torch.float64)
-    row[[Col.LR_RATIO, Col.STEP_TIME, Col.PREEMPT, Col.LOSS_VALID]] = host.to(dev, non_blocking=True)
+    host = [lr_ratio, lr, busy, float(preempt), float(loss is not None), float(loss_judged)]
+    cols = [Col.LR_RATIO, Col.LR, Col.STEP_TIME, Col.PREEMPT, Col.LOSS_VALID, Col.LOSS_JUDGED]
+    row[cols] = torch.tensor(host, dtype=torch.float64).to(dev, non_blocking=True)
     if loss is not None:
         row[Col.LOSS] = loss.reshape(()).to(dev, torch.float64)
     row[Col.LOCAL_GRAD_SQ] = local_grad_norm.to(torch.float64).square()
@@ -248,9 +307,13 @@ class DDPRide:
     from these replicated values and the matrix; only an anomaly, a deep-check step or a missing
     ride costs a collective of its own. A job that registered its own comm hook keeps it and
     every step takes the collective path.
+
+    ``explain`` maps a failed all-reduce's error to the one backward should raise (the error of
+    the rank that failed first, see failfast.py).
     """
 
-    def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group, row_fn):
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group, row_fn,
+                 explain=None):  # fmt: skip
         import torch.distributed as dist
 
         self.group = process_group
@@ -265,8 +328,17 @@ class DDPRide:
         #: take norms of the reduced buckets (off when the job hands Arc its clipping norm)
         self.measure = True
 
+        def value(fut) -> torch.Tensor:
+            try:
+                return fut.value()[0]
+            except Exception as e:
+                better = explain(e) if explain is not None else e
+                if better is e:
+                    raise
+                raise better from e
+
         def reduced(fut) -> torch.Tensor:
-            t = fut.value()[0]
+            t = value(fut)
             if self.measure:
                 self._post.append(t.norm())
             return t
@@ -286,7 +358,7 @@ class DDPRide:
             both[row_at : row_at + NUM_COLS] = self.row_fn(self._local0)
 
             def split(fut) -> torch.Tensor:
-                out = fut.value()[0]
+                out = value(fut)
                 buf.copy_(out[:n])
                 self._matrix = out[n:].view(self.world_size, NUM_COLS)
                 if self.measure:

@@ -7,8 +7,9 @@ reused, and the copies are one ``torch._foreach_copy_`` per slot (non-blocking i
 memory on CUDA), so a snapshot costs about one memcpy of the state.
 
 Model tensors are restored in place, so references held by the optimizer, DDP's buckets or the
-user stay valid. The optimizer is restored through ``load_state_dict`` because its state may
-have been replaced or cleared since.
+user stay valid. The optimizer state becomes exactly the snapshot's, also where it was replaced,
+cleared or grew since: through ``load_state_dict``, or for FSDP2 (DTensor state) by copying into
+the live shards, rebuilding entries that are gone and dropping entries that are new.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_scaler_state(scaler: Any, state: dict) -> None:
+    """``scaler.load_state_dict(state)`` as the start of a fresh step.
+
+    ``GradScaler.load_state_dict`` keeps the per-optimizer stage (torch 2.13): a scaler restored
+    after the loop's ``unscale_`` would make the next ``unscale_`` raise "already been called
+    on this optimizer since the last update()", and the loop calls no ``update()`` after a
+    rollback. A restored state is one between steps, where that stage is empty.
+    """
+    scaler.load_state_dict(state)
+    stages = getattr(scaler, "_per_optimizer_states", None)
+    if stages is not None:
+        stages.clear()
+
+
 def _host_like(t: torch.Tensor) -> torch.Tensor:
     pin = t.is_cuda and torch.cuda.is_available()
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
@@ -60,18 +75,41 @@ class Snapshot:
 
 
 class _TensorRef:
-    """Placeholder for a tensor in the optimizer-state skeleton (index into optim_tensors)."""
+    """Placeholder for a tensor in the optimizer-state skeleton (index into optim_tensors).
 
-    __slots__ = ("index",)
+    A snapshot taken in this process also knows where the live tensor lived (``device``, and
+    for a DTensor ``dtensor``: its mesh, placements, global shape and stride), so a restore can
+    rebuild a state entry that was dropped since (None when read back from the local tier).
+    """
 
-    def __init__(self, index: int):
-        self.index = index
+    __slots__ = ("index", "device", "dtensor")
+
+    def __init__(self, index: int, device: torch.device | None = None, dtensor=None) -> None:
+        self.index, self.device, self.dtensor = index, device, dtensor
+
+    def rebuild(self, host: torch.Tensor) -> torch.Tensor:
+        """A new live tensor holding ``host`` (this rank's part of it)."""
+        if self.device is None:
+            raise RuntimeError(
+                "arc_dist: an optimizer state entry is missing and the snapshot does not say "
+                "where it lived; it cannot be rebuilt"
+            )
+        local = host.to(self.device, copy=True)
+        if self.dtensor is None:
+            return local
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = self.dtensor
+        return DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=shape, stride=stride
+        )
 
 
 def _strip(obj: Any, out: list[torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         out.append(obj)
-        return _TensorRef(len(out) - 1)
+        dt = (obj.device_mesh, obj.placements, obj.shape, obj.stride()) if is_dtensor(obj) else None
+        return _TensorRef(len(out) - 1, _local(obj).device, dt)
     if isinstance(obj, dict):
         return {k: _strip(v, out) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -132,18 +170,20 @@ class SnapshotStore:
         optim_live: list[torch.Tensor] = []
         skeleton = _strip(self.optimizer.state_dict(), optim_live)
         snap = self._slot(live, optim_live)
+        optim_local = [_local(t) for t in optim_live]
         with torch.no_grad():
             torch._foreach_copy_(snap.model, live, non_blocking=True)
-            if optim_live:
-                torch._foreach_copy_(snap.optim_tensors, [_local(t) for t in optim_live], non_blocking=True)
+            if optim_local:
+                torch._foreach_copy_(snap.optim_tensors, optim_local, non_blocking=True)
         snap.step = step
         snap.optim_skeleton = skeleton
         snap.scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler else None
         snap.scaler = copy.deepcopy(self.scaler.state_dict()) if self.scaler else None
         snap.rng = _rng_state()
         snap.extra = copy.deepcopy(extra)
-        if any(t.is_cuda for t in live[:1]):
-            torch.cuda.current_stream().synchronize()  # the copies must land before we mutate
+        # the copies must land before the live state changes (and before the local tier reads
+        # the buffers); every device matters: placements can be mixed (FSDP2 CPU offload)
+        _wait_for_copies(live + optim_local)
         self.snapshots.append(snap)
         return snap
 
@@ -173,41 +213,58 @@ class SnapshotStore:
         live = self._model_tensors()
         with torch.no_grad():
             torch._foreach_copy_(live, snap.model, non_blocking=True)
-        optim_sd = _fill(snap.optim_skeleton, snap.optim_tensors)
-        self._restore_optimizer(optim_sd)
+        self._restore_optimizer(snap.optim_skeleton, snap.optim_tensors)
         if self.scheduler is not None and snap.scheduler is not None:
             self.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
         if self.scaler is not None and snap.scaler is not None:
-            self.scaler.load_state_dict(copy.deepcopy(snap.scaler))
+            load_scaler_state(self.scaler, copy.deepcopy(snap.scaler))
         _set_rng_state(snap.rng)
         set_extra(copy.deepcopy(snap.extra))
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _restore_optimizer(self, sd: dict) -> None:
-        # FSDP2 optimizer state holds DTensors; load_state_dict would replace them with the
-        # plain local tensors we kept, so copy into the live DTensors' shards where they exist.
-        live_state = self.optimizer.state
+    def _restore_optimizer(self, skeleton: dict, tensors: list[torch.Tensor]) -> None:
+        """Make the optimizer state exactly the snapshot's, also for parameters that gained
+        state since (a head trained later, a layer unfrozen later): their state is dropped."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if any(is_dtensor(p) for p in params):
-            dst, src = [], []
-            for i, p in enumerate(params):
-                saved = sd["state"].get(i, {})
-                cur = live_state.get(p)
-                if set(saved) != set(cur or {}):
-                    raise RuntimeError(
-                        "the optimizer state of a sharded (FSDP2) parameter changed structure "
-                        "since the snapshot; it can only be restored in place"
-                    )
-                for k, v in saved.items():
-                    if isinstance(v, torch.Tensor):
-                        dst.append(_local(cur[k]))
-                        src.append(v)
-                    else:
-                        cur[k] = v
-            with torch.no_grad():
-                if dst:
-                    torch._foreach_copy_(dst, src)
-            for g, sg in zip(self.optimizer.param_groups, sd["param_groups"]):
-                g.update({k: v for k, v in sg.items() if k != "params"})
+        if not any(is_dtensor(p) for p in params):
+            self.optimizer.load_state_dict(_fill(skeleton, tensors))  # replaces the whole state
             return
-        self.optimizer.load_state_dict(sd)
+        # FSDP2 optimizer state holds DTensors; load_state_dict would replace them with the
+        # plain local tensors kept here, so copy into the live DTensors' shards where they
+        # exist, and rebuild entries that are gone
+        state, saved_state = self.optimizer.state, skeleton["state"]
+        dst, src = [], []
+        for i, p in enumerate(params):
+            saved = saved_state.get(i)
+            if not saved:
+                state.pop(p, None)
+                continue
+            cur = state[p]
+            for k in [k for k in cur if k not in saved]:
+                del cur[k]
+            for k, v in saved.items():
+                if not isinstance(v, _TensorRef):
+                    cur[k] = copy.deepcopy(v)
+                    continue
+                host, live = tensors[v.index], cur.get(k)
+                if (
+                    isinstance(live, torch.Tensor)
+                    and _local(live).shape == host.shape
+                    and _local(live).dtype == host.dtype
+                ):
+                    dst.append(_local(live))
+                    src.append(host)
+                else:
+                    cur[k] = v.rebuild(host)
+        with torch.no_grad():
+            if dst:
+                torch._foreach_copy_(dst, src)
+        for g, sg in zip(self.optimizer.param_groups, _fill(skeleton["param_groups"], tensors)):
+            g.update({k: v for k, v in sg.items() if k != "params"})
+
+
+def _wait_for_copies(sources: list[torch.Tensor]) -> None:
+    """Wait for the non-blocking copies out of ``sources``: on every device that copies
+    asynchronously (not the CPU), on the stream they were issued on. Not yet run on a GPU."""
+    for device in {t.device for t in sources if t.device.type != "cpu"}:
+        torch.accelerator.current_stream(device).synchronize()

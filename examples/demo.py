@@ -62,7 +62,11 @@ def run(chaos: str | None, rank: int) -> tuple[float, dict]:
         loss.backward()
         action = arc.step(loss)  # one collective; the same verdict on every rank
         if rank == 0 and action.status != "healthy":
-            what = f"rolled back to step {action.step}" if action.rolled_back else "continuing"
+            what = "continuing"
+            if action.rolled_back:  # damaged state, or trouble that persisted
+                what = f"rolled back to step {action.step}"
+            elif action.should_skip:  # a one-step anomaly: the state is intact without its update
+                what = "update skipped"
             print(f"  verdict {action.status:8s} {action.reason:16s} ranks {list(action.bad_ranks)} -> {what}")
         if not action.should_skip:
             opt.step()
@@ -90,9 +94,10 @@ def main() -> None:
     faulty, stats = run(FAULTS, rank)
     if rank == 0:
         print(f"   final loss {faulty:.4f} ({time.time() - t0:.1f}s)")
-        print(f"\n{'run':12s}{'final loss':>12s}{'rollbacks':>11s}{'steps':>7s}")
-        print(f"{'fault-free':12s}{clean:12.4f}{0:11d}{STEPS:7d}")
-        print(f"{'faulty':12s}{faulty:12.4f}{stats['rollbacks']:11d}{stats['steps']:7d}")
+        print(f"\n{'run':12s}{'final loss':>12s}{'rollbacks':>11s}{'skips':>7s}{'steps':>7s}")
+        print(f"{'fault-free':12s}{clean:12.4f}{0:11d}{0:7d}{STEPS:7d}")
+        counts = f"{stats['rollbacks']:11d}{stats['skips']:7d}{stats['steps']:7d}"
+        print(f"{'faulty':12s}{faulty:12.4f}{counts}")
         ok = abs(faulty - clean) <= 0.15 * clean
         print("recovered: final loss within 15% of the fault-free run" if ok else "NOT recovered")
     dist.destroy_process_group()

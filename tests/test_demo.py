@@ -31,9 +31,15 @@ def test_demo_recovers_from_each_injected_fault(tmp_path):
     )  # fmt: skip
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
-    verdicts = re.findall(r"verdict failure\s+(\w+)\s+ranks \[1\] -> rolled back to step (\d+)", text)
-    assert [v[0] for v in verdicts] == ["nonfinite_loss", "grad_explosion", "lr_spike"], text[-3000:]
-    faulty = re.search(r"^faulty\s+([\d.]+)\s+3\s+150$", text, re.M)
-    clean = re.search(r"^fault-free\s+([\d.]+)\s+0\s+150$", text, re.M)
+    line = r"verdict (\w+)\s+(\w+)\s+ranks \[1\] -> (rolled back|update skipped)"
+    verdicts = re.findall(line, text)
+    # one-step anomalies skip their update; an LR the scheduler does not explain rolls back
+    assert verdicts == [
+        ("warning", "nonfinite_loss", "update skipped"),
+        ("warning", "grad_explosion", "update skipped"),
+        ("failure", "lr_spike", "rolled back"),
+    ], text[-3000:]
+    faulty = re.search(r"^faulty\s+([\d.]+)\s+1\s+2\s+150$", text, re.M)
+    clean = re.search(r"^fault-free\s+([\d.]+)\s+0\s+0\s+150$", text, re.M)
     assert faulty and clean, text[-3000:]
     assert "recovered: final loss within 15% of the fault-free run" in text

@@ -190,8 +190,10 @@ STEPS, MORE_STEPS = 90, 100
 def _make(rank, run_dir):
     model = DDP(make_model("mlp"))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # max_skips=0: every fault rolls back at once (a one-step NaN would otherwise be a skip), so
+    # the log holds a failure, a rollback and a recovery for each
     config = ArcConfig(snapshot_every=10, deep_check_every=10, max_rollbacks=2, recovery_steps=10,
-                       checkpoint_every=20, confirm_after=5)
+                       checkpoint_every=20, confirm_after=5, max_skips=0)
     return model, opt, config
 
 

@@ -234,7 +234,7 @@ def test_flags_env_defaults_and_command(tmp_path, monkeypatch):
     assert cmd[-3:] == [str(script), "--lr", "3e-4"]
     line = format_command(cmd, env)
     assert line.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
-    assert shlex.split(line)[len(env):] == cmd
+    assert shlex.split(line)[len(env) :] == cmd
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "20"  # inside the launcher's own 30 s
 
 
@@ -336,14 +336,18 @@ def _unwritable_checkpoint_dir(tmp_path):
     from arc_dist.checkpoint import CheckpointManager
     from tests import faultfs
 
-    CheckpointManager(faultfs.url(tmp_path / "ck"), storage_options={"write_error": "PermissionError"})
+    CheckpointManager(
+        faultfs.url(tmp_path / "ck"), storage_options={"write_error": "PermissionError"}
+    )
 
 
 def _unreachable_checkpoint_dir(tmp_path):
     from arc_dist.checkpoint import CheckpointManager
     from tests import faultfs
 
-    CheckpointManager(faultfs.url(tmp_path / "ck"), storage_options={"write_error": "ConnectionError"})
+    CheckpointManager(
+        faultfs.url(tmp_path / "ck"), storage_options={"write_error": "ConnectionError"}
+    )
 
 
 @pytest.mark.parametrize(
@@ -382,6 +386,7 @@ def test_main_entry_classifies_usage_errors_and_records_progress(body, code, mes
     assert f.exit_code == code and f.message.startswith(message), f.message
     assert f.made_progress is False and f.error_type == message.split(":")[0]
     trainer.global_step = 8  # one step past the resume step: progress
+    (tmp_path / "error.json").unlink()  # torchrun gives every attempt a fresh error file
     with pytest.raises(SystemExit):
         main()
     assert read_error_file(str(tmp_path / "error.json")).made_progress is True
@@ -397,6 +402,29 @@ def test_main_entry_without_errors_writes_nothing(tmp_path, monkeypatch):
         return 42
 
     assert ok() == 42 and not (tmp_path / "error.json").exists()
+
+
+@pytest.mark.parametrize("later", [RuntimeError("Connection closed by peer"), HangError("late")])
+def test_main_entry_keeps_the_record_arc_step_wrote_first(later, tmp_path, monkeypatch):
+    """Arc.step records a rank-local error before the process ends; that record carries the
+    time that makes it the root cause, so neither main_entry nor @record overwrites it."""
+    from arc_dist.launch import main_entry
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+
+    @main_entry
+    def main():
+        write_error_file(ValueError("rank 1 passed a non-scalar loss"), int(ExitCode.RETRY))
+        raise later
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == (
+        int(later.exit_code) if isinstance(later, HangError) else int(ExitCode.RETRY)
+    )
+    f = read_error_file(str(path))
+    assert f.message == "ValueError: rank 1 passed a non-scalar loss"
 
 
 def test_arc_reports_its_progress_in_error_files(tmp_path):

@@ -22,7 +22,8 @@ def test_every_step_exposes_health_signals_and_tensorboard_gets_the_run(tmp_path
 
     model = make_model("mlp")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    arc = Arc(model, opt, config=ArcConfig(snapshot_every=10), chaos="nan_loss@25",
+    # max_skips=0: the NaN rolls back at once instead of skipping its update
+    arc = Arc(model, opt, config=ArcConfig(snapshot_every=10, max_skips=0), chaos="nan_loss@25",
               log_dir=str(tmp_path / "run"), metrics_every=5)
     tb_dir = str(tmp_path / "tb")
     exporter = TensorBoardExporter(arc, tb_dir)

@@ -277,13 +277,13 @@ def _by(events: list[dict], kind: str, rank: int) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @needs_ray
-def test_nan_on_one_worker_rolled_back_in_place(ray_driver, train_ray, tmp_path):
+def test_fault_on_one_worker_rolled_back_in_place(ray_driver, train_ray, tmp_path):
     steps = 30
     result, events, elapsed = _fit(
         train_ray, tmp_path, "nan",
         "--steps", str(steps), "--checkpoint-every", "10", "--confirm-after", "5",
         "--checkpoint-mode", "blocking",  # step_20 is committed before the report at step 30
-        "--chaos", "nan_loss@15/1",
+        "--chaos", "lr_spike@15/1",  # against the scheduler: damaged state, rolled back
         "--max-failures", "0",  # a restart would fail the run: Arc must handle this alone
     )  # fmt: skip
     print(f"fit with an in-place rollback: {elapsed:.1f}s")
@@ -348,7 +348,7 @@ def test_submit_example_job_streams_logs_and_succeeds(ray_cluster, tmp_path):
     cmd = [
         sys.executable, str(SUBMIT), "--address", ray_cluster.dashboard_url,
         "--working-dir", str(REPO), "--exclude", "runs",
-        "--env", "ARC_CHAOS=nan_loss@5",  # reaches the workers only through the runtime_env
+        "--env", "ARC_CHAOS=lr_spike@5",  # reaches the workers only through the runtime_env
         "--", "python", "examples/train_ray.py", "--workers", "1", "--steps", "12",
         "--checkpoint-every", "10", "--corpus-bytes", "200000", "--log-every", "6",
         "--storage-path", str(store), "--name", "job",
@@ -358,7 +358,7 @@ def test_submit_example_job_streams_logs_and_succeeds(ray_cluster, tmp_path):
     print(f"ray_submit of the example: {time.monotonic() - t0:.1f}s")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "nonfinite_loss: rolled back" in proc.stdout  # the job's own log lines, streamed
+    assert "lr_spike: rolled back" in proc.stdout  # the job's own log lines, streamed
     assert "done: step 12" in proc.stdout
     assert "SUCCEEDED -> exit 0" in proc.stderr
     assert (store / "job" / "arc" / "step_12" / "arc_manifest.json").is_file()

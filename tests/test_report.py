@@ -91,10 +91,15 @@ def test_report_of_a_real_run_draws_and_embeds_the_figure(tmp_path, capsys):
     run = str(tmp_path / "run")
     model = make_model("mlp")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    config = ArcConfig(snapshot_every=10, checkpoint_every=20, confirm_after=3, async_checkpoint=False)
-    with Arc(model, opt, checkpoint_dir=run, config=config, chaos="nan_loss@35 lr_spike@50") as arc:
+    # max_skips=0: the NaN rolls back at once; the LR spike is evidence against a scheduler
+    config = ArcConfig(
+        snapshot_every=10, checkpoint_every=20, confirm_after=3, async_checkpoint=False, max_skips=0
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    chaos = "nan_loss@35 lr_spike@50"
+    with Arc(model, opt, sched, checkpoint_dir=run, config=config, chaos=chaos) as arc:
         arc.resume()
-        train(model, opt, arc, Data("mlp", 0), 60)
+        train(model, opt, arc, Data("mlp", 0), 60, sched=sched)
         stats = arc.stats()
     out = tmp_path / "out"
     s = report(run, str(out))

@@ -28,8 +28,9 @@ def _train(url, *, every=5, stop=None, sigterm_at=None, chaos="", seed=0):
     """
     model = make_model(seed)
     opt, sched = make_optimizer(model)
-    cfg = ArcConfig(
-        snapshot_every=5, checkpoint_every=every, confirm_after=0, async_checkpoint=False
+    cfg = ArcConfig(  # max_skips=0: a NaN rolls back at once (else it only skips its update)
+        snapshot_every=5, checkpoint_every=every, confirm_after=0, async_checkpoint=False,
+        max_skips=0,
     )
     arc = Arc(model, opt, sched, checkpoint_dir=url, config=cfg, chaos=chaos)
     g = torch.Generator().manual_seed(5)
@@ -87,12 +88,12 @@ def test_resumed_run_trains_on_the_same_batches_bit_exactly(tmp_path, every, sto
 
 
 def _lr_run(url, until, *, chaos="", save_at=None, old_format=False):
-    """Train to ``until`` (with a rollback at step 7 when ``chaos`` says so); returns the LR
-    guard's state after the resume (or at the save), and (step, lr scale, lr) after every
-    update."""
+    """Train to ``until`` (with rollbacks at steps 7 and 8 when ``chaos`` says so: the second
+    backs off the LR); returns the LR guard's state after the resume (or at the save), and
+    (step, lr scale, lr) after every update."""
     model = make_model(0)
     opt, sched = make_optimizer(model)
-    cfg = ArcConfig(snapshot_every=5, recovery_steps=8, async_checkpoint=False)
+    cfg = ArcConfig(snapshot_every=5, recovery_steps=8, async_checkpoint=False, max_skips=0)
     arc = Arc(model, opt, sched, checkpoint_dir=url, config=cfg, chaos=chaos)
     if old_format:  # Arc's state as written before the restore step was saved
 
@@ -123,22 +124,26 @@ def _lr_run(url, until, *, chaos="", save_at=None, old_format=False):
     return lr_state, trace
 
 
+#: a failure at step 7, and again at 8 before training recovered: the LR is backed off
+RECURRING = "nan_loss@7 nan_loss@8"
+
+
 def test_lr_backoff_survives_a_resume(tmp_path):
-    _, ref = _lr_run(str(tmp_path / "ref"), 20, chaos="nan_loss@7")
-    # backed off at the rollback (7 -> 5), restored 8 steps after the failure
-    assert [s for s, scale, _ in ref if scale == 0.5] == list(range(6, 15))
-    assert all(scale == 1.0 for s, scale, _ in ref if s >= 15)
+    _, ref = _lr_run(str(tmp_path / "ref"), 20, chaos=RECURRING)
+    # backed off at the second rollback (8 -> 5), restored 8 steps after that failure
+    assert [s for s, scale, _ in ref if scale == 0.5] == list(range(6, 16))
+    assert all(scale == 1.0 for s, scale, _ in ref if s >= 16)
 
     url = str(tmp_path / "ck")
-    first, _ = _lr_run(url, 20, chaos="nan_loss@7", save_at=10)
+    first, _ = _lr_run(url, 20, chaos=RECURRING, save_at=10)
     second, trace = _lr_run(url, 20)
-    assert first == second == {"scale": 0.5, "restore_at": 15}
+    assert first == second == {"scale": 0.5, "restore_at": 16}
     assert trace == [r for r in ref if r[0] > 10]
 
 
 def test_checkpoint_without_the_restore_step_still_loads(tmp_path):
     url = str(tmp_path / "ck")
-    _lr_run(url, 20, chaos="nan_loss@7", save_at=10, old_format=True)
+    _lr_run(url, 20, chaos=RECURRING, save_at=10, old_format=True)
     resumed, trace = _lr_run(url, 20)
     assert resumed == {"scale": 0.5, "restore_at": 18}
     # the restore step is unknown: the backoff stays for a full recovery window from the resume

@@ -15,31 +15,41 @@ from ._workload import Data, eval_loss, make_model, params_digest, train
 from .checkpoint_helpers import Position
 
 
-def _setup(chaos="", model_kind="mlp", **cfg):
+def _setup(chaos="", model_kind="mlp", constant_schedule=False, **cfg):
     model = make_model(model_kind)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    arc = Arc(model, opt, config=ArcConfig(snapshot_every=10, **cfg), chaos=chaos)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0) if constant_schedule else None
+    arc = Arc(model, opt, sched, config=ArcConfig(snapshot_every=10, **cfg), chaos=chaos)
     return model, opt, arc, Data(model_kind, 0)
 
 
 def test_single_process_recovers_from_every_step_fault():
+    """One-step anomalies skip their update; damaged state (an LR the scheduler does not
+    explain, NaN weights, a reset optimizer) rolls back."""
     ref_model, ref_opt, ref_arc, ref_data = _setup()
     assert train(ref_model, ref_opt, ref_arc, ref_data, 120) == []
     model, opt, arc, data = _setup(
-        "nan_loss@30 grad_explosion@50 lr_spike@70 nan_weights@80 optimizer_reset@95 loss_spike@105"
+        "nan_loss@30 grad_explosion@50 lr_spike@70 nan_weights@80 optimizer_reset@95 "
+        "loss_spike@105",
+        constant_schedule=True,  # an LR spike is evidence against an attached scheduler
     )
-    events = train(model, opt, arc, data, 120, max_calls=400)
-    reasons = [e[2] for e in events if e[1] == "failure"]
-    assert reasons == ["nonfinite_loss", "grad_explosion", "lr_spike", "nonfinite_weights",
-                       "optimizer_state", "loss_spike"]
-    assert arc.global_step == 120 and arc.stats()["rollbacks"] == 6
+    events = train(model, opt, arc, data, 120, max_calls=400, sched=arc.scheduler)
+    assert [(e[1], e[2], e[4]) for e in events] == [
+        ("warning", "nonfinite_loss", False),
+        ("warning", "grad_explosion", False),
+        ("failure", "lr_spike", True),
+        ("failure", "nonfinite_weights", True),
+        ("failure", "optimizer_state", True),
+        ("warning", "loss_spike", False),
+    ]
+    assert arc.global_step == 120 and arc.stats()["rollbacks"] == 3 and arc.stats()["skips"] == 3
     assert arc.stats()["collectives"] == 0 and arc.stats()["host_syncs"] == arc._calls
     assert math.isfinite(eval_loss(model, data))
     assert eval_loss(model, data) <= 1.5 * eval_loss(ref_model, ref_data) + 0.02
 
 
 def test_rollback_restores_exact_state():
-    model, opt, arc, data = _setup()
+    model, opt, arc, data = _setup(max_skips=0)  # a NaN loss rolls back at once
     train(model, opt, arc, data, 10)
     snap_digest, snap_opt = params_digest(model), copy.deepcopy(opt.state_dict())
     # the next step snapshots step 10; corrupt everything after it and fail
@@ -57,7 +67,8 @@ def test_rollback_restores_exact_state():
     for k, st in snap_opt["state"].items():
         for name, v in st.items():
             assert torch.equal(restored["state"][k][name], v)
-    assert restored["param_groups"][0]["lr"] == pytest.approx(snap_opt["param_groups"][0]["lr"] * 0.5)
+    # the first rollback keeps the LR: one bad event is not a reason to train slower
+    assert restored["param_groups"][0]["lr"] == snap_opt["param_groups"][0]["lr"]
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -89,6 +100,59 @@ def test_grad_scaler_overflow_is_a_skip_not_a_failure():
     assert arc.stats()["rollbacks"] == 0 and arc.stats()["skips"] == 1
 
 
+def _amp_clip_loop(model, opt, scaler, arc, data, steps):
+    """The AMP loop with clipping: unscale_ before clip_grad_norm_, the norm handed to Arc."""
+    actions = []
+    while arc.global_step < steps and len(actions) < 3 * steps:
+        loss = data.loss(model, data.next())
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        a = arc.step(loss, grad_norm=norm)
+        actions.append(a)
+        if not a.should_skip:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad(set_to_none=True)
+    return actions
+
+
+def test_amp_with_clipping_survives_a_rollback_and_a_skip():
+    model = make_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    # deep checks on every step: the damaged weights are seen (and rolled back) at once
+    config = ArcConfig(snapshot_every=10, deep_check_every=1)
+    arc = Arc(model, opt, scaler=scaler, config=config, chaos="nan_weights@15 nan_grad@24")
+    actions = _amp_clip_loop(model, opt, scaler, arc, Data("mlp", 0), 30)
+    assert arc.global_step == 30
+    assert [(a.reason, a.rolled_back, a.step) for a in actions if a.status != "healthy"] == [
+        ("nonfinite_weights", True, 10),
+        ("amp_overflow", False, 24),
+    ]
+    assert arc.stats()["rollbacks"] == 1 and arc.stats()["skips"] == 1
+    assert math.isfinite(scaler.get_scale()) and math.isfinite(eval_loss(model, Data("mlp", 0)))
+
+
+def test_restoring_a_scaler_mid_step_leaves_it_ready_for_the_next_step():
+    """A durable checkpoint loaded after ``unscale_`` (the snapshot path is tested above)."""
+    from arc_dist.checkpoint import TrainState
+
+    model = make_model("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    state = TrainState(model, opt, scaler=scaler)
+    data = Data("mlp", 0)
+    scaler.scale(data.loss(model, data.next())).backward()
+    saved = copy.deepcopy(state.state_dict())
+    scaler.unscale_(opt)
+    state.load_state_dict(saved)
+    scaler.unscale_(opt)  # the next step's unscale_
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**10
+
+
 def test_no_false_positives_with_schedulers_and_clean_lrs():
     for lr, sched_kind in [(1e-2, "cosine"), (3e-3, "step"), (1e-3, "warmup")]:
         model = make_model("lm")
@@ -104,11 +168,14 @@ def test_no_false_positives_with_schedulers_and_clean_lrs():
 
 
 def test_backoff_survives_the_scheduler():
+    """A failure that recurs before recovery backs off the LR; the scheduler keeps it."""
     model = make_model("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    arc = Arc(model, opt, sched, config=ArcConfig(snapshot_every=5, lr_restore=False), chaos="nan_loss@12")
+    config = ArcConfig(snapshot_every=5, lr_restore=False, max_skips=0)
+    arc = Arc(model, opt, sched, config=config, chaos="nan_loss@12 nan_loss@13")
     train(model, opt, arc, Data("mlp", 0), 20, sched=sched)
+    assert arc.stats()["rollbacks"] == 2
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
 
 
@@ -151,6 +218,19 @@ def test_env_var_supplies_chaos_but_never_overrides(monkeypatch):
         _setup(chaos=None)
 
 
+def test_a_multi_process_launch_without_a_process_group_is_refused(monkeypatch, tmp_path):
+    """torchrun sets WORLD_SIZE; a script that forgets init_process_group would otherwise run
+    every process as rank 0 of 1 into the same checkpoint directory."""
+    model = make_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2.*init_process_group\(\) before Arc"):
+        Arc(model, opt, checkpoint_dir=str(tmp_path / "ck"), chaos="")
+    assert not (tmp_path / "ck").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single-process torchrun launch is fine
+    Arc(model, opt, chaos="").close()
+
+
 def test_context_manager_closes():
     model, opt, arc, data = _setup()
     with arc:
@@ -179,3 +259,105 @@ def test_registered_state_round_trips(tmp_path, per_rank):
     assert arc2.resume() == 7 and pos2.value == 7
     assert params_digest(model2) == params_digest(model)
     arc2.close()
+
+
+# -- change is not damage ------------------------------------------------------------------
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(64, 1), nn.Linear(64, 1)])
+        self.head = 0
+
+    def forward(self, x):
+        return self.heads[self.head](self.trunk(x))
+
+
+def _run_clean(model, opt, steps, before_step=None, **cfg):
+    """A clean run through the contract's loop: no failure, no rollback, every step reached."""
+    config = ArcConfig(snapshot_every=10, deep_check_every=5, **cfg)
+    arc = Arc(model, opt, config=config, chaos="")
+    data = Data("mlp", 0)
+    events = []
+    while arc.global_step < steps:
+        if before_step is not None:
+            before_step(arc.global_step)
+        loss = data.loss(model, data.next())
+        loss.backward()
+        action = arc.step(loss)
+        if action.status != "healthy":
+            events.append((action.step, action.status, action.reason, action.should_skip))
+        if not action.should_skip:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    stats = arc.stats()
+    assert [e for e in events if e[1] == "failure"] == [] and stats["rollbacks"] == 0, events
+    assert stats["failures"] == 0 and arc.global_step == steps
+    return arc, events
+
+
+def test_alternating_heads_with_adamw():
+    """Each head misses its gradient on alternate steps, so AdamW's per-parameter step counters
+    differ: that is how the optimizer works, not damage."""
+    model = TwoHeads()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def switch(step):
+        model.head = step % 2
+
+    arc, events = _run_clean(model, opt, 120, switch)
+    counters = {float(st["step"]) for st in opt.state.values()}
+    assert len(counters) > 1 and events == []
+
+
+def test_freezing_then_unfreezing_layers():
+    """Layers frozen for the first 60 steps gain optimizer state when unfrozen (the state norm
+    grows, their step counters start at 1)."""
+    model = make_model("mlp")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    frozen = list(model[0].parameters()) + list(model[2].parameters())
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def unfreeze(step):
+        if step == 60:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    arc, events = _run_clean(model, opt, 140, unfreeze)
+    assert all(p in opt.state for p in frozen) and events == []
+
+
+def test_manual_lr_warmup_from_zero_and_a_backoff_on_top():
+    """The loop sets the LR itself every step (no scheduler), from 0: no LR spike. After a
+    failure that recurs, Arc's backoff stays a multiplier on the loop's LR."""
+    model = make_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+
+    def warmup(step):
+        for g in opt.param_groups:
+            g["lr"] = 3e-3 * min(1.0, step / 30)
+
+    _run_clean(model, opt, 100, warmup)
+
+    model = make_model("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    config = ArcConfig(snapshot_every=10, recovery_steps=20, max_skips=0)
+    arc = Arc(model, opt, config=config, chaos="nan_loss@45 nan_loss@46")
+    data = Data("mlp", 0)
+    lrs = {}
+    while arc.global_step < 80:
+        warmup(arc.global_step)
+        loss = data.loss(model, data.next())
+        loss.backward()
+        action = arc.step(loss)
+        lrs[arc.global_step] = opt.param_groups[0]["lr"]
+        if not action.should_skip:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert arc.stats()["rollbacks"] == 2 and arc.stats()["failures"] == 2
+    assert lrs[50] == pytest.approx(0.5 * 3e-3)  # the loop set 3e-3; the backoff stays on top
+    assert lrs[80] == pytest.approx(3e-3) and arc.stats()["lr_scale"] == 1.0  # restored

@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..snapshot import load_scaler_state
+
 log = logging.getLogger("arc_dist")
 
 
@@ -220,7 +222,7 @@ class TrainState:
         if self.scheduler is not None and "scheduler" in sd:
             self.scheduler.load_state_dict(sd["scheduler"])
         if self._scaler_enabled() and sd.get("scaler"):
-            self.scaler.load_state_dict(sd["scaler"])
+            load_scaler_state(self.scaler, sd["scaler"])
         rng = sd.get("rng", {}).get(f"rank_{_global_rank()}")
         if rng is not None:
             set_rng_state(rng)
