@@ -250,10 +250,10 @@ def _register_prune(sub) -> None:
     p.set_defaults(func=_cmd_prune)
 
 
-# -- report (arc_dist/report.py) ----------------------------------------------------------------
+# -- report (arc_dist/observe/report.py) ----------------------------------------------------------------
 @subcommand
 def _register_report(sub) -> None:
-    from . import report
+    from .observe import report
 
     p = sub.add_parser(
         "report",

@@ -25,13 +25,14 @@ import torch.distributed as dist
 from torch import nn
 
 from . import chaos as chaos_mod
-from . import exitcodes
 from .agreement import Agreement, comm_device
 from .config import ArcConfig
+from .elastic import exitcodes
 from .errors import ArcError, HardwareError, Preempted, UnrecoverableError
-from .events import EventLog, Recorder
 from .failfast import FailFast
 from .lr import LRGuard
+from .observe.events import EventLog
+from .observe.recorder import Recorder
 from .policy import FAILURE, HEALTHY, Decision, HealthPolicy, RecoveryPolicy, Verdict
 from .preemption import PreemptionHandler
 from .signals import (
@@ -646,7 +647,7 @@ class Arc:
             self._local.wait()  # its writer may still read the buffers take() is about to reuse
         snap = self._snapshots.take(self.global_step, self._own_state())
         if persist and self._local is not None and self._local.active:
-            from .resume import model_keys, own_state
+            from .checkpoint.resume import model_keys, own_state
 
             if self._local_static is None:
                 self._local_static = {
@@ -809,8 +810,8 @@ class Arc:
                     checkpoint_dir,
                 )  # fmt: skip
             return None
-        from .local_format import Identity, default_local_dir, host_name, run_id_from_env
-        from .local_tier import LocalTier
+        from .checkpoint.local_format import Identity, default_local_dir, host_name, run_id_from_env
+        from .checkpoint.local_tier import LocalTier
 
         run_id = run_id_from_env()
         if run_id is None:
@@ -834,8 +835,8 @@ class Arc:
         return LocalTier(root, ident, keep=self.config.local_keep)
 
     def _resume_tiers(self):
-        from .local_format import host_name
-        from .resume import check_payload, resume_from_tiers
+        from .checkpoint.local_format import host_name
+        from .checkpoint.resume import check_payload, resume_from_tiers
 
         return resume_from_tiers(
             tier=self._local,
@@ -851,7 +852,7 @@ class Arc:
 
     def _restore_local(self, payload: dict) -> None:
         """Every rank: put a verified local snapshot into the live objects (as a rollback does)."""
-        from .local_format import decode_rng, decode_skeleton
+        from .checkpoint.local_format import decode_rng, decode_skeleton
         from .snapshot import Snapshot
 
         if not self.optimizer.state and any(is_dtensor(p) for p in self._signals.params):

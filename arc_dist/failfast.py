@@ -32,8 +32,8 @@ import zlib
 
 import torch.distributed as dist
 
+from .elastic.exitcodes import write_error_file
 from .errors import ExitCode, PeerError
-from .exitcodes import write_error_file
 
 log = logging.getLogger("arc_dist")
 

@@ -32,8 +32,8 @@ import time
 import traceback
 from collections.abc import Iterator
 
+from .elastic.exitcodes import write_error_file
 from .errors import ExitCode, HangError
-from .exitcodes import write_error_file
 
 _log = logging.getLogger(__name__)
 

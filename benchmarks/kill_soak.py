@@ -48,7 +48,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from arc_dist.launch import _descendants, sigkill_all
+from arc_dist.elastic.launcher import _descendants, sigkill_all
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "benchmarks" / "_soak_worker.py"

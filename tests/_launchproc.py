@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from arc_dist.launch import _descendants, sigkill_all
+from arc_dist.elastic.launcher import _descendants, sigkill_all
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

@@ -25,7 +25,7 @@ from arc_dist.checkpoint.manifest import (
     make_manifest,
 )
 from arc_dist.cli import main as cli
-from arc_dist.events import read_events
+from arc_dist.observe.events import read_events
 from tests.checkpoint_helpers import (
     Position,
     assert_state_equal,

@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
-from arc_dist.events import FILE_NAME, KINDS, PARTS_DIR, SCHEMA_VERSION, EventLog, read_events
+from arc_dist.observe.events import FILE_NAME, KINDS, PARTS_DIR, SCHEMA_VERSION, EventLog, read_events
 
 from ._dist import run_ranks
 from ._workload import Data, make_model, train
@@ -296,7 +296,7 @@ def test_report_on_the_faulty_run(run, tmp_path, capsys):
     import matplotlib.image as mpimg
 
     from arc_dist.cli import main
-    from arc_dist.report import _NOTABLE, DPI, FIG_INCHES
+    from arc_dist.observe.report import _NOTABLE, DPI, FIG_INCHES
 
     run_dir, results = run
     recs = read_events(run_dir)

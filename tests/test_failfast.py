@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig, ExitCode, PeerError
-from arc_dist.exitcodes import read_error_file
+from arc_dist.elastic.exitcodes import read_error_file
 
 from ._dist import run_ranks
 from ._workload import Data, make_model

@@ -24,7 +24,7 @@ from torch import nn
 from arc_dist import Arc, ArcConfig, ArcError, ExitCode
 from arc_dist.chaos import preflight_faults
 from arc_dist.errors import BadNodeError, HardwareError
-from arc_dist.exitcodes import (
+from arc_dist.elastic.exitcodes import (
     decide,
     hardware_streak,
     read_error_file,

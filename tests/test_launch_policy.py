@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from arc_dist.errors import ExitCode, HangError, HardwareError, UnrecoverableError
-from arc_dist.exitcodes import (
+from arc_dist.elastic.exitcodes import (
     classify_error_data,
     decide,
     hardware_streak,
@@ -21,7 +21,7 @@ from arc_dist.exitcodes import (
     track_progress,
     write_error_file,
 )
-from arc_dist.launch import build_command, format_command, main, parse_args
+from arc_dist.elastic.launcher import build_command, format_command, main, parse_args
 
 
 def _torch_record(message: str, **extra) -> dict:
@@ -364,7 +364,7 @@ def _unreachable_checkpoint_dir(tmp_path):
 )  # fmt: skip
 def test_main_entry_classifies_usage_errors_and_records_progress(body, code, message, tmp_path,
                                                                  monkeypatch):  # fmt: skip
-    from arc_dist.exitcodes import track_progress
+    from arc_dist.elastic.exitcodes import track_progress
     from arc_dist.launch import main_entry
 
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))

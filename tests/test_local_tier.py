@@ -1,4 +1,4 @@
-"""The node-local snapshot tier (arc_dist/local_tier.py) and the resume choice (arc_dist/resume.py).
+"""The node-local snapshot tier (arc_dist/checkpoint/local_tier.py) and the resume choice (arc_dist/checkpoint/resume.py).
 
 Fast tiers: the pure choice and manifest checks; ``Arc`` in one process with real files (the tier
 in a temp dir, durable checkpoints in another): a "crashed" run (closed without cleaning, as a
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
-from arc_dist.local_format import Identity, check_manifest, default_local_dir, make_manifest
-from arc_dist.resume import DURABLE, LOCAL, DurableView, choose_source
+from arc_dist.checkpoint.local_format import Identity, check_manifest, default_local_dir, make_manifest
+from arc_dist.checkpoint.resume import DURABLE, LOCAL, DurableView, choose_source
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,

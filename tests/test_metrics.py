@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from arc_dist import Arc, ArcConfig
-from arc_dist.events import EventLog
-from arc_dist.metrics import TensorBoardExporter
+from arc_dist.observe.events import EventLog
+from arc_dist.observe.metrics import TensorBoardExporter
 
 from ._workload import Data, make_model
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from arc_dist import Arc, ArcConfig
-from arc_dist.events import EventLog, read_events
-from arc_dist.report import DPI, FIG_INCHES, format_summary, plot, report, summarize
+from arc_dist.observe.events import EventLog, read_events
+from arc_dist.observe.report import DPI, FIG_INCHES, format_summary, plot, report, summarize
 
 from ._workload import Data, make_model, train
 
@@ -116,14 +116,14 @@ def test_report_of_a_real_run_draws_and_embeds_the_figure(tmp_path, capsys):
     assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page
     assert "nonfinite_loss" in page and "&lt;" not in page.split("<h2>Summary</h2>")[0]
 
-    from arc_dist.report import main
+    from arc_dist.observe.report import main
 
     assert main([run, "--out", str(out)]) == 0
     assert "Faults by kind and rank" in capsys.readouterr().out
 
 
 def test_missing_log_is_a_clear_error(tmp_path, capsys):
-    from arc_dist.report import main
+    from arc_dist.observe.report import main
 
     assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err

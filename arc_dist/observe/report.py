@@ -10,7 +10,7 @@ matplotlib is imported only to draw (``pip install 'arc-dist[report]'``); the su
 nothing beyond the standard library. Usage::
 
     arc-dist report s3://bucket/run-7 --out ./report -o endpoint_url=http://127.0.0.1:9000
-    python -m arc_dist.report /shared/run-7
+    python -m arc_dist.observe.report /shared/run-7
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def list_checkpoints(url: str, storage_options: dict | None = None) -> list[dict
     """The checkpoints under ``url`` as ``{"step", "state", "bytes"}`` (empty when there are none
     or the checkpoint package cannot list them)."""
     try:
-        from .checkpoint.catalog import scan
-        from .checkpoint.storage import Storage
+        from ..checkpoint.catalog import scan
+        from ..checkpoint.storage import Storage
 
         infos = scan(Storage(url, storage_options), read_manifests=False)
     except Exception:  # noqa: BLE001 - the report works from the event log alone
@@ -358,7 +358,7 @@ def run(args: argparse.Namespace, storage_options: dict | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m arc_dist.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m arc_dist.observe.report", description=__doc__.split("\n")[0])
     add_arguments(p)
     return run(p.parse_args(argv))
 

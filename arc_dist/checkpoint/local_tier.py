@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 
-from .checkpoint.manifest import default_algorithm
 from .local_format import (
     HashingFile,
     Identity,
@@ -62,6 +61,7 @@ from .local_format import (
     write_json_atomic,
 )
 from .local_format import checksum as file_checksum
+from .manifest import default_algorithm
 
 log = logging.getLogger("arc_dist")
 

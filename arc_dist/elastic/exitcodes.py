@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import ExitCode
+from ..errors import ExitCode
 
 #: exception class names that mean "retrying cannot help", for error files written by plain
 #: ``@record`` (without the ``"arc"`` object): the class name is all torch keeps.

@@ -123,8 +123,8 @@ def durable_view(manager: Any) -> DurableView:
     """Rank 0: one listing of the durable root and its manifests (small JSON reads)."""
     if manager is None:
         return DurableView(configured=False)
-    from .checkpoint import scan
-    from .checkpoint.lifecycle import trusted
+    from .catalog import scan
+    from .lifecycle import trusted
 
     try:
         infos = scan(manager.storage)
@@ -222,7 +222,7 @@ def resume_from_tiers(
             # durable load over them gives every rank one consistent state
             step = load_durable() if manager is not None else None
             if step is None:
-                from .errors import CheckpointError
+                from ..errors import CheckpointError
 
                 raise CheckpointError(
                     f"arc_dist: restoring the local snapshot step_{choice.step} failed midway "
@@ -258,7 +258,7 @@ def resume_from_tiers(
 
 def model_keys(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, local shape, dtype) of every tensor a snapshot holds, in snapshot order."""
-    from .signals import _local
+    from ..signals import _local
 
     return [
         (k, tuple(_local(t).shape), str(t.dtype))

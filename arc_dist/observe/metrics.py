@@ -1,6 +1,6 @@
 """Metrics exporters: the event log's records as dashboard series (TensorBoard).
 
-Owns :class:`TensorBoardExporter`, a subscriber of :class:`~arc_dist.events.EventLog` that runs
+Owns :class:`TensorBoardExporter`, a subscriber of :class:`~arc_dist.observe.events.EventLog` that runs
 on rank 0 only and turns records into ``SummaryWriter`` scalars and text:
 
 * every ``metrics`` record (every ``Arc(metrics_every=N)`` steps): ``arc/loss``,
@@ -42,7 +42,7 @@ def _summary_writer(log_dir: str):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError(
-            "arc_dist.metrics.TensorBoardExporter needs the tensorboard package: "
+            "arc_dist.observe.metrics.TensorBoardExporter needs the tensorboard package: "
             "pip install 'arc-dist[tensorboard]' (or pass writer=tensorboardX.SummaryWriter(...))"
         ) from e
     return SummaryWriter(log_dir)
