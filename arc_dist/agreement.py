@@ -32,7 +32,9 @@ def comm_device(group, param_device: torch.device) -> torch.device:
 class Agreement:
     """Combines rows across ``group`` (None: no torch.distributed, a single process)."""
 
-    def __init__(self, group, rank: int, world_size: int, device: torch.device, ncols: int = NUM_COLS):
+    def __init__(
+        self, group, rank: int, world_size: int, device: torch.device, ncols: int = NUM_COLS
+    ):
         self.group, self.rank, self.world_size = group, rank, world_size
         self.device, self.ncols = device, ncols
         self.collectives = 0
@@ -46,7 +48,9 @@ class Agreement:
             mat = row.reshape(1, -1)
         else:
             if self._mat is None:
-                self._mat = torch.empty(self.world_size, self.ncols, dtype=torch.float64, device=self.device)
+                self._mat = torch.empty(
+                    self.world_size, self.ncols, dtype=torch.float64, device=self.device
+                )
             mat = self._mat.zero_()
             mat[self.rank] = row
             dist.all_reduce(mat, op=dist.ReduceOp.SUM, group=self.group)

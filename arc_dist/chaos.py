@@ -45,7 +45,14 @@ log = logging.getLogger("arc_dist")
 
 #: faults applied to the model's output in forward (they flow through backward and DDP)
 FORWARD_KINDS = {
-    "nan_loss", "inf_loss", "loss_spike", "grad_explosion", "nan_grad", "lr_spike", "slow", "jitter",
+    "nan_loss",
+    "inf_loss",
+    "loss_spike",
+    "grad_explosion",
+    "nan_grad",
+    "lr_spike",
+    "slow",
+    "jitter",
 }
 #: faults applied inside ``Arc.step`` before the health signals are read
 STEP_KINDS = {
@@ -136,8 +143,10 @@ def _map_tensors(out: Any, fn) -> Any:
     if isinstance(out, torch.Tensor):
         return fn(out) if out.is_floating_point() else out
     if isinstance(out, tuple):
-        return type(out)(*(_map_tensors(o, fn) for o in out)) if hasattr(out, "_fields") else tuple(
-            _map_tensors(o, fn) for o in out
+        return (
+            type(out)(*(_map_tensors(o, fn) for o in out))
+            if hasattr(out, "_fields")
+            else tuple(_map_tensors(o, fn) for o in out)
         )
     if isinstance(out, list):
         return [_map_tensors(o, fn) for o in out]
@@ -190,7 +199,9 @@ class Chaos:
         for f in out:
             f.fired += 1
             self.fired.append((f.kind, arc.global_step, arc.rank))
-            log.warning("[rank %d] chaos: injecting %s at step %d", arc.rank, f.kind, arc.global_step)
+            log.warning(
+                "[rank %d] chaos: injecting %s at step %d", arc.rank, f.kind, arc.global_step
+            )
         return out
 
     def _forward_hook(self, module, args, output):
@@ -262,11 +273,20 @@ def _apply_step_fault(arc: Arc, f: Fault) -> None:
         elif k == "preempt":  # what a scheduler sends before it evicts the pod
             os.kill(os.getpid(), signal.SIGTERM)
         elif k == "device_error":
-            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by arc_dist.chaos)")
+            raise RuntimeError(
+                "CUDA error: an illegal memory access was encountered (injected by arc_dist.chaos)"
+            )
 
 
-def inject(arc: Arc, kind: str, *, step: int, ranks: Iterable[int] | None = None,
-           persistent: bool = False, factor: float | None = None) -> Fault:
+def inject(
+    arc: Arc,
+    kind: str,
+    *,
+    step: int,
+    ranks: Iterable[int] | None = None,
+    persistent: bool = False,
+    factor: float | None = None,
+) -> Fault:
     """Schedule a fault on ``arc`` (creating its :class:`Chaos` if it has none)."""
     fault = Fault(kind, step, tuple(ranks) if ranks is not None else None, persistent, factor)
     if arc.chaos is None:

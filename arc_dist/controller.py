@@ -93,13 +93,17 @@ def _validate(model, optimizer, scheduler, config, process_group) -> None:
         raise TypeError(
             f"Arc(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    if scheduler is not None and not (hasattr(scheduler, "state_dict") and hasattr(scheduler, "step")):
+    if scheduler is not None and not (
+        hasattr(scheduler, "state_dict") and hasattr(scheduler, "step")
+    ):
         raise TypeError(
             f"Arc(scheduler=...) must be an LR scheduler (with step() and state_dict()) or None, "
             f"got {type(scheduler).__name__}"
         )
     if config is not None and not isinstance(config, ArcConfig):
-        raise TypeError(f"Arc(config=...) must be an arc_dist.ArcConfig or None, got {type(config).__name__}")
+        raise TypeError(
+            f"Arc(config=...) must be an arc_dist.ArcConfig or None, got {type(config).__name__}"
+        )
     model_params = {id(p) for p in model.parameters()}
     foreign = sum(
         1 for g in optimizer.param_groups for p in g["params"] if id(p) not in model_params
@@ -144,7 +148,12 @@ class Arc:
         metrics_every: int = 10,
     ):
         _validate(model, optimizer, scheduler, config, process_group)
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.model, self.optimizer, self.scheduler, self.scaler = (
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+        )
         self.config = config or ArcConfig()
         if dist.is_available() and dist.is_initialized():
             self.group = process_group or dist.group.WORLD
@@ -163,7 +172,9 @@ class Arc:
         self.layout = layout_of(model, self.world_size)
         self._failfast = FailFast(self.group, self.rank, self.world_size)
         self._phase, self._route = _Phase.LOCAL, None
-        self._agree = Agreement(self.group, self.rank, self.world_size, comm_device(self.group, self.device))
+        self._agree = Agreement(
+            self.group, self.rank, self.world_size, comm_device(self.group, self.device)
+        )
         self._signals = SignalCollector(
             model, optimizer, self._agree.device, self.config.divergence_check_optimizer
         )
@@ -185,7 +196,9 @@ class Arc:
                     ddp, ddp.process_group, self._ride_row, explain=self._failfast.explain
                 )
             except RuntimeError as e:  # the job registered its own comm hook
-                log.info("arc_dist: keeping the job's DDP comm hook (%s); one collective per step", e)
+                log.info(
+                    "arc_dist: keeping the job's DDP comm hook (%s); one collective per step", e
+                )
         self._policy = HealthPolicy(
             self.config.thresholds, self.layout, self.world_size, max_skips=self.config.max_skips
         )
@@ -199,7 +212,9 @@ class Arc:
         self._divergence_incidents: dict[int, int] = {}
         self._suspects: set[int] = set()
         self._recovery = RecoveryPolicy(self.config)
-        self._snapshots = SnapshotStore(model, optimizer, scheduler, scaler, self.config.keep_snapshots)
+        self._snapshots = SnapshotStore(
+            model, optimizer, scheduler, scaler, self.config.keep_snapshots
+        )
 
         self.global_step = 0
         exitcodes.track_progress(self, 0)  # error files report how far this process got
@@ -248,12 +263,18 @@ class Arc:
         self._resume_source: str | None = None
         # the event log (events.py): rank 0 appends to <log_dir>/events.jsonl; no collectives
         self.log_dir = checkpoint_dir if log_dir is None else log_dir
-        self.events = EventLog(self.log_dir, storage_options=storage_options, enabled=self.rank == 0)
+        self.events = EventLog(
+            self.log_dir, storage_options=storage_options, enabled=self.rank == 0
+        )
         self._rec = Recorder(
-            self.events, metrics_every=metrics_every, checkpoints=self._checkpoints,
+            self.events,
+            metrics_every=metrics_every,
+            checkpoints=self._checkpoints,
             context=lambda: {"lr": self._lr.lrs()[0], "lr_scale": self._lr.scale},
         )
-        self._rec.start(world_size=self.world_size, layout=self.layout, checkpoint_dir=checkpoint_dir)
+        self._rec.start(
+            world_size=self.world_size, layout=self.layout, checkpoint_dir=checkpoint_dir
+        )
         # started last: the first step's allowance (hang_grace) also covers resume() and the
         # first collective's warm-up
         self._watchdog: Watchdog | None = None
@@ -427,7 +448,9 @@ class Arc:
         self._rec.verdict(step_judged, verdict, decision.kind)
         action = self._act(m, verdict, decision)
         failing = self._recovery.failed_at is not None
-        self._recovery.record(decision, step_judged, self.global_step if action.rolled_back else None)
+        self._recovery.record(
+            decision, step_judged, self.global_step if action.rolled_back else None
+        )
         if failing and self._recovery.failed_at is None:
             self._rec.recovered(self.global_step)
         self._rec.on_step(action)
@@ -444,14 +467,22 @@ class Arc:
         return action
 
     def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
-        base = dict(reason=verdict.reason, bad_ranks=verdict.bad_ranks, loss=verdict.loss, grad_norm=verdict.grad_norm)
+        base = dict(
+            reason=verdict.reason,
+            bad_ranks=verdict.bad_ranks,
+            loss=verdict.loss,
+            grad_norm=verdict.grad_norm,
+        )
         if decision.kind == "continue":
             self._policy.observe(m, verdict)
             if verdict.status != HEALTHY:
                 self._stats["warnings"] += 1
                 self._log_verdict(verdict)
             newest = self._snapshots.newest
-            if self.global_step % self.config.snapshot_every == 0 and newest.step != self.global_step:
+            if (
+                self.global_step % self.config.snapshot_every == 0
+                and newest.step != self.global_step
+            ):
                 self._take_snapshot(persist=verdict.status == HEALTHY)
             if self._checkpoints is not None:
                 if verdict.status == HEALTHY:  # a warning does not count towards confirmation
@@ -518,15 +549,28 @@ class Arc:
         self._stats["rollbacks"] += 1
         if self._checkpoints is not None:
             self._checkpoints.on_rollback(snap.step)
-        self._rec.rollback(failed_at, snap.step, verdict.reason, verdict.bad_ranks,
-                           time.monotonic() - t0, drop, self._lr.scale)
+        self._rec.rollback(
+            failed_at,
+            snap.step,
+            verdict.reason,
+            verdict.bad_ranks,
+            time.monotonic() - t0,
+            drop,
+            self._lr.scale,
+        )
         if self.rank == 0:
             log.warning(
                 "arc_dist: failure at step %d (%s, ranks %s, loss=%.4g, grad_norm=%.4g)%s: rolled "
                 "back to step %d in %.3fs, lr x%.3g (cumulative %.3g)",
-                failed_at, verdict.reason, list(verdict.bad_ranks), verdict.loss, verdict.grad_norm,
-                " escalated to an older snapshot" if drop else "", snap.step,
-                time.monotonic() - t0, self.config.lr_backoff if decision.back_off else 1.0,
+                failed_at,
+                verdict.reason,
+                list(verdict.bad_ranks),
+                verdict.loss,
+                verdict.grad_norm,
+                " escalated to an older snapshot" if drop else "",
+                snap.step,
+                time.monotonic() - t0,
+                self.config.lr_backoff if decision.back_off else 1.0,
                 self._lr.scale,
             )
 
@@ -534,8 +578,13 @@ class Arc:
         if self.rank == 0:
             log.warning(
                 "arc_dist: %s at step %d: %s on ranks %s (loss=%.4g, grad_norm=%.4g) %s",
-                verdict.status, self.global_step, verdict.reason, list(verdict.bad_ranks),
-                verdict.loss, verdict.grad_norm, verdict.details or "",
+                verdict.status,
+                self.global_step,
+                verdict.reason,
+                list(verdict.bad_ranks),
+                verdict.loss,
+                verdict.grad_norm,
+                verdict.details or "",
             )
 
     def _preempt(self, m, verdict: Verdict) -> None:
@@ -552,14 +601,19 @@ class Arc:
         if self.rank == 0:
             log.warning(
                 "arc_dist: SIGTERM on ranks %s at step %d: %s and exiting with code %d (retry)",
-                ranks, self.global_step,
-                "writing a final checkpoint" if saved else "no checkpoint (none configured or state failing)",
+                ranks,
+                self.global_step,
+                "writing a final checkpoint"
+                if saved
+                else "no checkpoint (none configured or state failing)",
                 int(Preempted.exit_code),
             )
         if saved:
             self._save(True, verdict.status)
         self._close(clean=False)  # a restart follows: keep the local snapshots
-        raise Preempted(f"arc_dist: preempted (SIGTERM on ranks {ranks}) at step {self.global_step}")
+        raise Preempted(
+            f"arc_dist: preempted (SIGTERM on ranks {ranks}) at step {self.global_step}"
+        )
 
     # -- the DDP ride -------------------------------------------------------------------
     def _ride_row(self, local_grad_norm: torch.Tensor) -> torch.Tensor:
@@ -605,7 +659,11 @@ class Arc:
         for r in new:
             log.warning(
                 "arc_dist: rank %d is a straggler at step %d: %.2fx the other ranks' busy time "
-                "(median over %d steps)", r, self.global_step, ratios[r], self.config.straggler_window,
+                "(median over %d steps)",
+                r,
+                self.global_step,
+                ratios[r],
+                self.config.straggler_window,
             )
         for r in cleared:
             log.info("arc_dist: rank %d is no longer a straggler at step %d", r, self.global_step)
@@ -616,12 +674,17 @@ class Arc:
             return  # no majority (e.g. two replicas): nobody can be blamed
         for r in verdict.bad_ranks:
             self._divergence_incidents[r] = self._divergence_incidents.get(r, 0) + 1
-            if self._divergence_incidents[r] >= self.config.suspect_after and r not in self._suspects:
+            if (
+                self._divergence_incidents[r] >= self.config.suspect_after
+                and r not in self._suspects
+            ):
                 self._suspects.add(r)
                 if self.rank == 0:
                     log.error(
                         "arc_dist: rank %d diverged from the other replicas %d times: suspect "
-                        "hardware (silent data corruption); replace its node", r, self._divergence_incidents[r],
+                        "hardware (silent data corruption); replace its node",
+                        r,
+                        self._divergence_incidents[r],
                     )
         if self.config.exit_on_suspect and self._suspects:
             bad = sorted(self._suspects)
@@ -635,7 +698,6 @@ class Arc:
     # -- snapshots and own state ---------------------------------------------------------
     def _own_state(self) -> dict:
         return {"global_step": self.global_step, "lr_scale": self._lr.scale}
-
 
     def _load_own_state(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
@@ -660,7 +722,10 @@ class Arc:
         self._rec.snapshot(snap.step, snap.nbytes, time.monotonic() - t0)
         log.debug(
             "[rank %d] arc_dist: snapshot at step %d (%.1f MB in %.3fs)",
-            self.rank, snap.step, snap.nbytes / 1e6, time.monotonic() - t0,
+            self.rank,
+            snap.step,
+            snap.nbytes / 1e6,
+            time.monotonic() - t0,
         )
 
     def state_dict(self) -> dict:
@@ -939,4 +1004,6 @@ def _digest(config: ArcConfig) -> str:
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(config.digest_fields(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps(config.digest_fields(), sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]

@@ -24,7 +24,9 @@ class PreemptionHandler:
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
-            log.info("arc_dist: not in the main thread; SIGTERM is not handled (no final checkpoint)")
+            log.info(
+                "arc_dist: not in the main thread; SIGTERM is not handled (no final checkpoint)"
+            )
             return
         self._previous = signal.signal(signal.SIGTERM, self._on_signal)
         self._installed = True

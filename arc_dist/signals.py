@@ -175,7 +175,11 @@ class SignalCollector:
         host[Col.PREEMPT], host[Col.DEEP] = float(preempt), float(deep)
         host[Col.FP_CHECK], host[Col.LOSS_VALID] = float(fingerprint), 1.0
         cols = [Col.LOSS, Col.GRAD_SQ, Col.LOCAL_GRAD_SQ]
-        vals = [loss.detach().reshape(()), grad_sq, grad_sq if local_grad_sq is None else local_grad_sq]
+        vals = [
+            loss.detach().reshape(()),
+            grad_sq,
+            grad_sq if local_grad_sq is None else local_grad_sq,
+        ]
         if late_loss is not None:
             host[Col.LATE_VALID] = 1.0
             cols.append(Col.LATE_LOSS)

@@ -28,7 +28,11 @@ from .signals import _local, is_dtensor
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -142,7 +146,12 @@ class SnapshotStore:
         scaler: Any = None,
         keep: int = 2,
     ):
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.model, self.optimizer, self.scheduler, self.scaler = (
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+        )
         self.keep = keep
         self.snapshots: list[Snapshot] = []
         self._spare: list[Snapshot] = []
@@ -189,6 +198,7 @@ class SnapshotStore:
 
     def _slot(self, live: list[torch.Tensor], optim_live: list[torch.Tensor]) -> Snapshot:
         """A snapshot whose buffers match the live shapes, recycled when possible."""
+
         def fits(bufs: list[torch.Tensor], ts: list[torch.Tensor]) -> bool:
             return len(bufs) == len(ts) and all(
                 b.shape == t.shape and b.dtype == t.dtype for b, t in zip(bufs, ts)

@@ -66,8 +66,15 @@ def run(model, opt, arc, x, y, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, width: int, rounds: int, steps: int, batch: int, other: bool = False,
-          divergence: tuple[int, ...] = ()) -> dict:
+def bench(
+    name: str,
+    width: int,
+    rounds: int,
+    steps: int,
+    batch: int,
+    other: bool = False,
+    divergence: tuple[int, ...] = (),
+) -> dict:
     """Two identical replicas of the job, one plain and one under Arc, trained in alternation."""
     distributed = dist.is_initialized()
 
@@ -105,7 +112,10 @@ def bench(name: str, width: int, rounds: int, steps: int, batch: int, other: boo
     # snapshot cost against a memcpy of the same bytes
     snap_t, copy_t = [], []
     tensors = [t.detach() for t in model.state_dict().values()] + [
-        v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0
+        v
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
     ]
     dst = [torch.empty_like(t) for t in tensors]
     for _ in range(5):
@@ -136,9 +146,15 @@ def bench(name: str, width: int, rounds: int, steps: int, batch: int, other: boo
     }
     return dict(
         **extra,
-        model=name, params=nparams, plain_ms=1e3 * p, arc_ms=1e3 * a, overhead_pct=100 * (a / p - 1),
-        collectives_per_step=(st["collectives"] - coll0) / calls, host_syncs_per_step=(st["host_syncs"] - syncs0) / calls,
-        snapshot_ms=1e3 * statistics.median(snap_t), memcpy_ms=1e3 * statistics.median(copy_t),
+        model=name,
+        params=nparams,
+        plain_ms=1e3 * p,
+        arc_ms=1e3 * a,
+        overhead_pct=100 * (a / p - 1),
+        collectives_per_step=(st["collectives"] - coll0) / calls,
+        host_syncs_per_step=(st["host_syncs"] - syncs0) / calls,
+        snapshot_ms=1e3 * statistics.median(snap_t),
+        memcpy_ms=1e3 * statistics.median(copy_t),
         rollback_ms=1e3 * rollback,
     )
 
@@ -150,13 +166,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--clip", type=float, default=None,
-                    help="every twin clips gradients to this norm; Arc reuses the norm it returns")
-    ap.add_argument("--divergence-every", default="",
-                    help="comma-separated divergence-check intervals to time as extra Arc twins "
-                         "(0 = off), e.g. 0,10,100")
-    ap.add_argument("--with-arc-training", action="store_true",
-                    help="also time the original ARC (pip install arc-training scipy)")
+    ap.add_argument(
+        "--clip",
+        type=float,
+        default=None,
+        help="every twin clips gradients to this norm; Arc reuses the norm it returns",
+    )
+    ap.add_argument(
+        "--divergence-every",
+        default="",
+        help="comma-separated divergence-check intervals to time as extra Arc twins "
+        "(0 = off), e.g. 0,10,100",
+    )
+    ap.add_argument(
+        "--with-arc-training",
+        action="store_true",
+        help="also time the original ARC (pip install arc-training scipy)",
+    )
     args = ap.parse_args()
     if "RANK" in __import__("os").environ:
         dist.init_process_group("gloo")
@@ -166,28 +192,42 @@ def main() -> None:
     global CLIP
     CLIP = args.clip
     divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
-    rows = [bench(s, SIZES[s], args.rounds, args.steps, args.batch, args.with_arc_training, divergence)
-            for s in args.sizes.split(",")]
+    rows = [
+        bench(s, SIZES[s], args.rounds, args.steps, args.batch, args.with_arc_training, divergence)
+        for s in args.sizes.split(",")
+    ]
     if rank == 0:
         if args.json:
             print(json.dumps(rows))
         clip = f", all twins clip to {args.clip} (Arc reuses the norm)" if args.clip else ""
-        print(f"world size {world}, batch {args.batch}/rank, median of {args.rounds} rounds x {args.steps} steps{clip}")
-        print("| model | params | plain ms/step | Arc ms/step | overhead | collectives/step | host syncs/step | snapshot ms | memcpy ms | rollback ms |")
+        print(
+            f"world size {world}, batch {args.batch}/rank, median of {args.rounds} rounds x {args.steps} steps{clip}"
+        )
+        print(
+            "| model | params | plain ms/step | Arc ms/step | overhead | collectives/step | host syncs/step | snapshot ms | memcpy ms | rollback ms |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['plain_ms']:.1f} | {r['arc_ms']:.1f} | "
-                  f"{r['overhead_pct']:+.1f}% | {r['collectives_per_step']:.0f} | {r['host_syncs_per_step']:.0f} | "
-                  f"{r['snapshot_ms']:.1f} | {r['memcpy_ms']:.1f} | {r['rollback_ms']:.1f} |")
+            print(
+                f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['plain_ms']:.1f} | {r['arc_ms']:.1f} | "
+                f"{r['overhead_pct']:+.1f}% | {r['collectives_per_step']:.0f} | {r['host_syncs_per_step']:.0f} | "
+                f"{r['snapshot_ms']:.1f} | {r['memcpy_ms']:.1f} | {r['rollback_ms']:.1f} |"
+            )
         if divergence:
             print("\n| model | " + " | ".join(f"divergence_every={v}" for v in divergence) + " |")
             print("|---|" + "---|" * len(divergence))
             for r in rows:
-                print(f"| {r['model']} | " + " | ".join(f"{r['divergence'][v]:+.1f}%" for v in divergence) + " |")
+                print(
+                    f"| {r['model']} | "
+                    + " | ".join(f"{r['divergence'][v]:+.1f}%" for v in divergence)
+                    + " |"
+                )
         if args.with_arc_training:
             print("\n| model | original ARC ms/step | original ARC overhead |\n|---|---|---|")
             for r in rows:
-                print(f"| {r['model']} | {r['arc_training_ms']:.1f} | {r['arc_training_overhead_pct']:+.1f}% |")
+                print(
+                    f"| {r['model']} | {r['arc_training_ms']:.1f} | {r['arc_training_overhead_pct']:+.1f}% |"
+                )
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -150,8 +150,9 @@ def _ray_rounds(args, tmp: Path) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--paths", default="arc,local,plain",
-                   help="comma-separated: arc, local, plain, ray")
+    p.add_argument(
+        "--paths", default="arc,local,plain", help="comma-separated: arc, local, plain, ray"
+    )
     p.add_argument("--kill-at", type=int, default=30, help="kill once rank 0 reached this step")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--confirm-after", type=int, default=5)

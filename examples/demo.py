@@ -33,20 +33,27 @@ class CharLM(nn.Module):
     def __init__(self, vocab: int, dim: int = 64, ctx: int = 32):
         super().__init__()
         self.emb, self.pos = nn.Embedding(vocab, dim), nn.Parameter(torch.zeros(ctx, dim))
-        self.block = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.block = nn.TransformerEncoderLayer(
+            dim, 4, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.head = nn.Linear(dim, vocab)
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(ctx))
 
     def forward(self, x):
         h = self.emb(x) + self.pos[: x.shape[1]]
-        return self.head(self.block(h, src_mask=self.mask[: x.shape[1], : x.shape[1]], is_causal=True))
+        return self.head(
+            self.block(h, src_mask=self.mask[: x.shape[1], : x.shape[1]], is_causal=True)
+        )
 
 
 def batches(rank: int, ctx: int = 32, batch: int = 16):
     g = torch.Generator().manual_seed(rank)
     while True:
         i = torch.randint(0, len(DATA) - ctx - 1, (batch,), generator=g)
-        yield torch.stack([DATA[j : j + ctx] for j in i]), torch.stack([DATA[j + 1 : j + ctx + 1] for j in i])
+        yield (
+            torch.stack([DATA[j : j + ctx] for j in i]),
+            torch.stack([DATA[j + 1 : j + ctx + 1] for j in i]),
+        )
 
 
 def run(chaos: str | None, rank: int) -> tuple[float, dict]:
@@ -67,7 +74,9 @@ def run(chaos: str | None, rank: int) -> tuple[float, dict]:
                 what = f"rolled back to step {action.step}"
             elif action.should_skip:  # a one-step anomaly: the state is intact without its update
                 what = "update skipped"
-            print(f"  verdict {action.status:8s} {action.reason:16s} ranks {list(action.bad_ranks)} -> {what}")
+            print(
+                f"  verdict {action.status:8s} {action.reason:16s} ranks {list(action.bad_ranks)} -> {what}"
+            )
         if not action.should_skip:
             opt.step()
             sched.step()
@@ -89,7 +98,9 @@ def main() -> None:
     t0 = time.time()
     clean, _ = run(None, rank)
     if rank == 0:
-        print(f"   final loss {clean:.4f} ({time.time() - t0:.1f}s)\n2) faulty run, chaos: {FAULTS}")
+        print(
+            f"   final loss {clean:.4f} ({time.time() - t0:.1f}s)\n2) faulty run, chaos: {FAULTS}"
+        )
     t0 = time.time()
     faulty, stats = run(FAULTS, rank)
     if rank == 0:

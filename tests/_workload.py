@@ -14,7 +14,9 @@ from arc_dist.silent import replica_digest as params_digest  # noqa: F401 - re-e
 def make_model(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+        return nn.Sequential(
+            nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+        )
     if kind == "lm":
         return TinyLM()
     raise ValueError(kind)
@@ -75,8 +77,16 @@ def eval_loss(model, data: Data) -> float:
     return v
 
 
-def train(model, opt, arc, data: Data, steps: int, max_calls: int | None = None, sched=None,
-          clip: float | None = None):
+def train(
+    model,
+    opt,
+    arc,
+    data: Data,
+    steps: int,
+    max_calls: int | None = None,
+    sched=None,
+    clip: float | None = None,
+):
     """The contract's loop; returns the list of non-healthy actions (as tuples)."""
     events = []
     calls = 0
@@ -92,7 +102,9 @@ def train(model, opt, arc, data: Data, steps: int, max_calls: int | None = None,
         else:
             action = arc.step(loss)
         if action.status != "healthy":
-            events.append((action.step, action.status, action.reason, action.bad_ranks, action.rolled_back))
+            events.append(
+                (action.step, action.status, action.reason, action.bad_ranks, action.rolled_back)
+            )
         if not action.should_skip:
             opt.step()
             if sched is not None:

@@ -24,8 +24,8 @@ from arc_dist.checkpoint import CheckpointManager, CheckpointStorageError, Train
 from arc_dist.checkpoint.manifest import MANIFEST_NAME, new_hasher
 from arc_dist.checkpoint.storage import Storage
 from arc_dist.cli import main as cli
-from arc_dist.errors import CheckpointError, ExitCode
 from arc_dist.elastic.worker import _usage_error
+from arc_dist.errors import CheckpointError, ExitCode
 from tests import faultfs
 from tests.checkpoint_helpers import make_model, make_optimizer, train_steps
 

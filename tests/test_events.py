@@ -19,7 +19,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
-from arc_dist.observe.events import FILE_NAME, KINDS, PARTS_DIR, SCHEMA_VERSION, EventLog, read_events
+from arc_dist.observe.events import (
+    FILE_NAME,
+    KINDS,
+    PARTS_DIR,
+    SCHEMA_VERSION,
+    EventLog,
+    read_events,
+)
 
 from ._dist import run_ranks
 from ._workload import Data, make_model, train
@@ -55,7 +62,10 @@ def test_append_mode_survives_a_restart_and_reads_in_order(tmp_path):
     recs = read_events(str(tmp_path))
     _check_schema(recs)
     assert [(r["kind"], r["step"], r["restart"]) for r in recs] == [
-        ("metrics", 10, 0), ("failure", 12, 0), ("metrics", 20, 0), ("restart", 10, 1)
+        ("metrics", 10, 0),
+        ("failure", 12, 0),
+        ("metrics", 20, 0),
+        ("restart", 10, 1),
     ]
     assert recs[0]["values"]["grad_norm"] == "nan"  # JSON has no NaN: strict parsers read the log
     assert recs[1]["values"]["loss"] == "inf" and recs[1]["ranks"] == [1]
@@ -118,7 +128,9 @@ def s3():
     pytest.importorskip("moto")
     from tests.s3server import MotoServer
 
-    server = MotoServer(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"moto-{uuid.uuid4().hex}.log"))
+    server = MotoServer(
+        os.path.join(os.environ.get("TMPDIR", "/tmp"), f"moto-{uuid.uuid4().hex}.log")
+    )
     server.start()
     yield server
     server.stop()
@@ -143,7 +155,11 @@ def test_object_store_gets_part_files(s3):
     again.close()
     recs = read_events(url, opts)
     _check_schema(recs)
-    assert [(r["kind"], r["restart"]) for r in recs] == [("start", 0), ("failure", 0), ("restart", 1)]
+    assert [(r["kind"], r["restart"]) for r in recs] == [
+        ("start", 0),
+        ("failure", 0),
+        ("restart", 1),
+    ]
     fs = s3fs.S3FileSystem(**opts)
     assert len(fs.ls(f"{bucket}/run-1/{PARTS_DIR}")) == 2  # one part per process
 
@@ -152,7 +168,9 @@ def test_object_store_gets_part_files(s3):
 @pytest.mark.timeout(120)
 def test_restart_after_a_crash_records_steps_and_time_lost(tmp_path, monkeypatch):
     d = str(tmp_path)
-    config = ArcConfig(snapshot_every=10, checkpoint_every=10, confirm_after=2, async_checkpoint=False)
+    config = ArcConfig(
+        snapshot_every=10, checkpoint_every=10, confirm_after=2, async_checkpoint=False
+    )
     model = make_model("mlp")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     arc = Arc(model, opt, checkpoint_dir=d, config=config, metrics_every=5)
@@ -192,8 +210,15 @@ def _make(rank, run_dir):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     # max_skips=0: every fault rolls back at once (a one-step NaN would otherwise be a skip), so
     # the log holds a failure, a rollback and a recovery for each
-    config = ArcConfig(snapshot_every=10, deep_check_every=10, max_rollbacks=2, recovery_steps=10,
-                       checkpoint_every=20, confirm_after=5, max_skips=0)
+    config = ArcConfig(
+        snapshot_every=10,
+        deep_check_every=10,
+        max_rollbacks=2,
+        recovery_steps=10,
+        checkpoint_every=20,
+        confirm_after=5,
+        max_skips=0,
+    )
     return model, opt, config
 
 
@@ -229,12 +254,15 @@ def test_log_records_match_what_happened(run):
     recs = read_events(run_dir)
     _check_schema(recs)
     first = results[0]["first"]
-    assert results[1]["first"]["fired"] == [(k, s, 1) for k, s in
-                                            [("nan_loss", 25), ("lr_spike", 45), ("grad_explosion", 70)]]
+    assert results[1]["first"]["fired"] == [
+        (k, s, 1) for k, s in [("nan_loss", 25), ("lr_spike", 45), ("grad_explosion", 70)]
+    ]
     assert results[0]["first"]["fired"] == []
 
     failures = [r for r in recs if r["kind"] == "failure"]
-    assert [(r["step"], r["reason"], r["ranks"]) for r in failures] == [(s, why, [1]) for s, why, _ in EXPECTED]
+    assert [(r["step"], r["reason"], r["ranks"]) for r in failures] == [
+        (s, why, [1]) for s, why, _ in EXPECTED
+    ]
     assert all(r["values"]["decision"] == "rollback" for r in failures)
     assert math.isnan(float(failures[0]["values"]["loss"]))
     # the same faults the training loop saw on every rank
@@ -242,9 +270,9 @@ def test_log_records_match_what_happened(run):
     assert seen == [(why, (1,)) for _, why, _ in EXPECTED]
 
     rollbacks = [r for r in recs if r["kind"] == "rollback"]
-    assert [(r["values"]["failed_step"], r["step"], r["cost"]["steps_lost"]) for r in rollbacks] == [
-        (s, back, s - back) for s, _, back in EXPECTED
-    ]
+    assert [
+        (r["values"]["failed_step"], r["step"], r["cost"]["steps_lost"]) for r in rollbacks
+    ] == [(s, back, s - back) for s, _, back in EXPECTED]
     assert all(r["cost"]["seconds"] > 0 and r["ranks"] == [1] for r in rollbacks)
     recovered = [r for r in recs if r["kind"] == "recovered" and r["restart"] == 0]
     assert [r["step"] for r in recovered] == [s + 10 for s, _, _ in EXPECTED]  # recovery_steps=10

@@ -23,7 +23,6 @@ from torch import nn
 
 from arc_dist import Arc, ArcConfig, ArcError, ExitCode
 from arc_dist.chaos import preflight_faults
-from arc_dist.errors import BadNodeError, HardwareError
 from arc_dist.elastic.exitcodes import (
     decide,
     hardware_streak,
@@ -31,6 +30,7 @@ from arc_dist.elastic.exitcodes import (
     scan_run_dirs,
     write_error_file,
 )
+from arc_dist.errors import BadNodeError, HardwareError
 from arc_dist.health import (
     CHECKS,
     FAILED,

@@ -111,9 +111,7 @@ def test_lightning_example_recovers_from_a_fault(lightning_example):
 
 
 def test_lightning_rolled_back_step_leaves_no_trace(lightning_example):
-    faulty = lightning_example.main(
-        STEPS, FAULT, config=_exact_config(), same_batch=True
-    )
+    faulty = lightning_example.main(STEPS, FAULT, config=_exact_config(), same_batch=True)
     assert faulty["stats"]["rollbacks"] == 1 and faulty["arc_steps"] == STEPS - LOST
     clean = lightning_example.main(
         faulty["arc_steps"], None, config=_exact_config(), same_batch=True

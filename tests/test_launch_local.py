@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from arc_dist.errors import ExitCode
 from arc_dist.checkpoint.local_format import default_local_dir
+from arc_dist.errors import ExitCode
 
 from ._launchproc import events
 from .test_launch_recovery import STEPS, _committed_before_restart, _done, _launch

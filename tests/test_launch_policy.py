@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from arc_dist.errors import ExitCode, HangError, HardwareError, UnrecoverableError
 from arc_dist.elastic.exitcodes import (
     classify_error_data,
     decide,
@@ -22,6 +21,7 @@ from arc_dist.elastic.exitcodes import (
     write_error_file,
 )
 from arc_dist.elastic.launcher import build_command, format_command, main, parse_args
+from arc_dist.errors import ExitCode, HangError, HardwareError, UnrecoverableError
 
 
 def _torch_record(message: str, **extra) -> dict:

@@ -22,7 +22,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
-from arc_dist.checkpoint.local_format import Identity, check_manifest, default_local_dir, make_manifest
+from arc_dist.checkpoint.local_format import (
+    Identity,
+    check_manifest,
+    default_local_dir,
+    make_manifest,
+)
 from arc_dist.checkpoint.resume import DURABLE, LOCAL, DurableView, choose_source
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import (

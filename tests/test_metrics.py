@@ -23,8 +23,14 @@ def test_every_step_exposes_health_signals_and_tensorboard_gets_the_run(tmp_path
     model = make_model("mlp")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     # max_skips=0: the NaN rolls back at once instead of skipping its update
-    arc = Arc(model, opt, config=ArcConfig(snapshot_every=10, max_skips=0), chaos="nan_loss@25",
-              log_dir=str(tmp_path / "run"), metrics_every=5)
+    arc = Arc(
+        model,
+        opt,
+        config=ArcConfig(snapshot_every=10, max_skips=0),
+        chaos="nan_loss@25",
+        log_dir=str(tmp_path / "run"),
+        metrics_every=5,
+    )
     tb_dir = str(tmp_path / "tb")
     exporter = TensorBoardExporter(arc, tb_dir)
     data = Data("mlp", 0)
@@ -36,7 +42,9 @@ def test_every_step_exposes_health_signals_and_tensorboard_gets_the_run(tmp_path
         stats = arc.stats()
         # the user's own logger gets the agreed signals every step, from the action and stats()
         for key in ("loss", "grad_norm"):
-            assert stats[key] == getattr(action, key) or math.isnan(stats[key]) == math.isnan(getattr(action, key))
+            assert stats[key] == getattr(action, key) or math.isnan(stats[key]) == math.isnan(
+                getattr(action, key)
+            )
         seen.append((action.step, action.status, action.loss))
         if not action.should_skip:
             opt.step()
@@ -49,7 +57,14 @@ def test_every_step_exposes_health_signals_and_tensorboard_gets_the_run(tmp_path
     acc = EventAccumulator(tb_dir)
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"arc/loss", "arc/grad_norm", "arc/lr", "arc/failures", "arc/rollbacks", "arc/steps_lost"} <= tags
+    assert {
+        "arc/loss",
+        "arc/grad_norm",
+        "arc/lr",
+        "arc/failures",
+        "arc/rollbacks",
+        "arc/steps_lost",
+    } <= tags
     loss_steps = [e.step for e in acc.Scalars("arc/loss")]
     # the rollback from 25 to 20 redoes steps 20-24: step 25's point is written again
     assert loss_steps == [5, 10, 15, 20, 25, 25, 30, 35, 40]

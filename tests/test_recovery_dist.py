@@ -67,8 +67,16 @@ def _run(rank, world, sc: dict) -> dict:
     arc = Arc(wrapped, opt, sched, config=config, chaos=sc.get("chaos", ""), process_group=group)
     out = {"error": None}
     try:
-        out["events"] = train(wrapped, opt, arc, data, sc.get("steps", STEPS), max_calls=400, sched=sched,
-                              clip=sc.get("clip"))
+        out["events"] = train(
+            wrapped,
+            opt,
+            arc,
+            data,
+            sc.get("steps", STEPS),
+            max_calls=400,
+            sched=sched,
+            clip=sc.get("clip"),
+        )
     except UnrecoverableError as e:
         out["error"] = str(e)
         return out
@@ -107,8 +115,13 @@ TWO_RANK = {
         f"all-{k}": dict(model="mlp", chaos=f"{k}@{FAULT_STEP}", constant_schedule=k == "lr_spike")
         for k in ONE_RANK_FAULTS
     },
-    "lm-three-faults": dict(model="lm", opt="adamw", warmup=True, steps=150,
-                            chaos="nan_loss@30/1 grad_explosion@50/0 lr_spike@65/1"),
+    "lm-three-faults": dict(
+        model="lm",
+        opt="adamw",
+        warmup=True,
+        steps=150,
+        chaos="nan_loss@30/1 grad_explosion@50/0 lr_spike@65/1",
+    ),
     "persistent": dict(model="mlp", chaos=f"nan_loss@{FAULT_STEP}/1!"),
     "persistent-spike": dict(model="mlp", chaos=f"loss_spike@{FAULT_STEP}/1!"),
     "own-group-nan_loss": dict(model="mlp", own_group=True, chaos=f"nan_loss@{FAULT_STEP}/1"),
@@ -230,8 +243,11 @@ def test_persistent_fault_is_unrecoverable_on_every_rank(two, name, reason):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "name,reason,bad",
-    [("nan_loss-r2", "nonfinite_loss", (2,)), ("grad_explosion-r3", "grad_explosion", (3,)),
-     ("lr_spike-r1+r3", "lr_spike", (1, 3))],
+    [
+        ("nan_loss-r2", "nonfinite_loss", (2,)),
+        ("grad_explosion-r3", "grad_explosion", (3,)),
+        ("lr_spike-r1+r3", "lr_spike", (1, 3)),
+    ],
 )
 def test_four_ranks(four, name, reason, bad):
     assert all(res["reference-mlp"]["events"] == [] for res in four)
@@ -241,8 +257,14 @@ def test_four_ranks(four, name, reason, bad):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name,reason", [("nan_loss", "nonfinite_loss"), ("grad_explosion", "grad_explosion"),
-                                         ("nan_weights", "nonfinite_weights")])
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("nan_loss", "nonfinite_loss"),
+        ("grad_explosion", "grad_explosion"),
+        ("nan_weights", "nonfinite_weights"),
+    ],
+)
 def test_fsdp2(fsdp, name, reason):
     assert all(res["reference-mlp"]["events"] == [] for res in fsdp)
     first = _assert_recovered(fsdp, name, "reference-mlp", replicated=False)

@@ -26,12 +26,26 @@ def _records(tmp_path) -> list[dict]:
     for step in (10, 20):
         log.emit("metrics", step, values={"loss": 2.0 - step / 20, "grad_norm": 1.0})
     log.emit("failure", 23, ranks=[1], reason="nonfinite_loss")
-    log.emit("rollback", 20, ranks=[1], reason="nonfinite_loss", values={"failed_step": 23},
-             steps_lost=3, seconds=0.5)
+    log.emit(
+        "rollback",
+        20,
+        ranks=[1],
+        reason="nonfinite_loss",
+        values={"failed_step": 23},
+        steps_lost=3,
+        seconds=0.5,
+    )
     log.emit("warning", 27, ranks=[2], reason="loss_spike")
     log.emit("failure", 31, ranks=[0, 2], reason="grad_explosion")
-    log.emit("rollback", 30, ranks=[0, 2], reason="grad_explosion", values={"failed_step": 31},
-             steps_lost=1, seconds=0.25)
+    log.emit(
+        "rollback",
+        30,
+        ranks=[0, 2],
+        reason="grad_explosion",
+        values={"failed_step": 31},
+        steps_lost=1,
+        seconds=0.25,
+    )
     log.emit("recovered", 41, seconds=2.0)
     log.emit("checkpoint_start", 40)
     log.emit("checkpoint_commit", 40, values={"bytes": 4_000_000, "seconds": 2.0, "MB_per_s": 2.0})
@@ -41,7 +55,9 @@ def _records(tmp_path) -> list[dict]:
     log = EventLog(str(tmp_path), restart=1, run_id="job")
     log.emit("start")
     log.emit("load", 40, values={"seconds": 1.0, "bytes": 4_000_000})
-    log.emit("restart", 40, values={"previous_step": 50, "clean": False}, steps_lost=10, seconds=30.0)
+    log.emit(
+        "restart", 40, values={"previous_step": 50, "clean": False}, steps_lost=10, seconds=30.0
+    )
     log.emit("metrics", 60, values={"loss": 0.8, "grad_norm": 0.5})
     log.emit("close", 60)
     log.close()
@@ -51,7 +67,9 @@ def _records(tmp_path) -> list[dict]:
 def test_summary_counts_and_costs(tmp_path):
     recs = _records(tmp_path)
     s = summarize(recs)
-    assert s["failures"] == 2 and s["warnings"] == 1 and s["warnings_by_reason"] == {"loss_spike": 1}
+    assert (
+        s["failures"] == 2 and s["warnings"] == 1 and s["warnings_by_reason"] == {"loss_spike": 1}
+    )
     assert s["faults_by_reason"] == {"grad_explosion": {"0": 1, "2": 1}, "nonfinite_loss": {"1": 1}}
     assert s["failures_by_rank"] == {"0": 1, "1": 1, "2": 1}
     assert (s["rollbacks"], s["recovered"], s["restarts"], s["processes"]) == (2, 1, 1, 2)
@@ -60,7 +78,12 @@ def test_summary_counts_and_costs(tmp_path):
     # two failure verdicts and one crash restart
     assert s["mtbf_s"] == pytest.approx(s["wall_s"] / 3)
     c = s["checkpoints"]
-    assert (c["started"], c["committed"], c["failed_attempts"], c["mean_MB_per_s"]) == (1, 1, 1, 2.0)
+    assert (c["started"], c["committed"], c["failed_attempts"], c["mean_MB_per_s"]) == (
+        1,
+        1,
+        1,
+        2.0,
+    )
     assert s["runs"] == ["job"] and s["final_step"] == 60
 
     text = format_summary(s)
@@ -68,7 +91,13 @@ def test_summary_counts_and_costs(tmp_path):
     lines = text.splitlines()
     header = next(x for x in lines if x.startswith("fault "))
     assert header.split() == ["fault", "rank", "0", "rank", "1", "rank", "2", "total"]
-    assert next(x for x in lines if x.startswith("grad_explosion")).split() == ["grad_explosion", "1", "0", "1", "2"]
+    assert next(x for x in lines if x.startswith("grad_explosion")).split() == [
+        "grad_explosion",
+        "1",
+        "0",
+        "1",
+        "2",
+    ]
     assert "steps lost (rollbacks + restarts)      14 (4 + 10)" in text
 
 
@@ -107,7 +136,10 @@ def test_report_of_a_real_run_draws_and_embeds_the_figure(tmp_path, capsys):
     assert s["faults_by_reason"] == {"lr_spike": {"0": 1}, "nonfinite_loss": {"0": 1}}
     assert s["checkpoints"]["committed"] == stats["checkpoints"]
     on_storage = s["checkpoints"]["on_storage"]
-    assert set(on_storage) <= {"confirmed", "committed", "partial"} and on_storage.get("confirmed", 0) >= 1
+    assert (
+        set(on_storage) <= {"confirmed", "committed", "partial"}
+        and on_storage.get("confirmed", 0) >= 1
+    )
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     img = mpimg.imread(str(out / "report.png"))

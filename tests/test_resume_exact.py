@@ -29,7 +29,10 @@ def _train(url, *, every=5, stop=None, sigterm_at=None, chaos="", seed=0):
     model = make_model(seed)
     opt, sched = make_optimizer(model)
     cfg = ArcConfig(  # max_skips=0: a NaN rolls back at once (else it only skips its update)
-        snapshot_every=5, checkpoint_every=every, confirm_after=0, async_checkpoint=False,
+        snapshot_every=5,
+        checkpoint_every=every,
+        confirm_after=0,
+        async_checkpoint=False,
         max_skips=0,
     )
     arc = Arc(model, opt, sched, checkpoint_dir=url, config=cfg, chaos=chaos)

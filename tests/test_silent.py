@@ -93,9 +93,11 @@ def test_bit_flip_is_found_named_and_repaired_on_four_ranks(four):
     assert all(r["events"] == events for r in res)
     assert len({r["digest"] for r in res}) == 1, "replicas differ after repair"
     assert all(r["step"] == 80 for r in res)
-    (step, status, reason, bad, rolled), = events
+    ((step, status, reason, bad, rolled),) = events
     assert (status, reason, bad, rolled) == ("failure", "replica_divergence", (2,), True)
-    assert step == 20  # found at the check on step 30 (<= divergence_every after 27), restored to 20
+    assert (
+        step == 20
+    )  # found at the check on step 30 (<= divergence_every after 27), restored to 20
     assert res[0]["stats"]["divergence_incidents"] == {2: 1}
     assert res[0]["stats"]["suspect_ranks"] == []
 
@@ -121,7 +123,9 @@ def timing():
 
 def _stragglers(rank, world, mode: str) -> dict:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 512))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(512, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 512)
+    )
     model = DDP(net)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     arc = Arc(model, opt, config=ArcConfig(snapshot_every=50), chaos="")

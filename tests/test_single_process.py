@@ -95,7 +95,9 @@ def test_grad_scaler_overflow_is_a_skip_not_a_failure():
             scaler.update()
         opt.zero_grad(set_to_none=True)
     skipped = [a for a in actions if a.should_skip]
-    assert [(a.status, a.reason, a.rolled_back) for a in skipped] == [("warning", "amp_overflow", False)]
+    assert [(a.status, a.reason, a.rolled_back) for a in skipped] == [
+        ("warning", "amp_overflow", False)
+    ]
     assert scaler.get_scale() == 2.0**9
     assert arc.stats()["rollbacks"] == 0 and arc.stats()["skips"] == 1
 
@@ -163,7 +165,9 @@ def test_no_false_positives_with_schedulers_and_clean_lrs():
             sched = torch.optim.lr_scheduler.StepLR(opt, 20, gamma=0.5)
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / 30))
-        arc = Arc(model, opt, sched, config=ArcConfig(snapshot_every=10, deep_check_every=1), chaos="")
+        arc = Arc(
+            model, opt, sched, config=ArcConfig(snapshot_every=10, deep_check_every=1), chaos=""
+        )
         assert train(model, opt, arc, Data("lm", 0), 100, sched=sched) == [], (lr, sched_kind)
 
 

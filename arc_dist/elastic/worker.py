@@ -21,7 +21,6 @@ from .exitcodes import write_error_file as _write_error_file
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-
 def main_entry(fn: _F) -> _F:
     """Decorator for a training script's entry point run under torchrun (or alone).
 

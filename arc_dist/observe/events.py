@@ -135,7 +135,11 @@ class EventLog:
         self.restart = _env_int("TORCHELASTIC_RESTART_COUNT") if restart is None else int(restart)
         self.run_id = os.environ.get("TORCHELASTIC_RUN_ID") if run_id is None else run_id
         self.log_dir = log_dir
-        self.flush_records, self.flush_seconds, self.part_bytes = flush_records, flush_seconds, part_bytes
+        self.flush_records, self.flush_seconds, self.part_bytes = (
+            flush_records,
+            flush_seconds,
+            part_bytes,
+        )
         self.records_written = 0
         #: the newest record an earlier process left in this log (None: a fresh log)
         self.previous: dict | None = None
@@ -159,13 +163,17 @@ class EventLog:
             appendable = bool({"file", "local", "memory"} & set(protocols))
             self.mode = ("append" if appendable else "parts") if mode == "auto" else mode
             self.path = f"{self._root}/{FILE_NAME}"
-            fs.makedirs(self._root if self.mode == "append" else f"{self._root}/{PARTS_DIR}", exist_ok=True)
+            fs.makedirs(
+                self._root if self.mode == "append" else f"{self._root}/{PARTS_DIR}", exist_ok=True
+            )
             self.previous = _last_record(fs, self._root)
             self._fs = fs
         except Exception as e:  # noqa: BLE001 - the log is advisory: it must not stop training
             log.warning(
                 "arc_dist: no event log file in %s (%s: %s); events go to logging only",
-                log_dir, type(e).__name__, e,
+                log_dir,
+                type(e).__name__,
+                e,
             )
 
     # -- writing -------------------------------------------------------------------------
@@ -239,7 +247,9 @@ class EventLog:
             self._buffer = lines + self._buffer  # retried with the next flush
             if len(self._buffer) > 10 * self.flush_records:
                 del self._buffer[: len(self._buffer) - 10 * self.flush_records]
-            log.warning("arc_dist: event log %s not written (%s: %s)", self.log_dir, type(e).__name__, e)
+            log.warning(
+                "arc_dist: event log %s not written (%s: %s)", self.log_dir, type(e).__name__, e
+            )
 
     def _write_part(self, lines: list[str]) -> None:
         size = sum(len(x) + 1 for x in lines)
@@ -252,7 +262,7 @@ class EventLog:
         try:
             self._fs.pipe_file(name, ("\n".join(self._part_lines) + "\n").encode())
         except Exception:
-            del self._part_lines[len(self._part_lines) - len(lines):]
+            del self._part_lines[len(self._part_lines) - len(lines) :]
             self._part_size -= size
             raise
 

@@ -34,7 +34,15 @@ _COUNTED = {
     "checkpoint_commit": "checkpoints",
     "checkpoint_failure": "checkpoint_failures",
 }
-_TEXT = {"failure", "rollback", "escalation", "restart", "unrecoverable", "straggler", "checkpoint_failure"}
+_TEXT = {
+    "failure",
+    "rollback",
+    "escalation",
+    "restart",
+    "unrecoverable",
+    "straggler",
+    "checkpoint_failure",
+}
 
 
 def _summary_writer(log_dir: str):
@@ -61,8 +69,9 @@ class TensorBoardExporter:
     exporter created; a writer passed in is flushed, not closed.
     """
 
-    def __init__(self, source: Any, log_dir: str | None = None, *, writer: Any = None,
-                 prefix: str = "arc") -> None:
+    def __init__(
+        self, source: Any, log_dir: str | None = None, *, writer: Any = None, prefix: str = "arc"
+    ) -> None:
         events = source if isinstance(source, EventLog) else getattr(source, "events", None)
         if not isinstance(events, EventLog):
             raise TypeError(
@@ -116,7 +125,11 @@ class TensorBoardExporter:
             w.add_scalar(f"{tag}/load_s", number(values.get("seconds")), step)
         if kind in _TEXT:
             ranks = rec.get("ranks") or []
-            w.add_text(f"{tag}/events", f"{kind} at step {step}: {rec.get('reason') or ''} ranks {ranks}", step)
+            w.add_text(
+                f"{tag}/events",
+                f"{kind} at step {step}: {rec.get('reason') or ''} ranks {ranks}",
+                step,
+            )
             w.flush()  # rare records: visible in the dashboard at once
         if kind == "close":
             self.close()

@@ -17,10 +17,11 @@ def _checkpoint_bytes(manager: Any, step: int) -> int | None:
     try:
         from ..checkpoint.catalog import scan
 
-        return next((i.nbytes for i in scan(manager.storage, read_manifests=False) if i.step == step), None)
+        return next(
+            (i.nbytes for i in scan(manager.storage, read_manifests=False) if i.step == step), None
+        )
     except Exception:  # noqa: BLE001 - a size is nice to have, never worth failing a resume
         return None
-
 
 
 class Recorder:
@@ -31,12 +32,20 @@ class Recorder:
     step beyond :meth:`EventLog.emit`'s buffered append.
     """
 
-    def __init__(self, events: EventLog, *, metrics_every: int = 10, checkpoints: Any = None,
-                 context: Callable[[], dict] | None = None) -> None:
+    def __init__(
+        self,
+        events: EventLog,
+        *,
+        metrics_every: int = 10,
+        checkpoints: Any = None,
+        context: Callable[[], dict] | None = None,
+    ) -> None:
         """``checkpoints``: the run's ``CheckpointManager`` (its ``stats()`` counters are watched);
         ``context()``: extra values for each ``metrics`` record (called on those steps only)."""
         if not isinstance(metrics_every, int) or metrics_every < 0:
-            raise ValueError(f"metrics_every={metrics_every!r} is invalid: use an integer >= 0 (0 = off)")
+            raise ValueError(
+                f"metrics_every={metrics_every!r} is invalid: use an integer >= 0 (0 = off)"
+            )
         self.events = events
         self.on = events.enabled
         self.metrics_every = metrics_every
@@ -85,7 +94,9 @@ class Recorder:
         values = dict(
             loss=loss / n_loss if n_loss else math.nan,
             grad_norm=grad / n_grad if n_grad else math.nan,
-            loss_last=self._loss_last, loss_steps=n_loss, step_s=self.step_s,
+            loss_last=self._loss_last,
+            loss_steps=n_loss,
+            step_s=self.step_s,
         )
         if self._context is not None:
             values.update(self._context())
@@ -98,22 +109,44 @@ class Recorder:
         ratios = dict(ratios) if isinstance(ratios, dict) else ratios
         new, cleared = list(new), list(cleared)
         if new:
-            self.events.emit("straggler", step, ranks=new, reason="slow_rank",
-                             values={"ratios": ratios, "cleared": False})
+            self.events.emit(
+                "straggler",
+                step,
+                ranks=new,
+                reason="slow_rank",
+                values={"ratios": ratios, "cleared": False},
+            )
         if cleared:
-            self.events.emit("straggler", step, ranks=cleared, reason="slow_rank_cleared",
-                             values={"ratios": ratios, "cleared": True})
+            self.events.emit(
+                "straggler",
+                step,
+                ranks=cleared,
+                reason="slow_rank_cleared",
+                values={"ratios": ratios, "cleared": True},
+            )
 
     def verdict(self, step: int, verdict, decision: str) -> None:
         if not self.on or verdict.healthy:
             return
         if verdict.status == "failure" and self._episode_start is None:
             self._episode_start = time.monotonic()
-        values = dict(loss=verdict.loss, grad_norm=verdict.grad_norm, decision=decision, **verdict.details)
-        self.events.emit(verdict.status, step, ranks=verdict.bad_ranks, reason=verdict.reason, values=values)
+        values = dict(
+            loss=verdict.loss, grad_norm=verdict.grad_norm, decision=decision, **verdict.details
+        )
+        self.events.emit(
+            verdict.status, step, ranks=verdict.bad_ranks, reason=verdict.reason, values=values
+        )
 
-    def rollback(self, failed_step: int, restored_step: int, reason: str | None, ranks, seconds: float,
-                 dropped: int, lr_scale: float) -> None:
+    def rollback(
+        self,
+        failed_step: int,
+        restored_step: int,
+        reason: str | None,
+        ranks,
+        seconds: float,
+        dropped: int,
+        lr_scale: float,
+    ) -> None:
         if not self.on:
             return
         lost = max(0, failed_step - restored_step)
@@ -121,13 +154,27 @@ class Recorder:
         self._mark_step, self._mark_time = restored_step, time.monotonic()
         self._sums = [0.0, 0, 0.0, 0]
         if dropped:
-            self.events.emit("escalation", restored_step, ranks=ranks, reason=reason,
-                             values={"failed_step": failed_step, "dropped_snapshots": dropped})
+            self.events.emit(
+                "escalation",
+                restored_step,
+                ranks=ranks,
+                reason=reason,
+                values={"failed_step": failed_step, "dropped_snapshots": dropped},
+            )
         self.events.emit(
-            "rollback", restored_step, ranks=ranks, reason=reason,
-            values={"failed_step": failed_step, "restored_step": restored_step, "restore_s": seconds,
-                    "lr_scale": lr_scale, "escalated": bool(dropped)},
-            steps_lost=lost, seconds=seconds + wasted,
+            "rollback",
+            restored_step,
+            ranks=ranks,
+            reason=reason,
+            values={
+                "failed_step": failed_step,
+                "restored_step": restored_step,
+                "restore_s": seconds,
+                "lr_scale": lr_scale,
+                "escalated": bool(dropped),
+            },
+            steps_lost=lost,
+            seconds=seconds + wasted,
         )
 
     def recovered(self, step: int) -> None:
@@ -139,14 +186,24 @@ class Recorder:
 
     def unrecoverable(self, step: int, verdict, message: str) -> None:
         if self.on:
-            self.events.emit("unrecoverable", step, ranks=verdict.bad_ranks, reason=verdict.reason,
-                             values={"message": message})
+            self.events.emit(
+                "unrecoverable",
+                step,
+                ranks=verdict.bad_ranks,
+                reason=verdict.reason,
+                values={"message": message},
+            )
 
     def snapshot(self, step: int, nbytes: int, seconds: float) -> None:
         if not self.on:
             return
         last = self._last_snapshot_event
-        if last is not None and self.metrics_every and step - last < self.metrics_every and step > last:
+        if (
+            last is not None
+            and self.metrics_every
+            and step - last < self.metrics_every
+            and step > last
+        ):
             return  # sampled: the log stays small when snapshot_every is small
         self._last_snapshot_event = step
         self.events.emit("snapshot", step, values={"bytes": nbytes, "seconds": seconds})
@@ -169,24 +226,34 @@ class Recorder:
 
         if grew("checkpoint_failures") > 0:
             self.events.emit(
-                "checkpoint_failure", self._ckpt_step,
-                values={"attempts_failed": grew("checkpoint_failures"),
-                        "abandoned": grew("checkpoints_abandoned") > 0},
+                "checkpoint_failure",
+                self._ckpt_step,
+                values={
+                    "attempts_failed": grew("checkpoint_failures"),
+                    "abandoned": grew("checkpoints_abandoned") > 0,
+                },
             )
         if grew("checkpoints") > 0:
             nbytes = int(now.get("checkpoint_bytes") or 0)
             secs = float(now.get("checkpoint_write_s") or 0.0)
             self.events.emit(
-                "checkpoint_commit", now.get("last_committed_step"),
-                values={"bytes": nbytes, "seconds": secs, "stall_s": now.get("checkpoint_stall_s"),
-                        "MB_per_s": nbytes / 1e6 / secs if secs > 0 else None},
+                "checkpoint_commit",
+                now.get("last_committed_step"),
+                values={
+                    "bytes": nbytes,
+                    "seconds": secs,
+                    "stall_s": now.get("checkpoint_stall_s"),
+                    "MB_per_s": nbytes / 1e6 / secs if secs > 0 else None,
+                },
             )
         if grew("checkpoints_confirmed") > 0:
             self.events.emit("checkpoint_confirm", now.get("last_confirmed_step"))
         if grew("checkpoints_skipped") > 0:
             self.events.emit("checkpoint_skip", self._ckpt_step)
         if grew("checkpoints_rejected") > 0:
-            self.events.emit("checkpoint_reject", None, values={"count": grew("checkpoints_rejected")})
+            self.events.emit(
+                "checkpoint_reject", None, values={"count": grew("checkpoints_rejected")}
+            )
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, **values: Any) -> None:
@@ -203,21 +270,37 @@ class Recorder:
             return
         if step is not None:
             nbytes = _checkpoint_bytes(self._checkpoints, step) if source == "durable" else None
-            self.events.emit("load", step, values={
-                "source": source, "seconds": seconds, "bytes": nbytes,
-                "MB_per_s": nbytes / 1e6 / seconds if nbytes and seconds > 0 else None,
-            })
+            self.events.emit(
+                "load",
+                step,
+                values={
+                    "source": source,
+                    "seconds": seconds,
+                    "bytes": nbytes,
+                    "MB_per_s": nbytes / 1e6 / seconds if nbytes and seconds > 0 else None,
+                },
+            )
         prev = self.events.previous
         if self.events.restart > 0 or prev is not None:
             last_step = prev.get("step") if prev else None
             clean = prev is not None and prev.get("kind") == "close"  # a finished job continued
-            lost = max(0, int(last_step) - (step or 0)) if isinstance(last_step, int) and not clean else 0
+            lost = (
+                max(0, int(last_step) - (step or 0))
+                if isinstance(last_step, int) and not clean
+                else 0
+            )
             down = time.time() - number(prev.get("time")) if prev and not clean else 0.0
             self.events.emit(
-                "restart", step if step is not None else 0,
-                values={"previous_step": last_step, "previous_kind": prev.get("kind") if prev else None,
-                        "resumed_step": step, "clean": clean},
-                steps_lost=lost, seconds=down if math.isfinite(down) else 0.0,
+                "restart",
+                step if step is not None else 0,
+                values={
+                    "previous_step": last_step,
+                    "previous_kind": prev.get("kind") if prev else None,
+                    "resumed_step": step,
+                    "clean": clean,
+                },
+                steps_lost=lost,
+                seconds=down if math.isfinite(down) else 0.0,
             )
         self._mark_step, self._mark_time = step, time.monotonic()
         self._sums = [0.0, 0, 0.0, 0]

@@ -33,8 +33,18 @@ FIG_INCHES = (12.0, 7.0)
 DPI = 100
 
 _NOTABLE = {
-    "failure", "warning", "rollback", "escalation", "recovered", "unrecoverable", "restart",
-    "load", "straggler", "checkpoint_failure", "checkpoint_reject", "checkpoint_skip",
+    "failure",
+    "warning",
+    "rollback",
+    "escalation",
+    "recovered",
+    "unrecoverable",
+    "restart",
+    "load",
+    "straggler",
+    "checkpoint_failure",
+    "checkpoint_reject",
+    "checkpoint_skip",
 }
 
 
@@ -66,13 +76,17 @@ def summarize(events: list[dict], checkpoints: list[dict] | None = None) -> dict
     for r in failures:
         for rank in r.get("ranks") or ["?"]:
             by_reason[r.get("reason") or "?"][str(rank)] += 1
-    warnings_by_reason = Counter(r.get("reason") or "?" for r in events if r.get("kind") == "warning")
+    warnings_by_reason = Counter(
+        r.get("reason") or "?" for r in events if r.get("kind") == "warning"
+    )
     restarts = [r for r in events if r.get("kind") == "restart"]
     starts = [r for r in events if r.get("kind") == "start"]
     crash_restarts = [r for r in restarts if not (r.get("values") or {}).get("clean")]
 
     def cost(recs, key):
-        return sum(_num((r.get("cost") or {}).get(key)) for r in recs if r.get("cost")) if recs else 0
+        return (
+            sum(_num((r.get("cost") or {}).get(key)) for r in recs if r.get("cost")) if recs else 0
+        )
 
     rollbacks = [r for r in events if r.get("kind") == "rollback"]
     times = [_num(r.get("time")) for r in events if math.isfinite(_num(r.get("time")))]
@@ -105,14 +119,18 @@ def summarize(events: list[dict], checkpoints: list[dict] | None = None) -> dict
         "wall_s": wall,
         "failures": len(failures),
         "faults_by_reason": {k: dict(v) for k, v in sorted(by_reason.items())},
-        "failures_by_rank": dict(sorted(Counter(str(x) for r in failures for x in (r.get("ranks") or ["?"])).items())),
+        "failures_by_rank": dict(
+            sorted(Counter(str(x) for r in failures for x in (r.get("ranks") or ["?"])).items())
+        ),
         "warnings": kinds["warning"],
         "warnings_by_reason": dict(warnings_by_reason),
         "rollbacks": len(rollbacks),
         "escalations": kinds["escalation"],
         "recovered": kinds["recovered"],
         "unrecoverable": kinds["unrecoverable"],
-        "stragglers": sum(1 for r in events if r.get("kind") == "straggler" and r.get("reason") == "slow_rank"),
+        "stragglers": sum(
+            1 for r in events if r.get("kind") == "straggler" and r.get("reason") == "slow_rank"
+        ),
         "steps_lost": int(cost(rollbacks, "steps_lost") + cost(restarts, "steps_lost")),
         "steps_lost_rollbacks": int(cost(rollbacks, "steps_lost")),
         "steps_lost_restarts": int(cost(restarts, "steps_lost")),
@@ -145,20 +163,29 @@ def format_summary(s: dict) -> str:
         ("warnings", str(s["warnings"])),
         ("rollbacks / escalations", f"{s['rollbacks']} / {s['escalations']}"),
         ("recovered / unrecoverable", f"{s['recovered']} / {s['unrecoverable']}"),
-        ("steps lost (rollbacks + restarts)",
-         f"{s['steps_lost']} ({s['steps_lost_rollbacks']} + {s['steps_lost_restarts']})"),
-        ("wall time lost (rollbacks + restarts)",
-         f"{_fmt_s(s['seconds_lost'])} ({_fmt_s(s['seconds_lost_rollbacks'])} + {_fmt_s(s['seconds_lost_restarts'])})"),
-        ("mean time between failures", _fmt_s(s["mtbf_s"]) if s["mtbf_s"] is not None else "no failures"),
+        (
+            "steps lost (rollbacks + restarts)",
+            f"{s['steps_lost']} ({s['steps_lost_rollbacks']} + {s['steps_lost_restarts']})",
+        ),
+        (
+            "wall time lost (rollbacks + restarts)",
+            f"{_fmt_s(s['seconds_lost'])} ({_fmt_s(s['seconds_lost_rollbacks'])} + {_fmt_s(s['seconds_lost_restarts'])})",
+        ),
+        (
+            "mean time between failures",
+            _fmt_s(s["mtbf_s"]) if s["mtbf_s"] is not None else "no failures",
+        ),
     ]
     c = s["checkpoints"]
-    rows.append((
-        "checkpoints (committed / confirmed)",
-        f"{c['committed']} / {c['confirmed']}"
-        + (f", {c['failed_attempts']} failed attempts" if c["failed_attempts"] else "")
-        + (f", {c['skipped']} skipped" if c["skipped"] else "")
-        + (f", {c['rejected']} rejected" if c["rejected"] else ""),
-    ))
+    rows.append(
+        (
+            "checkpoints (committed / confirmed)",
+            f"{c['committed']} / {c['confirmed']}"
+            + (f", {c['failed_attempts']} failed attempts" if c["failed_attempts"] else "")
+            + (f", {c['skipped']} skipped" if c["skipped"] else "")
+            + (f", {c['rejected']} rejected" if c["rejected"] else ""),
+        )
+    )
     if c.get("mean_MB_per_s") is not None:
         rows.append(("checkpoint write speed (mean)", f"{c['mean_MB_per_s']:.1f} MB/s"))
     if "on_storage" in c:
@@ -168,10 +195,14 @@ def format_summary(s: dict) -> str:
     out = ["Summary", "-" * (width + 30)]
     out += [f"{k:<{width}}  {v}" for k, v in rows]
     if s["faults_by_reason"]:
-        ranks = sorted({r for v in s["faults_by_reason"].values() for r in v}, key=lambda x: (len(x), x))
+        ranks = sorted(
+            {r for v in s["faults_by_reason"].values() for r in v}, key=lambda x: (len(x), x)
+        )
         w = max(len("fault"), *(len(k) for k in s["faults_by_reason"]))
         out += ["", "Faults by kind and rank"]
-        out.append(f"{'fault':<{w}}  " + "  ".join(f"{'rank ' + r:>7}" for r in ranks) + f"  {'total':>5}")
+        out.append(
+            f"{'fault':<{w}}  " + "  ".join(f"{'rank ' + r:>7}" for r in ranks) + f"  {'total':>5}"
+        )
         for reason, counts in s["faults_by_reason"].items():
             cells = "  ".join(f"{counts.get(r, 0):>7}" for r in ranks)
             out.append(f"{reason:<{w}}  {cells}  {sum(counts.values()):>5}")
@@ -189,8 +220,9 @@ def plot(events: list[dict], path: str, *, title: str = "arc-dist run") -> None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_grad) = plt.subplots(2, 1, figsize=FIG_INCHES, dpi=DPI, sharex=True,
-                                           gridspec_kw={"height_ratios": [3, 1.4]})
+    fig, (ax_loss, ax_grad) = plt.subplots(
+        2, 1, figsize=FIG_INCHES, dpi=DPI, sharex=True, gridspec_kw={"height_ratios": [3, 1.4]}
+    )
     # the curve is split where training went back (rollback, restart) so it never draws backwards;
     # each process (restart count) gets its own colour, since a restart redoes steps
     segments: list[tuple[int, list[tuple[int, float, float]]]] = [(0, [])]
@@ -229,15 +261,25 @@ def plot(events: list[dict], path: str, *, title: str = "arc-dist run") -> None:
     def vlines(xs, label, **style):
         for x in xs:
             for ax in (ax_loss, ax_grad):
-                ax.axvline(x, label=label if (ax is ax_loss and label not in labelled) else None, **style)
+                ax.axvline(
+                    x, label=label if (ax is ax_loss and label not in labelled) else None, **style
+                )
             labelled.add(label)
 
     fails = [r for r in events if r.get("kind") == "failure" and isinstance(r.get("step"), int)]
     vlines([r["step"] for r in fails], "failure", color="tab:red", lw=1.2, alpha=0.8)
     for r in fails:
         ranks = ",".join(str(x) for x in r.get("ranks") or [])
-        ax_loss.annotate(f"{r.get('reason')} r{ranks}", (r["step"], 1.0), xycoords=("data", "axes fraction"),
-                         rotation=90, va="top", ha="right", fontsize=7, color="tab:red")
+        ax_loss.annotate(
+            f"{r.get('reason')} r{ranks}",
+            (r["step"], 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+            color="tab:red",
+        )
     xs, _ = marks("warning")
     vlines(xs, "warning", color="gold", lw=1.0, ls=":")
     xs, _ = marks("restart")
@@ -246,19 +288,39 @@ def plot(events: list[dict], path: str, *, title: str = "arc-dist run") -> None:
     for r in events:
         if r.get("kind") == "rollback" and isinstance(r.get("step"), int):
             failed = (r.get("values") or {}).get("failed_step", r["step"])
-            ax_loss.annotate("", xy=(r["step"], 0.06), xytext=(failed, 0.06),
-                             xycoords=("data", "axes fraction"),
-                             arrowprops=dict(arrowstyle="->", color="tab:orange", lw=1.5))
+            ax_loss.annotate(
+                "",
+                xy=(r["step"], 0.06),
+                xytext=(failed, 0.06),
+                xycoords=("data", "axes fraction"),
+                arrowprops=dict(arrowstyle="->", color="tab:orange", lw=1.5),
+            )
     if any(r.get("kind") == "rollback" for r in events):
         ax_loss.plot([], [], color="tab:orange", lw=1.5, label="rollback (failed -> restored)")
     xs, _ = marks("checkpoint_commit")
     if xs:
-        ax_loss.scatter(xs, [0.02] * len(xs), transform=ax_loss.get_xaxis_transform(), marker="^",
-                        color="tab:green", s=30, zorder=3, label="checkpoint committed")
+        ax_loss.scatter(
+            xs,
+            [0.02] * len(xs),
+            transform=ax_loss.get_xaxis_transform(),
+            marker="^",
+            color="tab:green",
+            s=30,
+            zorder=3,
+            label="checkpoint committed",
+        )
     xs, _ = marks("checkpoint_failure")
     if xs:
-        ax_loss.scatter(xs, [0.02] * len(xs), transform=ax_loss.get_xaxis_transform(), marker="v",
-                        color="black", s=30, zorder=3, label="checkpoint failed")
+        ax_loss.scatter(
+            xs,
+            [0.02] * len(xs),
+            transform=ax_loss.get_xaxis_transform(),
+            marker="v",
+            color="black",
+            s=30,
+            zorder=3,
+            label="checkpoint failed",
+        )
     ax_loss.set_ylabel("loss")
     ax_grad.set_ylabel("grad norm")
     ax_grad.set_xlabel("global step")
@@ -283,14 +345,18 @@ def _describe(r: dict) -> str:
     return " ".join(parts)
 
 
-def write_html(summary: dict, events: list[dict], png_path: str, html_path: str, *, title: str) -> None:
+def write_html(
+    summary: dict, events: list[dict], png_path: str, html_path: str, *, title: str
+) -> None:
     with open(png_path, "rb") as f:
         png = base64.b64encode(f.read()).decode()
     notable = [r for r in events if r.get("kind") in _NOTABLE]
     rows = "\n".join(
         "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
             html.escape(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(_num(r.get("time")) or 0))),
-            html.escape(str(r.get("step"))), html.escape(str(r.get("restart"))), html.escape(_describe(r)),
+            html.escape(str(r.get("step"))),
+            html.escape(str(r.get("restart"))),
+            html.escape(_describe(r)),
         )
         for r in notable
     )
@@ -337,9 +403,17 @@ def report(url: str, out_dir: str | None = None, storage_options: dict | None = 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", metavar="RUN_DIR_OR_URL", help="the run's log_dir / checkpoint_dir (path or fsspec URL)")
-    p.add_argument("--out", default=".", metavar="DIR", help="where report.png and report.html go (default: .)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument(
+        "url",
+        metavar="RUN_DIR_OR_URL",
+        help="the run's log_dir / checkpoint_dir (path or fsspec URL)",
+    )
+    p.add_argument(
+        "--out", default=".", metavar="DIR", help="where report.png and report.html go (default: .)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as JSON instead of a table"
+    )
 
 
 def run(args: argparse.Namespace, storage_options: dict | None = None) -> int:
@@ -358,7 +432,9 @@ def run(args: argparse.Namespace, storage_options: dict | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m arc_dist.observe.report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m arc_dist.observe.report", description=__doc__.split("\n")[0]
+    )
     add_arguments(p)
     return run(p.parse_args(argv))
 
