@@ -77,8 +77,8 @@ def reporting_arc(args) -> type[Arc]:
     return ReportingArc
 
 
-def build_parser():
-    p = train_ddp.build_parser("train_ddp.py's run, reporting events for tests")
+def build_parser(description: str = "train_ddp.py's run, reporting events for tests"):
+    p = train_ddp.build_parser(description)
     p.add_argument("--fsdp", action="store_true", help="wrap with FSDP2 as train_fsdp.py does")
     p.add_argument("--report", help="append JSON events to this file")
     p.add_argument("--throttle", type=float, default=0.0, help="sleep per step, seconds")
