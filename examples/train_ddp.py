@@ -4,7 +4,7 @@ The model and data are in ``gpt.py`` beside this file. Arc adds durable checkpoi
 ``--checkpoint-dir``, in-memory rollbacks, the hang watchdog, and faults from
 ``arc_dist.chaos`` on demand. Every (re)start calls ``arc.resume()``, so a job restarted by
 torchrun continues from the newest healthy checkpoint, also with a different number of ranks.
-Runs unchanged on CPU (gloo) and CUDA (nccl).
+Runs on CPU (gloo); the CUDA (nccl) branch is written but not yet run on a GPU.
 
 Single node, 2 workers, through the launcher (sets the elastic flags, maps exit codes)::
 
@@ -109,6 +109,7 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
     """The whole run; ``wrap`` turns the plain model into the data-parallel one."""
     device, rank, world = setup(args)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "local")
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[{name} rank {rank}] %(message)s",
@@ -137,13 +138,13 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
     # Collective: every rank loads the newest checkpoint all ranks agree is healthy (a
     # node-local snapshot when one is newer), resharded if the world size changed; 0 if none.
     # No sampler state to restore: get_batch is a pure function of the step. With a DataLoader,
-    # use arc_dist.data.ResumableDistributedSampler, arc.register() it, and start the epoch
+    # use arc_dist.ResumableDistributedSampler, arc.register() it, and start the epoch
     # loop at sampler.epoch so that set_epoch keeps the resumed position.
     start = arc.resume()
     n_params = sum(p.numel() for p in gpt.parameters())
-    log.info("restart %d, world size %d, %s: %s; %.2fM parameters; faults: %s", restart, world,
-             device, f"resumed at step {start}" if start else "fresh start", n_params / 1e6,
-             chaos or "none")  # fmt: skip
+    resumed = f"resumed at step {start}" if start else "fresh start"
+    log.info("run %s, restart %d, world size %d, %s: %s; %.2fM parameters; faults: %s", run_id,
+             restart, world, device, resumed, n_params / 1e6, chaos or "none")  # fmt: skip
 
     t_log = time.monotonic()
     while arc.global_step < args.steps:
