@@ -11,9 +11,9 @@ process once rank 0 reports step ``--kill-at``, and measures
 Paths compared (same model, data, checkpoint interval, monitor interval, 1 restart):
 
 * ``arc``: ``python -m arc_dist.launch`` + examples/train_ddp.py (run by
-  tests/workers/train_worker.py, which adds ``--report`` and ``--throttle``); durable DCP checkpoints every
-  ``--checkpoint-every`` steps, resume from the newest *confirmed* one (``--confirm-after``);
-  the node-local tier off (``--no-local-snapshots``);
+  tests/workers/train_worker.py, which adds ``--report`` and ``--throttle``); durable DCP
+  checkpoints every ``--checkpoint-every`` steps, resume from the newest *confirmed* one
+  (``--confirm-after``); the node-local tier off (``--no-local-snapshots``);
 * ``local``: the same with the node-local snapshot tier on (the default): healthy snapshots every
   ``--snapshot-every`` steps in /dev/shm, resume from the newest one every rank has;
 * ``plain``: ``torchrun`` + benchmarks/_plain_worker.py: rank 0 ``torch.save``s the model and
