@@ -4,8 +4,8 @@ The model, data and schedule are ``gpt.py``'s, the flags ``train_ddp.py``'s and 
 ``TorchTrainer`` starts the workers, joins them into a process group and wraps the model in DDP.
 Arc runs inside ``train_loop_per_worker``: numeric faults are rolled back in place (Ray never
 notices), and when a worker process dies Ray restarts the whole group (``--max-failures``), whose
-loop calls ``arc.resume()`` and continues from the newest healthy checkpoint under ``<storage-
-path>/<name>/arc``. Metrics and arc-dist's committed checkpoints are reported to Ray, so
+loop calls ``arc.resume()`` and continues from the newest healthy checkpoint under
+``<storage-path>/<name>/arc``. Metrics and arc-dist's committed checkpoints are reported to Ray, so
 ``Result.checkpoint`` points at the newest one.
 
 On this machine (Ray starts a local instance; 2 CPU workers)::
