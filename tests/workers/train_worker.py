@@ -58,11 +58,10 @@ def reporting_arc(args) -> type[Arc]:
             if self._first:
                 report(args.report, event="first_step", step=self.global_step, **self._event)
                 self._first = False
+            time.sleep(args.throttle)  # before the step event, as a slower step would be
             at = self.global_step
             if self.rank == 0 and (at % args.log_every == 0 or at == args.steps):
-                report(args.report, event="step", step=self.global_step, loss=action.loss,
-                       **self._event)  # fmt: skip
-            time.sleep(args.throttle)
+                report(args.report, event="step", step=at, loss=action.loss, **self._event)
             return action
 
         def close(self) -> None:
