@@ -155,7 +155,7 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
         # Between backward and optimizer.step: Arc sees this step's loss and averaged gradients
         # before they touch the weights. One collective gives every rank the same verdict.
         action = arc.step(loss)
-        if action.rolled_back:  # weights, optimizer and scheduler are back at an earlier step
+        if action.rolled_back and rank == 0:  # every rank rolled back, to the same step
             lost = action.failed_step - action.restored_step
             log.warning("%s at step %d (ranks %s): rolled back to step %d, %d steps lost",
                         action.reason, action.failed_step, list(action.bad_ranks),
