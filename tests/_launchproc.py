@@ -1,4 +1,4 @@
-"""Run ``python -m arc_dist.launch`` (or the examples under it) as a test subprocess.
+"""Run ``python -m arc_dist.launch`` (or the training worker under it) as a test subprocess.
 
 Each run gets its own session, TMPDIR and log folder; :meth:`LaunchProc.cleanup` SIGKILLs the
 launcher's whole tree (torchrun and the workers live in sessions of their own), so a failing
@@ -17,7 +17,8 @@ from pathlib import Path
 from arc_dist.elastic.launcher import _descendants, sigkill_all
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
+#: examples/train_ddp.py's run with the events tests read (``--report``) and ``--throttle``
+TRAIN_WORKER = REPO / "tests" / "workers" / "train_worker.py"
 
 
 def clean_env(tmp: Path, **extra: str) -> dict:
@@ -78,7 +79,7 @@ def events(path: Path) -> list[dict]:
 
 
 def example_args(report: Path, ckpt: Path, steps: int, *extra: str) -> list[str]:
-    """Flags for examples/train_*.py: small, fast, checkpoints every 10 steps."""
+    """Flags for ``TRAIN_WORKER``: small, fast, checkpoints every 10 steps."""
     return [
         "--steps", str(steps), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10",
         "--confirm-after", "5", "--snapshot-every", "5", "--report", str(report),

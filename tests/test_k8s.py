@@ -181,7 +181,11 @@ def _script_parser(image_path: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"arc_k8s_{path.stem}", path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(path.parent))  # as when the script runs: its folder is importable
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
     build = getattr(mod, "build_parser", None)
     return build() if callable(build) else None
 
