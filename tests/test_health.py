@@ -380,7 +380,7 @@ def test_device_error_in_a_step_exits_12_under_torchrun(tmp_path):
     # both workers really exited 12 (torchrun's own failure summary)
     exits = re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (\d+)", out)
     assert sorted(exits) == [("0", "12"), ("1", "12")], out
-    _, failures = scan_error_dir([str(p) for p in run.log_dir.iterdir() if p.is_dir()])
+    _, failures = scan_error_dir(str(run.log_dir / "arc-errors"))  # the launcher's folder
     by_rank = {f.rank: f for f in failures}
     assert set(by_rank) == {0, 1} and all(f.exit_code == ExitCode.HARDWARE for f in failures)
     assert "device error at step 3 (illegal_memory_access)" in by_rank[0].message
@@ -401,7 +401,7 @@ def test_failing_preflight_in_arc_exits_13_before_any_step(tmp_path):
     assert "check 'matmul' on cpu" in out and "stopping torchrun instead of restarting" in out
     assert run.markers_named("start-0-")  # the workers ran ...
     assert run.markers_named("step-") == []  # ... and no training step did
-    _, failures = scan_error_dir([str(p) for p in run.log_dir.iterdir() if p.is_dir()])
+    _, failures = scan_error_dir(str(run.log_dir / "arc-errors"))  # the launcher's folder
     first = {f.rank: f.exit_code for f in failures if f.attempt == 0}
     assert first == {0: ExitCode.RETRY, 1: ExitCode.BAD_NODE}
 

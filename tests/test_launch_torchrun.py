@@ -163,7 +163,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.timeout(180)
 def test_sigterm_while_torchrun_is_being_started_is_forwarded(tmp_path, monkeypatch, capfd):
     """A SIGTERM between the launcher's handler and torchrun's start is not lost."""
-    from arc_dist import launch
+    from arc_dist.elastic import launcher as launch
 
     markers = tmp_path / "markers"
     markers.mkdir()
