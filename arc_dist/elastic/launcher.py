@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-dir",
         "--log_dir",
         default=_env_default("LOG_DIR", ""),
-        help="torchrun's log folder, where workers' error files land (ARC_LOG_DIR; default a "
-        "new temporary folder under $TMPDIR)",
+        help="torchrun's log folder; workers' error records land in its arc-errors/ (ARC_LOG_DIR; "
+        "default a new temporary folder under $TMPDIR)",
     )
     a(
         "--bad-node-after",
