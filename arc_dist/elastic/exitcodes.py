@@ -89,8 +89,8 @@ def write_error_file(
     (``HardwareError``: device, kind, blamesHost) is added to the ``"arc"`` object. Never
     raises: this runs on the way out of a failing process.
     """
-    paths = [path] if path else [p for p in (os.environ.get("TORCHELASTIC_ERROR_FILE"),
-                                              _own_record(".json")) if p]  # fmt: skip
+    torch_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    paths = [path] if path else [p for p in (torch_file, _own_record(".json")) if p]
     if not paths:
         return None
     if isinstance(error, BaseException):
