@@ -10,6 +10,7 @@ Checkpoint commands (any fsspec URL; ``-o KEY=VALUE`` passes storage options, e.
     arc-dist checkpoints URL             list step, state, time, world size, size
     arc-dist verify URL[/step_N]         re-read every file, compare sizes and checksums
     arc-dist prune URL --keep K          keep the K newest committed (and newest confirmed, healthy)
+    arc-dist export URL[/step_N] --to torch|safetensors [--model-only] [--out FILE]
 
 Run report (``report.py``)::
 
@@ -248,6 +249,50 @@ def _register_prune(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print what would be removed")
     _add_storage_args(p)
     p.set_defaults(func=_cmd_prune)
+
+
+# -- export (arc_dist/export.py) ----------------------------------------------------------------
+def _cmd_export(args) -> int:
+    from .export import ExportError, export_checkpoint
+
+    try:
+        r = export_checkpoint(
+            args.url,
+            args.out,
+            to=args.to,
+            model_only=args.model_only,
+            storage_options=_storage_options(args.storage_option),
+        )
+    except ExportError as e:
+        raise _UsageError(str(e)) from e
+    print(f"step_{r.step} -> {r.path} ({r.tensors} tensors, {_human(r.nbytes)})")
+    return 0
+
+
+@subcommand
+def _register_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as one torch.save or safetensors file",
+        description="Reads a committed checkpoint (the one a resume loads, or URL/step_N) in one "
+        "process, checks it against its manifest and writes one file that loads without "
+        "arc-dist: torch.load(FILE, weights_only=True) or safetensors.torch.load_file(FILE). "
+        "Exit code 2 when the checkpoint is partial, damaged or missing.",
+    )
+    p.add_argument("url", help="checkpoint root, or one checkpoint: URL/step_N")
+    p.add_argument("--to", choices=("torch", "safetensors"), default="torch")
+    p.add_argument(
+        "--model-only",
+        action="store_true",
+        help="only the model's state_dict, under the model's own parameter names",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="output path or fsspec URL (default: step_<N>[-model].pt|.safetensors here)",
+    )
+    _add_storage_args(p)
+    p.set_defaults(func=_cmd_export)
 
 
 # -- report (arc_dist/observe/report.py) ----------------------------------------------------------------
