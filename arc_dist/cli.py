@@ -312,8 +312,23 @@ def _register_report(sub) -> None:
     p.set_defaults(func=lambda args: report.run(args, _storage_options(args.storage_option)))
 
 
+def _versions() -> str:
+    """arc-dist's and torch's versions, read from package metadata: torch is not imported."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        torch = version("torch")
+    except PackageNotFoundError:
+        torch = "not installed"
+    return f"arc-dist {__version__} (torch {torch}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arc-dist", description="arc-dist command line tools")
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _SUBCOMMANDS:
         register(sub)
@@ -324,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)  # before any heavy import: --help, --version
     from .checkpoint.storage import storage_fault
 
-    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except _UsageError as e:
