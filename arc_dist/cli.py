@@ -147,8 +147,56 @@ def _register_checkpoints(sub) -> None:
 
 
 # -- verify -------------------------------------------------------------------------------------
+class _Progress:
+    """Bytes and files verified so far and the read rate, on stderr: redrawn in place on a
+    terminal, one line a second otherwise (``--progress`` into a log)."""
+
+    def __init__(self, files: int, nbytes: int, enabled: bool) -> None:
+        import time
+
+        self.total_files, self.total_bytes = files, nbytes
+        self.files = self.bytes = 0
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+        self._clock = time.monotonic
+        self.start = self._last = self._clock()
+
+    def advance(self, nbytes: int) -> None:
+        self.files += 1
+        self.bytes += nbytes
+        now = self._clock()
+        if not self.enabled or (not self.tty and now - self._last < 1 and not self.finished):
+            return
+        self._last = now
+        rate = self.bytes / max(now - self.start, 1e-6)
+        line = (
+            f"verify: {self.files}/{self.total_files} files, {_human(self.bytes)}/"
+            f"{_human(self.total_bytes)}, {_human(rate)}/s"
+        )
+        sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
+        if self.tty and self.finished:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    @property
+    def finished(self) -> bool:
+        return self.files >= self.total_files
+
+
+def _verify_one(storage, info, progress: _Progress) -> list[str]:
+    """``catalog.verify`` file by file, so that progress moves with each file read."""
+    from .checkpoint.catalog import verify
+
+    if info.manifest is None:
+        return verify(storage, info)
+    problems = []
+    for name in sorted(info.manifest.files):
+        problems += verify(storage, info, [name])
+        progress.advance(info.manifest.files[name].size)
+    return problems
+
+
 def _cmd_verify(args) -> int:
-    from .checkpoint.catalog import scan, verify
+    from .checkpoint.catalog import scan
     from .checkpoint.storage import storage_fault
 
     root, step = _split_step(args.url)
@@ -157,36 +205,52 @@ def _cmd_verify(args) -> int:
     if step is not None:
         infos = [i for i in infos if i.step == step]
         if not infos:
-            print(f"step_{step}: not found in {storage.display}")
-            return 2
+            raise _UsageError(f"step_{step}: not found in {storage.display}")
     if not any(i.committed for i in infos) and step is None:
-        print(f"no checkpoints in {storage.display}")
-        return 2
-    damaged = 0
+        raise _UsageError(f"no checkpoints in {storage.display}")
+    readable = [i.manifest for i in infos if i.manifest is not None]
+    progress = _Progress(
+        sum(len(m.files) for m in readable),
+        sum(m.total_bytes for m in readable),
+        enabled=not args.json and (args.progress or sys.stderr.isatty()),
+    )
+    results = []  # (step, status, problems)
     for info in infos:
         if not info.committed:
-            print(f"step_{info.step}: partial (no manifest: an incomplete save, not a checkpoint)")
-            damaged += step is not None
+            # not a checkpoint: damage only when it was asked for by name
+            status = "partial" if step is None else "damaged"
+            results.append((info, status, ["no manifest: an incomplete save, not a checkpoint"]))
             continue
         try:
-            problems = verify(storage, info)
+            problems = _verify_one(storage, info, progress)
         except Exception as e:
             if not storage_fault(e):
                 raise
-            damaged += 1
-            print(f"step_{info.step}: UNREADABLE (a storage error, not proven damaged)")
-            print(f"    {type(e).__name__}: {e}")
+            results.append((info, "unreadable", [f"{type(e).__name__}: {e}"]))
             continue
-        if problems:
-            damaged += 1
-            print(f"step_{info.step}: DAMAGED")
-            for p in problems:
-                print(f"    {p}")
-        else:
-            n = len(info.manifest.files)
-            print(
-                f"step_{info.step}: ok ({info.state}, {n} files, {_human(info.manifest.total_bytes)})"
-            )
+        results.append((info, "damaged" if problems else "ok", problems))
+    damaged = sum(status in ("damaged", "unreadable") for _, status, _ in results)
+    if args.json:
+        rows = [
+            {"step": i.step, "state": i.state, "status": st, "problems": probs}
+            for i, st, probs in results
+        ]
+        print(json.dumps(rows, indent=1))
+        return 1 if damaged else 0
+    for info, status, problems in results:
+        if status == "ok":
+            n, size = len(info.manifest.files), _human(info.manifest.total_bytes)
+            print(f"step_{info.step}: ok ({info.state}, {n} files, {size})")
+            continue
+        if not info.committed:
+            print(f"step_{info.step}: partial ({problems[0]})")
+            continue
+        head = (
+            "DAMAGED" if status == "damaged" else "UNREADABLE (a storage error, not proven damaged)"
+        )
+        print(f"step_{info.step}: {head}")
+        for p in problems:
+            print(f"    {p}")
     return 1 if damaged else 0
 
 
@@ -195,9 +259,17 @@ def _register_verify(sub) -> None:
     p = sub.add_parser(
         "verify",
         help="check every file's size and checksum against the manifests",
-        description="Exit code 1 when any checkpoint is damaged (or URL/step_N is not a checkpoint).",
+        description="Re-reads every file of every committed checkpoint (or of URL/step_N). Exit "
+        "code 0: all intact; 1: a checkpoint is damaged or unreadable, or URL/step_N is a partial "
+        "save; 2: nothing to verify (no checkpoints, step_N not found) or bad usage.",
     )
     p.add_argument("url", help="checkpoint root, or one checkpoint: URL/step_N")
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="show files and bytes done and the read rate on stderr (default: on a terminal)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output; no progress")
     _add_storage_args(p)
     p.set_defaults(func=_cmd_verify)
 
