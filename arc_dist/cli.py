@@ -377,7 +377,8 @@ def _register_report(sub) -> None:
         help="summarise a run's event log; draw report.png and report.html",
         description="Reads RUN_DIR_OR_URL/events.jsonl (and the checkpoints there), prints faults "
         "by kind and rank, recoveries, steps and time lost, checkpoints and the mean time between "
-        "failures, and writes report.png and report.html to --out. Needs arc-dist[report].",
+        "failures, and writes report.png and report.html to --out (default: .). Drawing needs "
+        "arc-dist[report]; --json without --out draws nothing.",
     )
     report.add_arguments(p)
     _add_storage_args(p)
