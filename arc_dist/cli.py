@@ -10,7 +10,7 @@ Checkpoint commands (any fsspec URL; ``-o KEY=VALUE`` passes storage options, e.
     arc-dist checkpoints URL             list step, state, time, world size, size
     arc-dist verify URL[/step_N]         re-read every file, compare sizes and checksums
     arc-dist prune URL --keep K          keep the K newest committed (and newest confirmed, healthy)
-    arc-dist export URL[/step_N] --to torch|safetensors [--model-only] [--out FILE]
+    arc-dist export URL[/step_N] --to torch|safetensors|torchtitan [--model-only] [--out FILE]
 
 Run report (``report.py``)::
 
@@ -325,16 +325,20 @@ def _register_prune(sub) -> None:
 
 # -- export (arc_dist/export.py) ----------------------------------------------------------------
 def _cmd_export(args) -> int:
-    from .export import ExportError, export_checkpoint
+    from .export import ExportError, export_checkpoint, export_torchtitan
 
+    options = _storage_options(args.storage_option)
     try:
-        r = export_checkpoint(
-            args.url,
-            args.out,
-            to=args.to,
-            model_only=args.model_only,
-            storage_options=_storage_options(args.storage_option),
-        )
+        if args.to == "torchtitan":
+            r = export_torchtitan(
+                args.url, args.out or "checkpoint", model_only=args.model_only,
+                storage_options=options,
+            )  # fmt: skip
+        else:
+            r = export_checkpoint(
+                args.url, args.out, to=args.to, model_only=args.model_only,
+                storage_options=options,
+            )  # fmt: skip
     except ExportError as e:
         raise _UsageError(str(e)) from e
     print(f"step_{r.step} -> {r.path} ({r.tensors} tensors, {_human(r.nbytes)})")
@@ -352,7 +356,13 @@ def _register_export(sub) -> None:
         "Exit code 2 when the checkpoint is partial, damaged or missing.",
     )
     p.add_argument("url", help="checkpoint root, or one checkpoint: URL/step_N")
-    p.add_argument("--to", choices=("torch", "safetensors"), default="torch")
+    p.add_argument(
+        "--to",
+        choices=("torch", "safetensors", "torchtitan"),
+        default="torch",
+        help="torchtitan: a DCP folder OUT/step-<N> in torchtitan's layout (default OUT: "
+        "./checkpoint), docs/checkpoints.md",
+    )
     p.add_argument(
         "--model-only",
         action="store_true",

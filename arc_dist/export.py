@@ -187,3 +187,71 @@ def export_checkpoint(
     return ExportResult(
         info.step, out, len(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
     )
+
+
+# -- torchtitan ---------------------------------------------------------------------------------
+def torchtitan_state(
+    flat: dict[str, Any], paths: dict[str, tuple], step: int, *, model_only: bool = False
+) -> dict[str, Any]:
+    """The checkpoint in torchtitan's DCP layout (``torchtitan.components.checkpointer``).
+
+    Model parameters at the top level under their FQNs; ``optimizer`` flat and FQN-keyed
+    (``state.<fqn>.<name>``, ``param_groups.<fqn>.<key>``); ``lr_scheduler`` ``{"last_epoch"}``;
+    ``train_state`` ``{"step", "ntokens_seen"}`` (arc-dist does not count tokens: 0). No
+    ``dataloader``: torchtitan's loader state is its own (``exclude_from_loading``).
+    """
+    state: dict[str, Any] = dict(_model_only(flat, paths))
+    if model_only:
+        return state
+    train = _nest(flat, paths)["train"]
+    optim = train.get("optim")
+    if optim is not None:
+        out: dict[str, Any] = {}
+        for fqn, per_param in optim.get("state", {}).items():
+            for name, value in per_param.items():
+                out[f"state.{fqn}.{name}"] = value
+        for group in optim.get("param_groups", []):
+            for fqn in group["params"]:
+                for key, value in group.items():
+                    if key not in ("params", "param_names"):
+                        out[f"param_groups.{fqn}.{key}"] = value
+        state["optimizer"] = out
+    if "scheduler" in train:
+        state["lr_scheduler"] = {"last_epoch": train["scheduler"]["last_epoch"]}
+    state["train_state"] = {"step": step, "ntokens_seen": 0}
+    return state
+
+
+def export_torchtitan(
+    url: str,
+    folder: str,
+    *,
+    model_only: bool = False,
+    storage_options: dict | None = None,
+) -> ExportResult:
+    """Write checkpoint ``url`` as torchtitan's ``<folder>/step-<N>`` (DCP, one process).
+
+    ``folder`` is torchtitan's ``<job.dump_folder>/<checkpoint.folder>``: a torchtitan job started
+    with it resumes at step N. ``model_only``: the parameters alone, for torchtitan's
+    ``checkpoint.initial_load_path`` (a fresh optimizer and schedule, the arc-dist weights).
+    """
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    storage, info = _choose(url, storage_options or {})
+    flat, paths = read_checkpoint(storage, info)
+    state = torchtitan_state(flat, paths, info.step, model_only=model_only)
+    path = f"{folder.rstrip('/')}/step-{info.step}"
+    dcp.save(state, checkpoint_id=path, no_dist=True)
+    tensors = [v for v in _leaves(state) if isinstance(v, torch.Tensor)]
+    return ExportResult(
+        info.step, path, len(tensors), sum(t.numel() * t.element_size() for t in tensors)
+    )
+
+
+def _leaves(obj: Any):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    else:
+        yield obj

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, safe_open
 from arc_dist.checkpoint import CheckpointManager, TrainState
 from arc_dist.checkpoint.manifest import MANIFEST_NAME
 from arc_dist.cli import main as cli
-from arc_dist.export import export_checkpoint
+from arc_dist.export import export_checkpoint, export_torchtitan
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     Position,
@@ -154,3 +154,62 @@ def test_export_of_a_two_rank_checkpoint_is_whole(tmp_path, kind):
     model = make_model(seed=5)
     model.load_state_dict(load_file(st))
     assert_state_equal(model.state_dict(), msd)
+
+
+def test_torchtitan_layout_resumes_where_arc_dist_stopped(tmp_path):
+    """The folder torchtitan's DCP checkpointer finds (``step-N`` with ``.metadata``) and loads:
+    its states flattened as torchtitan flattens them (model FQNs at the top level, the flat
+    FQN-keyed optimizer, ``lr_scheduler``, ``train_state``), into a fresh model and optimizer."""
+    import re
+
+    import torch.distributed.checkpoint as dcp
+
+    url, saved, model = _saved_run(tmp_path)
+    folder = tmp_path / "dump" / "checkpoint"
+    assert cli(["export", url, "--to", "torchtitan", "--out", str(folder)]) == 0
+    (step_dir,) = folder.iterdir()
+    assert re.fullmatch(r"step-(\d+)", step_dir.name).group(1) == "6"
+    assert (step_dir / ".metadata").is_file()
+
+    # torchtitan's side: a model and an optimizer built with (name, param) pairs, state created
+    fresh = make_model(seed=1)
+    opt = torch.optim.AdamW(fresh.named_parameters(), lr=0.01)
+    for p in fresh.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    osd = opt.state_dict()
+    names = [n for g in osd["param_groups"] for n in g["param_names"]]
+    flat_optim = {}
+    for idx, per_param in osd["state"].items():
+        for k, v in per_param.items():
+            flat_optim[f"state.{names[idx]}.{k}"] = v
+    for g in osd["param_groups"]:
+        for n in g["param_names"]:
+            flat_optim.update(
+                {
+                    f"param_groups.{n}.{k}": v
+                    for k, v in g.items()
+                    if k not in ("params", "param_names")
+                }
+            )
+    states = {
+        **fresh.state_dict(),
+        "optimizer": flat_optim,
+        "lr_scheduler": {"last_epoch": 0},
+        "train_state": {"step": 0, "ntokens_seen": 0},
+    }
+    dcp.load(states, checkpoint_id=str(step_dir), no_dist=True)  # strict: every key present
+    assert_state_equal(fresh.state_dict(), model.state_dict())
+    want = saved["train"]["optim"]
+    for fqn, per_param in want["state"].items():
+        for k, v in per_param.items():
+            assert torch.equal(states["optimizer"][f"state.{fqn}.{k}"], v), (fqn, k)
+    assert states["optimizer"]["param_groups.0.weight.lr"] == want["param_groups"][0]["lr"]
+    assert states["lr_scheduler"] == {"last_epoch": 6}
+    assert states["train_state"] == {"step": 6, "ntokens_seen": 0}
+
+    # model only, for torchtitan's checkpoint.initial_load_path
+    r = export_torchtitan(url, str(tmp_path / "init"), model_only=True)
+    only = make_model(seed=2)
+    dcp.load(only.state_dict(), checkpoint_id=r.path, no_dist=True)
+    assert_state_equal(only.state_dict(), model.state_dict())
