@@ -327,18 +327,12 @@ def _register_prune(sub) -> None:
 def _cmd_export(args) -> int:
     from .export import ExportError, export_checkpoint, export_torchtitan
 
-    options = _storage_options(args.storage_option)
+    kw = {"model_only": args.model_only, "storage_options": _storage_options(args.storage_option)}
     try:
         if args.to == "torchtitan":
-            r = export_torchtitan(
-                args.url, args.out or "checkpoint", model_only=args.model_only,
-                storage_options=options,
-            )  # fmt: skip
+            r = export_torchtitan(args.url, args.out or "checkpoint", **kw)
         else:
-            r = export_checkpoint(
-                args.url, args.out, to=args.to, model_only=args.model_only,
-                storage_options=options,
-            )  # fmt: skip
+            r = export_checkpoint(args.url, args.out, to=args.to, **kw)
     except ExportError as e:
         raise _UsageError(str(e)) from e
     print(f"step_{r.step} -> {r.path} ({r.tensors} tensors, {_human(r.nbytes)})")
@@ -349,10 +343,11 @@ def _cmd_export(args) -> int:
 def _register_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a checkpoint as one torch.save or safetensors file",
+        help="write a checkpoint as one torch.save or safetensors file, or for torchtitan",
         description="Reads a committed checkpoint (the one a resume loads, or URL/step_N) in one "
         "process, checks it against its manifest and writes one file that loads without "
-        "arc-dist: torch.load(FILE, weights_only=True) or safetensors.torch.load_file(FILE). "
+        "arc-dist: torch.load(FILE, weights_only=True) or safetensors.torch.load_file(FILE); "
+        "or, with --to torchtitan, a folder OUT/step-<N> a torchtitan job resumes from. "
         "Exit code 2 when the checkpoint is partial, damaged or missing.",
     )
     p.add_argument("url", help="checkpoint root, or one checkpoint: URL/step_N")
