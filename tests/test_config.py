@@ -150,6 +150,7 @@ def test_hf_argument_parser_builds_it_next_to_training_arguments():
 
 def test_jsonargparse_builds_it():
     import jsonargparse
+
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(ArcConfigFlat, "arc")
     ns = parser.parse_args(["--arc.max_skips=3", "--arc.thresholds__window=50"])
