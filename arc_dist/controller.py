@@ -145,7 +145,7 @@ class Arc:
         storage_options: dict | None = None,
         chaos: chaos_mod.Chaos | str | None = None,
         log_dir: str | None = None,
-        metrics_every: int = 10,
+        metrics_every: int | None = None,
     ):
         _validate(model, optimizer, scheduler, config, process_group)
         self.model, self.optimizer, self.scheduler, self.scaler = (
@@ -155,6 +155,10 @@ class Arc:
             scaler,
         )
         self.config = config or ArcConfig()
+        # these keywords override the config's fields of the same names
+        chaos = self.config.chaos if chaos is None else chaos
+        log_dir = self.config.log_dir if log_dir is None else log_dir
+        metrics_every = self.config.metrics_every if metrics_every is None else metrics_every
         if dist.is_available() and dist.is_initialized():
             self.group = process_group or dist.group.WORLD
             self.rank = dist.get_rank(self.group)
