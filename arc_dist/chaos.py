@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .layout import local_tensor
+
 if TYPE_CHECKING:
     from .controller import Arc
 
@@ -237,9 +239,7 @@ class Chaos:
 
 
 def _first_param(arc: Arc) -> torch.Tensor:
-    from .signals import _local
-
-    return _local(next(p for p in arc.model.parameters() if p.numel() > 0).detach())
+    return local_tensor(next(p for p in arc.model.parameters() if p.numel() > 0).detach())
 
 
 def _apply_step_fault(arc: Arc, f: Fault) -> None:

@@ -1,7 +1,7 @@
 """Fail fast: an error on one rank inside ``Arc.step`` reaches every rank, named, in seconds.
 
 ``Arc.step`` joins one collective per step: its own all-reduce, or DDP's gradient all-reduce
-that the step's signals ride on (signals.DDPRide). When one rank raises inside it on its own (a
+that the step's signals ride on (ddp_hook.DDPRide). When one rank raises inside it on its own (a
 misuse only that rank makes, a failed restore), the other ranks must not wait for it in a
 collective until the timeout (minutes). So the failing rank, in :meth:`FailFast.fail`,
 publishes ``rank R at step S: Type: message`` in the process group's store (the first error
