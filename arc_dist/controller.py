@@ -35,17 +35,9 @@ from .layout import Layout, is_dtensor, layout_of
 from .lr import LRGuard
 from .observe.events import EventLog
 from .observe.recorder import Recorder
-from .policy import (
-    FAILURE,
-    HEALTHY,
-    Decision,
-    DecisionKind,
-    HealthPolicy,
-    RecoveryPolicy,
-    Status,
-    Verdict,
-)
+from .policy import FAILURE, HEALTHY, HealthPolicy, Status, Verdict
 from .preemption import PreemptionHandler
+from .recovery import Decision, DecisionKind, RecoveryPolicy
 from .signals import Col, SignalCollector, error_row
 from .silent import DivergenceTracker, StragglerTracker
 from .snapshot import SnapshotStore
@@ -739,7 +731,7 @@ class Arc:
         self._rec.checkpoint_start(self.global_step, blocking)
         self._saved_step = self.global_step
         try:
-            with self._hang_allowance():
+            with self.allow_hang():
                 self._checkpoints.save(
                     self.global_step, self._app_state(live), verdict=verdict, blocking=blocking
                 )
@@ -767,7 +759,7 @@ class Arc:
             self._rec.resumed(None, 0.0)
             return self.global_step
         t0 = time.monotonic()
-        with self._hang_allowance():
+        with self.allow_hang():
             if self._local is None:
                 step = saved = self._checkpoints.load(self._app_state())
                 source = "durable" if step is not None else None
@@ -865,9 +857,13 @@ class Arc:
         for name, obj in self._registered.items():
             obj.load_state_dict(payload["registered"][name])
 
-    def _hang_allowance(self):
-        """``hang_grace`` on top of ``hang_timeout`` for a save, a load or the final flush."""
-        return self._watchdog.allow() if self._watchdog is not None else contextlib.nullcontext()
+    def allow_hang(self, seconds: float | None = None) -> contextlib.AbstractContextManager:
+        """A context manager: ``seconds`` (default ``hang_grace``) on top of ``hang_timeout``
+        for a long operation between steps (an evaluation, a save, a load); leaving it counts as
+        progress. Does nothing without ``hang_timeout``."""
+        if self._watchdog is None:
+            return contextlib.nullcontext()
+        return self._watchdog.allow(seconds)
 
     # -- lifecycle -----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -904,7 +900,7 @@ class Arc:
         self._closed = True
         try:
             if self._checkpoints is not None:
-                with self._hang_allowance():
+                with self.allow_hang():
                     self._checkpoints.close()
             if self._local is not None:
                 self._local.close(clean=clean)

@@ -13,15 +13,8 @@ from torch import nn
 from arc_dist import ArcConfig, Thresholds
 from arc_dist.chaos import parse
 from arc_dist.lr import LRGuard
-from arc_dist.policy import (
-    FAILURE,
-    HEALTHY,
-    WARNING,
-    Decision,
-    HealthPolicy,
-    RecoveryPolicy,
-    Verdict,
-)
+from arc_dist.policy import FAILURE, HEALTHY, WARNING, HealthPolicy, Verdict
+from arc_dist.recovery import Decision, RecoveryPolicy
 from arc_dist.signals import NUM_COLS, Col, SignalCollector, StateFlag
 
 #: row() keywords -> columns, and the values a healthy row has
