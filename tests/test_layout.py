@@ -152,3 +152,19 @@ def test_import_arc_dist_and_the_launcher_load_no_torch():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_every_runtime_fault_a_user_may_catch_is_exported():
+    import arc_dist
+    from arc_dist import errors
+    from arc_dist.checkpoint import CheckpointStorageError
+
+    faults = {
+        name
+        for name, obj in vars(errors).items()
+        if isinstance(obj, type) and issubclass(obj, (errors.ArcError, errors.Preempted))
+    }
+    assert faults | {"CheckpointStorageError"} <= set(arc_dist.__all__)
+    for name in faults:
+        assert getattr(arc_dist, name) is getattr(errors, name)
+    assert arc_dist.CheckpointStorageError is CheckpointStorageError

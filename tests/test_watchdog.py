@@ -54,6 +54,26 @@ def test_grace_allow_and_stop_keep_a_slow_but_live_process_alive(tmp_path):
 
 
 @pytest.mark.timeout(150)
+def test_arc_allow_hang_covers_a_pause_longer_than_hang_timeout(tmp_path):
+    p = _run("arc", tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "survived 10" in p.stdout
+    assert not (tmp_path / "error.json").exists()
+
+
+def test_arc_allow_hang_is_a_no_op_without_a_watchdog():
+    import torch
+
+    from arc_dist import Arc
+
+    model = torch.nn.Linear(2, 1)
+    arc = Arc(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with arc.allow_hang(5.0), arc.allow_hang():
+        pass
+    arc.close()
+
+
+@pytest.mark.timeout(150)
 def test_backstop_ends_a_process_whose_hung_thread_holds_the_gil(tmp_path):
     p = _run("gil", tmp_path)
     assert "holding the GIL" in p.stdout
