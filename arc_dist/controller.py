@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import enum
 import logging
 import math
 import os
@@ -27,10 +26,10 @@ from torch import nn
 from . import chaos as chaos_mod
 from .agreement import Agreement, comm_device
 from .config import ArcConfig
-from .ddp_hook import DDPRide, Ride
+from .ddp_hook import DDPRide
 from .elastic import exitcodes
-from .errors import ArcError, Preempted, UnrecoverableError
-from .failfast import FailFast
+from .errors import Preempted, UnrecoverableError
+from .failfast import FailFast, Phase, Route
 from .layout import Layout, is_dtensor, layout_of
 from .lr import LRGuard
 from .observe.events import EventLog
@@ -38,30 +37,12 @@ from .observe.recorder import Recorder
 from .policy import FAILURE, HEALTHY, HealthPolicy, Status, Verdict
 from .preemption import PreemptionHandler
 from .recovery import Decision, DecisionKind, RecoveryPolicy
-from .signals import Col, SignalCollector, error_row
+from .signals import Col, SignalCollector, error_row, job_grad_sq
 from .silent import DivergenceTracker, StragglerTracker
 from .snapshot import SnapshotStore
 from .watchdog import Watchdog
 
 log = logging.getLogger("arc_dist")
-
-
-@dataclass(slots=True)
-class _Route:
-    """How every rank judges the current step: the DDP ride it is judged from (None until
-    known), and whether the ranks run Arc's own collective (None until the ride's verdict is
-    known)."""
-
-    ride: Ride | None
-    collective: bool | None
-
-
-class _Phase(enum.Enum):
-    """Where ``Arc.step`` is: who else an error raised there concerns (failfast.py)."""
-
-    LOCAL = 1  # before the step's collective: this rank's own error
-    JOINED = 2  # in the collective: possibly the consequence of another rank's failure
-    DECIDED = 3  # after it: an ArcError here is raised on every rank from the shared verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +150,6 @@ class Arc:
         self.device = param.device
         self.layout = layout_of(model, self.world_size)
         self._failfast = FailFast(self.group, self.rank, self.world_size)
-        self._phase, self._route = _Phase.LOCAL, None
         self._agree = Agreement(
             self.group, self.rank, self.world_size, comm_device(self.group, self.device)
         )
@@ -298,59 +278,23 @@ class Arc:
                 f"Arc.step() after an error inside it ({self._failfast.failed}): the ranks are "
                 "out of step; restart the job"
             )
-        self._phase, self._route = _Phase.LOCAL, None
+        self._failfast.begin_step()
         try:
             return self._step(loss, grad_norm)
         except Exception as exc:
             from .health import hardware_error
 
             hw = hardware_error(exc, rank=self.rank, device=self.device, step=self.global_step)
-            error = exc if hw is None else hw
-            if self._phase is _Phase.DECIDED and isinstance(error, ArcError) and hw is None:
-                raise  # raised on every rank from the agreed matrix
-            out = self._failfast.fail(
-                error, self.global_step, joined=self._phase is not _Phase.LOCAL
+            out = self._failfast.on_step_error(
+                exc,
+                hw,
+                self.global_step,
+                join=lambda: self._agree.reduce(error_row(self._agree.device)),
+                judge_ride=self._ride.judge if self._ride is not None else None,
             )
-            # a device that cannot be trusted joins no collective
-            if self._phase is _Phase.LOCAL and hw is None and self._others_join_collective():
-                self._phase = _Phase.JOINED
-                self._agree.reduce(error_row(self._agree.device))  # they raise PeerError
             if out is exc:
                 raise
             raise out from exc
-
-    def _others_join_collective(self) -> bool:
-        """Whether the other ranks judge this step through Arc's own collective (not from DDP's
-        ride), from what every rank shares; False when this rank cannot tell."""
-        route = self._route
-        if route is None or self._failfast.enabled is False:
-            return False
-        if route.collective is None:  # judged from the ride unless it shows an anomaly
-            ride = route.ride
-            if ride is None or ride.grad_sq is None:
-                return False
-            route.collective = self._ride.judge(ride)[0] is None
-        return route.collective
-
-    def _user_grad_sq(self, grad_norm) -> torch.Tensor:
-        """The job's global gradient norm as this rank's share of the squared norm."""
-        if is_dtensor(grad_norm):
-            grad_norm = grad_norm.full_tensor()
-        if isinstance(grad_norm, torch.Tensor):
-            if grad_norm.numel() != 1:
-                raise ValueError(
-                    f"Arc.step(grad_norm=...) must be the scalar total norm, got shape "
-                    f"{tuple(grad_norm.shape)}"
-                )
-            sq = grad_norm.detach().reshape(()).to(self._agree.device, torch.float64).square()
-        elif isinstance(grad_norm, (int, float)):
-            sq = torch.tensor(float(grad_norm) ** 2, dtype=torch.float64, device=self._agree.device)
-        else:
-            raise TypeError(
-                f"Arc.step(grad_norm=...) takes a tensor or a float, got {type(grad_norm).__name__}"
-            )
-        # sharded layouts add the ranks' shares; the job's norm is already the total
-        return sq / self.world_size if self.layout == Layout.SHARDED else sq
 
     def _step(self, loss: torch.Tensor, grad_norm=None) -> Action:
         start = time.monotonic()
@@ -371,15 +315,17 @@ class Arc:
         collective = True if ride is None or deep or compare else None
         # under FSDP2 the others may be inside the collective of the job's DTensor norm
         sharded_norm = grad_norm is not None and self.layout == Layout.SHARDED
-        self._route = _Route(None, None if sharded_norm else collective)
+        route = self._failfast.route = Route(None, None if sharded_norm else collective)
         if self.chaos is not None:
             self.chaos.before_check()
         self._lr.follow_loop()  # an LR the loop set is its schedule: Arc's backoff goes on top
-        user_sq = self._user_grad_sq(grad_norm) if grad_norm is not None else None
-        self._route.collective = collective
+        user_sq = None
+        if grad_norm is not None:
+            user_sq = job_grad_sq(grad_norm, self._agree.device, self.layout, self.world_size)
+        route.collective = collective
         if self._ride is not None:
             ride = self._ride.with_grad_norm(ride, user_sq, self._signals.grad_sq)
-        self._route.ride = ride  # what the ride verdict is judged from, as on every rank
+        route.ride = ride  # what the ride verdict is judged from, as on every rank
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -401,7 +347,7 @@ class Arc:
         m = verdict = None
         if ride is not None and not (deep or compare):
             m, verdict = self._ride.judge(ride)
-            self._route.collective = m is None
+            route.collective = m is None
         fast = m is not None
         if not fast:
             # the collective path: this step's full row, one all-reduce of our own
@@ -418,14 +364,14 @@ class Arc:
                 # the previous step's loss if it rode here unjudged: judged now, never dropped
                 late_loss=self._ride.late_loss() if self._ride is not None else None,
             )
-            self._phase = _Phase.JOINED
+            self._failfast.phase = Phase.JOINED
             m = self._agree.reduce(row)  # one collective and one host sync
             failed = np.flatnonzero(m[:, Col.ERROR]).tolist()
             if failed:  # ranks that raised inside step() and only joined to say so
-                self._phase = _Phase.DECIDED
+                self._failfast.phase = Phase.DECIDED
                 raise self._failfast.peer_error(failed)
             verdict = self._policy.judge(m, amp=self.scaler is not None)
-        self._phase = _Phase.DECIDED  # every rank holds the same matrix and verdict
+        self._failfast.phase = Phase.DECIDED  # every rank holds the same matrix and verdict
         if self._ride is not None:
             self._ride.judged(fast=fast, busy=busy)
         new, cleared = self._stragglers.observe(m[:, Col.STEP_TIME], self.global_step)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .layout import local_tensor
+from .layout import Layout, is_dtensor, local_tensor
 from .silent import fingerprint as param_fingerprint
 
 
@@ -242,3 +242,25 @@ def error_row(device: torch.device) -> torch.Tensor:
     row = torch.zeros(NUM_COLS, dtype=torch.float64, device=device)
     row[Col.ERROR] = 1.0
     return row
+
+
+def job_grad_sq(grad_norm, device: torch.device, layout: Layout, world_size: int) -> torch.Tensor:
+    """The global gradient norm the job passed to ``Arc.step`` (a tensor, a DTensor or a float)
+    as this rank's share of the squared norm, a float64 0-d tensor on ``device``."""
+    if is_dtensor(grad_norm):
+        grad_norm = grad_norm.full_tensor()
+    if isinstance(grad_norm, torch.Tensor):
+        if grad_norm.numel() != 1:
+            raise ValueError(
+                f"Arc.step(grad_norm=...) must be the scalar total norm, got shape "
+                f"{tuple(grad_norm.shape)}"
+            )
+        sq = grad_norm.detach().reshape(()).to(device, torch.float64).square()
+    elif isinstance(grad_norm, (int, float)):
+        sq = torch.tensor(float(grad_norm) ** 2, dtype=torch.float64, device=device)
+    else:
+        raise TypeError(
+            f"Arc.step(grad_norm=...) takes a tensor or a float, got {type(grad_norm).__name__}"
+        )
+    # sharded layouts add the ranks' shares; the job's norm is already the total
+    return sq / world_size if layout == Layout.SHARDED else sq
