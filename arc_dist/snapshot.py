@@ -78,7 +78,7 @@ class Snapshot:
     nbytes: int = 0
 
 
-class _TensorRef:
+class TensorRef:
     """Placeholder for a tensor in the optimizer-state skeleton (index into optim_tensors).
 
     A snapshot taken in this process also knows where the live tensor lived (``device``, and
@@ -113,7 +113,7 @@ def _strip(obj: Any, out: list[torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         out.append(obj)
         dt = (obj.device_mesh, obj.placements, obj.shape, obj.stride()) if is_dtensor(obj) else None
-        return _TensorRef(len(out) - 1, local_tensor(obj).device, dt)
+        return TensorRef(len(out) - 1, local_tensor(obj).device, dt)
     if isinstance(obj, dict):
         return {k: _strip(v, out) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -124,7 +124,7 @@ def _strip(obj: Any, out: list[torch.Tensor]) -> Any:
 
 
 def _fill(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(obj, _TensorRef):
+    if isinstance(obj, TensorRef):
         return tensors[obj.index].clone()
     if isinstance(obj, dict):
         return {k: _fill(v, tensors) for k, v in obj.items()}
@@ -263,7 +263,7 @@ class SnapshotStore:
             for k in [k for k in cur if k not in saved]:
                 del cur[k]
             for k, v in saved.items():
-                if not isinstance(v, _TensorRef):
+                if not isinstance(v, TensorRef):
                     cur[k] = copy.deepcopy(v)
                     continue
                 host, live = tensors[v.index], cur.get(k)
