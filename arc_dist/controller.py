@@ -1,10 +1,11 @@
 """``Arc``: the controller that wraps a training loop.
 
 One ``step()`` per optimizer step: read this rank's signals (signals.py), agree on them across
-ranks with one collective (agreement.py), judge them (policy.py), and act: continue, skip, roll
-every rank back to the newest healthy in-memory snapshot (snapshot.py) with an LR backoff, or
-give up with :class:`~arc_dist.UnrecoverableError`. Durable checkpoints, the hang watchdog and
-fault injection plug in here.
+ranks (from DDP's all-reduce, ddp_hook.py, or one collective of our own, agreement.py), judge
+them (policy.py), decide (recovery.py) and act: continue, skip, roll every rank back to the
+newest healthy in-memory snapshot (snapshot.py) with an LR backoff, or give up with
+:class:`~arc_dist.UnrecoverableError`. An error on one rank reaches the others through
+failfast.py. Durable checkpoints, the hang watchdog and fault injection plug in here.
 """
 
 from __future__ import annotations
