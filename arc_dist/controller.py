@@ -26,6 +26,7 @@ from torch import nn
 
 from . import chaos as chaos_mod
 from .agreement import Agreement, comm_device
+from .arguments import check_arguments, check_gradients, check_loss
 from .config import ArcConfig
 from .ddp_hook import DDPRide
 from .elastic import exitcodes
@@ -66,49 +67,6 @@ class Action:
     restored_step: int | None = None
 
 
-def _validate(model, optimizer, scheduler, config, process_group) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Arc(model=...) must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"Arc(optimizer=...) must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    if scheduler is not None and not (
-        hasattr(scheduler, "state_dict") and hasattr(scheduler, "step")
-    ):
-        raise TypeError(
-            f"Arc(scheduler=...) must be an LR scheduler (with step() and state_dict()) or None, "
-            f"got {type(scheduler).__name__}"
-        )
-    if config is not None and not isinstance(config, ArcConfig):
-        raise TypeError(
-            f"Arc(config=...) must be an arc_dist.ArcConfig or None, got {type(config).__name__}"
-        )
-    model_params = {id(p) for p in model.parameters()}
-    foreign = sum(
-        1 for g in optimizer.param_groups for p in g["params"] if id(p) not in model_params
-    )
-    if foreign:
-        raise ValueError(
-            f"Arc: {foreign} of the optimizer's parameters are not parameters of the model; "
-            "build the optimizer from model.parameters() (after wrapping it in DDP/FSDP2)"
-        )
-    initialized = dist.is_available() and dist.is_initialized()
-    if process_group is not None and not initialized:
-        raise ValueError(
-            "Arc(process_group=...) was given but torch.distributed is not initialized; call "
-            "dist.init_process_group() first or pass process_group=None"
-        )
-    world = os.environ.get("WORLD_SIZE", "1")
-    if not initialized and world.isdigit() and int(world) > 1:
-        # every process would train alone as rank 0 of 1, writing over the others' checkpoints
-        raise ValueError(
-            f"Arc: WORLD_SIZE={world} in the environment (a torchrun/Ray/Kubernetes launch) but "
-            "torch.distributed is not initialized, so each process would train alone as rank 0; "
-            "call torch.distributed.init_process_group() before Arc(...)"
-        )
-
-
 class Arc:
     """Protects a training loop; see ``docs/api.md`` for the contract."""
 
@@ -127,7 +85,7 @@ class Arc:
         log_dir: str | None = None,
         metrics_every: int = 10,
     ):
-        _validate(model, optimizer, scheduler, config, process_group)
+        check_arguments(model, optimizer, scheduler, config, process_group)
         self.model, self.optimizer, self.scheduler, self.scaler = (
             model,
             optimizer,
@@ -327,18 +285,9 @@ class Arc:
         if self._ride is not None:
             ride = self._ride.with_grad_norm(ride, user_sq, self._signals.grad_sq)
         route.ride = ride  # what the ride verdict is judged from, as on every rank
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"Arc.step(loss) needs the scalar loss tensor of this step, got {shape}; "
-                "reduce it first (e.g. loss.mean())"
-            )
-        first = ride is None and last is None
-        if first and not any(p.grad is not None for p in self._signals.params):
-            raise ValueError(
-                f"Arc.step() at step {self.global_step} found no gradients: call loss.backward() "
-                "before arc.step(loss), and optimizer.zero_grad() after it"
-            )
+        check_loss(loss)
+        if ride is None and last is None:  # the first step: was there a backward at all?
+            check_gradients(self._signals.params, self.global_step)
         if not self._snapshots:
             self._take_snapshot()  # the first rollback target: the state this run starts from
         # seconds this rank worked on the step, without waiting for other ranks (silent.py)
