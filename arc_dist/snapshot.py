@@ -2,9 +2,9 @@
 
 A snapshot holds what a rollback must restore: the model's local tensors (parameters and
 buffers; the local shards under FSDP2), the optimizer state, the scheduler and GradScaler state,
-the RNG states and the controller's own state. Host buffers are allocated once per slot and
-reused, and the copies are one ``torch._foreach_copy_`` per slot (non-blocking into pinned
-memory on CUDA), so a snapshot costs about one memcpy of the state.
+the RNG states and the controller's step and LR scale (``extra``). Host buffers are allocated
+once per slot and reused, and the copies are one ``torch._foreach_copy_`` per slot
+(non-blocking into pinned memory on CUDA), so a snapshot costs about one memcpy of the state.
 
 Model tensors are restored in place, so references held by the optimizer, DDP's buckets or the
 user stay valid. The optimizer state becomes exactly the snapshot's, also where it was replaced,
@@ -74,7 +74,7 @@ class Snapshot:
     scheduler: dict | None = None
     scaler: dict | None = None
     rng: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # the controller's own state
+    extra: dict = field(default_factory=dict)  # the controller's step and LR scale then
     nbytes: int = 0
 
 
