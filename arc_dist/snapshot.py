@@ -104,7 +104,7 @@ class TensorRef:
         from torch.distributed.tensor import DTensor
 
         mesh, placements, shape, stride = self.dtensor
-        return DTensor.fromlocal_tensor(
+        return DTensor.from_local(
             local, mesh, placements, run_check=False, shape=shape, stride=stride
         )
 
