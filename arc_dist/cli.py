@@ -267,6 +267,32 @@ def _register_report(sub) -> None:
     p.set_defaults(func=lambda args: report.run(args, _storage_options(args.storage_option)))
 
 
+# -- k8s ---------------------------------------------------------------------------------------
+def _cmd_k8s(args) -> int:
+    from .k8s import render
+
+    try:
+        render.run(args)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    return 0
+
+
+@subcommand
+def _register_k8s(sub) -> None:
+    from .k8s import render
+
+    p = sub.add_parser(
+        "k8s",
+        help="print the Kubernetes manifests of a run (Job, JobSet, TrainJob, PyTorchJob, RayJob)",
+        description="Renders the manifests shipped in arc_dist/k8s/manifests/ for one run and "
+        "prints them (pipe to kubectl apply -f -). Needs PyYAML (arc-dist[k8s]). See "
+        "docs/kubernetes.md.",
+    )
+    render.add_arguments(p)
+    p.set_defaults(func=_cmd_k8s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arc-dist", description="arc-dist command line tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
