@@ -9,8 +9,10 @@ every rank reaches the same conclusion.
   verified identical across replicas when taken) each rank adds up the bit patterns of its
   parameters as integers. The sum changes when any bit of any element changes (float sums
   would round small changes away) and is sent modulo 2**52 so that a float64 carries it
-  exactly. Ranks whose fingerprint differs from the majority's are named. Under FSDP each rank
-  holds a different shard, so there is nothing to compare (see docs/design.md).
+  exactly. Ranks whose fingerprint differs from the majority's are named, and
+  :class:`DivergenceTracker` counts their incidents: a rank that keeps diverging is suspect
+  hardware. Under FSDP each rank holds a different shard, so there is nothing to compare (see
+  docs/design.md).
 * **Stragglers.** Each rank reports its busy time for the step: under DDP, from the end of its
   previous step until its last gradient bucket was ready (time spent waiting for other ranks
   in DDP's all-reduce is excluded); otherwise the whole step. A rank is reported when the
