@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from arc_dist import Arc, ArcConfig, ArcError, ExitCode
-from arc_dist.chaos import preflight_faults
 from arc_dist.elastic.exitcodes import (
     decide,
     hardware_streak,
@@ -40,6 +39,7 @@ from arc_dist.health import (
     hardware_error,
     is_device_error,
     preflight,
+    preflight_faults,
     run_local_checks,
 )
 from arc_dist.health.nvml import Nvml

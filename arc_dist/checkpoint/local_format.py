@@ -160,7 +160,7 @@ _REF = "__arc_tensor_ref__"
 
 def encode_skeleton(obj: Any) -> Any:
     """The snapshot's optimizer skeleton with ``_TensorRef``s as ``{_REF: index}`` dicts."""
-    from ..snapshot import _TensorRef
+    from ..snapshot import TensorRef as _TensorRef
 
     if isinstance(obj, _TensorRef):
         return {_REF: obj.index}
@@ -172,7 +172,7 @@ def encode_skeleton(obj: Any) -> Any:
 
 
 def decode_skeleton(obj: Any) -> Any:
-    from ..snapshot import _TensorRef
+    from ..snapshot import TensorRef as _TensorRef
 
     if isinstance(obj, dict):
         if len(obj) == 1 and _REF in obj:

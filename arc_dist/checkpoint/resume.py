@@ -258,7 +258,7 @@ def resume_from_tiers(
 
 def model_keys(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, local shape, dtype) of every tensor a snapshot holds, in snapshot order."""
-    from ..signals import _local
+    from ..layout import local_tensor as _local
 
     return [
         (k, tuple(_local(t).shape), str(t.dtype))
