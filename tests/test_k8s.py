@@ -157,7 +157,7 @@ def launcher_args(container: dict[str, Any]) -> list[str] | None:
 
 def parse_launcher(argv: list[str]) -> Any:
     """Parse with the launcher's own parser (its validate() needs the script on disk: skipped)."""
-    from arc_dist.elastic.launcher import build_parser
+    from arc_dist.elastic.command import build_parser
 
     return build_parser().parse_args(argv)
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from arc_dist.elastic.command import build_command, format_command, parse_args
 from arc_dist.elastic.exitcodes import (
     classify_error_data,
     decide,
@@ -20,7 +21,7 @@ from arc_dist.elastic.exitcodes import (
     track_progress,
     write_error_file,
 )
-from arc_dist.elastic.launcher import build_command, format_command, main, parse_args
+from arc_dist.elastic.launcher import main
 from arc_dist.errors import ExitCode, HangError, HardwareError, UnrecoverableError
 
 from ._launchproc import write_record

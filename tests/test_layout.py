@@ -20,7 +20,6 @@ MAX_LINES = 500
 LONG_MODULES = {
     "arc_dist.controller",  # durability (save/resume/register) moves to checkpoint/
     "arc_dist.checkpoint.manager",  # the checkpoint manager, to be split by concern
-    "arc_dist.elastic.launcher",  # argument parsing and the torchrun driver, to be split
 }
 
 
