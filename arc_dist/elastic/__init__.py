@@ -1,5 +1,6 @@
 """Surviving dead processes, hangs and lost nodes: the launcher around torchrun
-(:mod:`~arc_dist.elastic.launcher`, ``python -m arc_dist.launch``), its command line (:mod:`~arc_dist.elastic.command`), the worker-side entry point
-that records why a process ended (:func:`~arc_dist.elastic.worker.main_entry`), and the exit-code
-protocol between them (:mod:`~arc_dist.elastic.exitcodes`). Nothing here imports torch at import
-time, so the launcher starts fast."""
+(:mod:`~arc_dist.elastic.launcher`, ``python -m arc_dist.launch``) and its command line
+(:mod:`~arc_dist.elastic.command`), the worker-side entry point that records why a process ended
+(:func:`~arc_dist.elastic.worker.main_entry`), and the exit-code protocol between them
+(:mod:`~arc_dist.elastic.exitcodes`). Nothing here imports torch at import time, so the launcher
+starts fast."""
