@@ -15,35 +15,15 @@ the live shards, rebuilding entries that are gone and dropping entries that are 
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from . import rng
 from .signals import _local, is_dtensor
-
-
-def _rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_scaler_state(scaler: Any, state: dict) -> None:
@@ -78,7 +58,7 @@ class Snapshot:
     nbytes: int = 0
 
 
-class _TensorRef:
+class TensorRef:
     """Placeholder for a tensor in the optimizer-state skeleton (index into optim_tensors).
 
     A snapshot taken in this process also knows where the live tensor lived (``device``, and
@@ -113,7 +93,7 @@ def _strip(obj: Any, out: list[torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         out.append(obj)
         dt = (obj.device_mesh, obj.placements, obj.shape, obj.stride()) if is_dtensor(obj) else None
-        return _TensorRef(len(out) - 1, _local(obj).device, dt)
+        return TensorRef(len(out) - 1, _local(obj).device, dt)
     if isinstance(obj, dict):
         return {k: _strip(v, out) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -124,7 +104,7 @@ def _strip(obj: Any, out: list[torch.Tensor]) -> Any:
 
 
 def _fill(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(obj, _TensorRef):
+    if isinstance(obj, TensorRef):
         return tensors[obj.index].clone()
     if isinstance(obj, dict):
         return {k: _fill(v, tensors) for k, v in obj.items()}
@@ -188,7 +168,7 @@ class SnapshotStore:
         snap.optim_skeleton = skeleton
         snap.scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler else None
         snap.scaler = copy.deepcopy(self.scaler.state_dict()) if self.scaler else None
-        snap.rng = _rng_state()
+        snap.rng = rng.capture()
         snap.extra = copy.deepcopy(extra)
         # the copies must land before the live state changes (and before the local tier reads
         # the buffers); every device matters: placements can be mixed (FSDP2 CPU offload)
@@ -228,7 +208,7 @@ class SnapshotStore:
             self.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
         if self.scaler is not None and snap.scaler is not None:
             load_scaler_state(self.scaler, copy.deepcopy(snap.scaler))
-        _set_rng_state(snap.rng)
+        rng.restore(snap.rng)
         set_extra(copy.deepcopy(snap.extra))
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -255,7 +235,7 @@ class SnapshotStore:
             for k in [k for k in cur if k not in saved]:
                 del cur[k]
             for k, v in saved.items():
-                if not isinstance(v, _TensorRef):
+                if not isinstance(v, TensorRef):
                     cur[k] = copy.deepcopy(v)
                     continue
                 host, live = tensors[v.index], cur.get(k)

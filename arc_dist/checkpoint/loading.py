@@ -254,7 +254,7 @@ class Loading:
     def _after_load(
         self, info: CheckpointInfo, infos: list[CheckpointInfo], elapsed: float
     ) -> None:
-        self._loaded_step = info.step
+        self._loaded_step, self.loaded_bytes = info.step, info.nbytes
         with self._lock:
             self._lifecycle.loaded(infos, info.step)
             self._stats["last_committed_step"] = info.step

@@ -72,6 +72,9 @@ from .manifest import (
 from .saving import SaveJob, Saving, Stager
 from .storage import Storage, describe_options
 
+#: ``on_event(kind, step, values)``: what the manager reports at each outcome
+EventSink = Callable[[str, "int | None", dict], None]
+
 # DCP warns on every call without an initialized process group; world size 1 is a supported mode
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable")
@@ -100,6 +103,12 @@ class CheckpointManager(Saving, Loading):
         timeout: timeout of the checkpoint process groups' collectives.
         check_writable: rank 0 writes a probe file at construction, so a read-only or unreachable
             ``url`` fails now with a clear error rather than at the first save.
+        on_event: ``on_event(kind, step, values)`` at each outcome, on every rank, from the
+            thread that reached it (the worker thread for commits and write failures):
+            ``checkpoint_commit`` (values: ``bytes``, ``seconds``, ``stall_s``),
+            ``checkpoint_confirm``, ``checkpoint_failure`` (``attempts_failed``, ``abandoned``),
+            ``checkpoint_skip`` and ``checkpoint_reject`` (step None; ``count``). It must not
+            block; an exception it raises is logged and dropped.
     """
 
     def __init__(
@@ -120,6 +129,7 @@ class CheckpointManager(Saving, Loading):
         io_threads: int = 2,
         timeout: timedelta = timedelta(minutes=10),
         check_writable: bool = True,
+        on_event: EventSink | None = None,
     ) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(
@@ -156,6 +166,7 @@ class CheckpointManager(Saving, Loading):
         #: test-only fault injector: ``hook(point, detail)`` at "write" (file, bytes so far),
         #: "before_manifest" and "after_manifest" (step); tests kill the process from it
         self.fault_hook: FaultHook | None = None
+        self.on_event = on_event
 
         self._distributed = dist.is_available() and dist.is_initialized()
         if self._distributed:
@@ -202,6 +213,8 @@ class CheckpointManager(Saving, Loading):
         self._unwritten_confirms: list[tuple[int, int, int]] = []  # rank 0: sidecars to retry
         self._closed = False
         self._loaded_step: int | None = None
+        #: size of the checkpoint the last ``load`` read
+        self.loaded_bytes = 0
         self._stager = Stager(cuda=torch.cuda.is_available())
 
         error = None
@@ -278,6 +291,14 @@ class CheckpointManager(Saving, Loading):
     def _submit(self, fn: Callable[[], None]) -> None:
         self._queue.put(fn)
 
+    def _emit(self, kind: str, step: int | None, **values: Any) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(kind, step, values)
+        except Exception as e:  # noqa: BLE001 - a listener must never break a save
+            self.log.warning("arc_dist: checkpoint event listener failed on %s: %s", kind, e)
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("CheckpointManager is closed; create a new one")
@@ -319,6 +340,7 @@ class CheckpointManager(Saving, Loading):
             self._stats["checkpoints_confirmed"] += 1
             last = self._stats["last_confirmed_step"]
             self._stats["last_confirmed_step"] = step if last is None else max(last, step)
+        self._emit("checkpoint_confirm", step)
 
     def _write_confirmation(self, step: int, at: int, healthy: int) -> None:
         """Rank 0, worker thread: the sidecar, plus any that failed to write earlier."""
@@ -357,6 +379,8 @@ class CheckpointManager(Saving, Loading):
             if self._current is not None and self._current.step in doomed:
                 self._current.rejected = True  # still writing: it will not commit
             self._stats["checkpoints_rejected"] += len(doomed)
+        if doomed:
+            self._emit("checkpoint_reject", None, count=len(doomed))
         if self.rank == 0:
             for step in outcome.retract:
                 self._submit(lambda s=step: self._uncommit_rejected(s))

@@ -145,6 +145,7 @@ class Saving:
             busy = self._in_flight
         if self._any_rank(busy):
             self._stats["checkpoints_skipped"] += 1
+            self._emit("checkpoint_skip", step)
             if self.rank == 0:
                 self.log.info(
                     "arc_dist: checkpoint at step %d skipped: the previous save is still writing "
@@ -173,6 +174,7 @@ class Saving:
             job.state = None
             self._stats["checkpoint_failures"] += 1
             self._stats["checkpoints_abandoned"] += 1
+            self._emit("checkpoint_failure", step, attempts_failed=1, abandoned=True)
             why = error if error is not None else RuntimeError("another rank could not stage")
             self.log.error("[rank %d] %s", self.rank, self._failure_message(step, why))
             return
@@ -247,7 +249,9 @@ class Saving:
                     raise
                 except BaseException as e:
                     self._stats["checkpoint_failures"] += 1
-                    if attempt > self.max_retries or not retriable(e):
+                    final = attempt > self.max_retries or not retriable(e)
+                    self._emit("checkpoint_failure", job.step, attempts_failed=1, abandoned=final)
+                    if final:
                         job.error = e
                         self._stats["checkpoints_abandoned"] += 1
                         with self._lock:
@@ -343,6 +347,8 @@ class Saving:
             self._stats["checkpoint_bytes"] = nbytes
             # a rollback between the manifest and here makes the lifecycle retract it
             outcome = self._lifecycle.committed(job.step, healthy_verdict(job.verdict))
+            stall = self._stats["checkpoint_stall_s"]
+        self._emit("checkpoint_commit", job.step, bytes=nbytes, seconds=elapsed, stall_s=stall)
         if self.rank == 0:
             self.log.info(
                 "arc_dist: checkpoint step_%d committed to %s (%.1f MB in %.2fs)",
