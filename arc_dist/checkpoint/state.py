@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .. import rng as rng_streams
+from ..errors import ReshardError
 from ..snapshot import load_scaler_state
 
 log = logging.getLogger("arc_dist")
@@ -216,8 +217,6 @@ class PerRank:
             return self.state_dict()  # nothing saved (reported as missing), or no resize
         if self.reshard is Reshard.ERROR:
             # every rank sees the same keys: all raise here, before any collective of the load
-            from ..errors import ReshardError
-
             raise ReshardError(
                 f"arc_dist: per-rank state {self.name!r} was saved at world size {len(saved)} and "
                 f"rank {rank} resumes it at world size {world}: each rank's state is its own share "
