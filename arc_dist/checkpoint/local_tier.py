@@ -136,7 +136,7 @@ class LocalTier:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted((s for s in map( names) if s is not None), reverse=True)
+        return sorted((s for s in map(parse_step_dir, names) if s is not None), reverse=True)
 
     @property
     def lineage(self) -> str:
