@@ -25,7 +25,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import _init_optim_state
 
 from ..config import ArcConfig
@@ -36,7 +35,7 @@ from ..signals import is_dtensor
 from ..snapshot import Snapshot, SnapshotStore
 from .local_format import Identity, decode_skeleton, default_local_dir, host_name, run_id_from_env
 from .local_tier import LocalTier
-from .manager import CheckpointManager, EventSink
+from .manager import CheckpointManager, EventSink, gather_objects
 from .manifest import config_digest
 from .resume import Source, check_payload, choose_source, durable_view, model_keys, own_state
 from .state import PerRank, Reshard, TrainState
@@ -53,19 +52,6 @@ class Resumed:
     reason: str = ""
     #: bytes read from durable storage (0 for a local resume or none)
     nbytes: int = 0
-
-
-class _Group:
-    def __init__(self, group: Any, world_size: int) -> None:
-        self.group, self.world_size = group, world_size
-
-    def gather(self, obj: Any) -> list:
-        if self.world_size == 1:
-            return [obj]
-        out: list = [None] * self.world_size
-        # the training group: resume() is collective on it and nothing else uses it meanwhile
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
 
 
 class Durability:
@@ -260,13 +246,17 @@ class Durability:
     def _resume_tiers(self) -> Resumed:
         """Every rank: choose, verify, load; activate the tier's writer."""
         tier, rank = self.local, self.rank
-        g = _Group(self.group, self.world_size)
+
+        # the training group: resume() is collective on it and nothing else uses it meanwhile
+        def gather(obj: Any) -> list:
+            return gather_objects(obj, self.group, self.world_size)
+
         host = host_name()
         t0 = time.monotonic()
         cands, notes = tier.candidates()
         view = durable_view(self.manager) if rank == 0 else None
         token = uuid.uuid4().hex[:12] if rank == 0 else None
-        gathered = g.gather((host, cands, notes, view, token))
+        gathered = gather((host, cands, notes, view, token))
         hosts = [x[0] for x in gathered]
         local = [x[1] for x in gathered]
         all_notes = [x[2] for x in gathered]
@@ -282,7 +272,7 @@ class Durability:
                 why = check_payload(
                     payload, self.train.model, self.train.optimizer, self.registered
                 )
-            problems = g.gather(why)
+            problems = gather(why)
             if not any(problems):
                 break
             rejected.add((choice.step, choice.lineage))
@@ -297,7 +287,7 @@ class Durability:
                 self._restore_local(payload)
             except Exception as e:  # noqa: BLE001 - validated already: a failure is a surprise
                 why = f"{type(e).__name__}: {e}"
-            problems = g.gather(why)
+            problems = gather(why)
             payload = None
             if not any(problems):
                 out = Resumed(Source.LOCAL, choice.step, choice.reason)

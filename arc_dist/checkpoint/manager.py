@@ -80,6 +80,15 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
 warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable")
 
 
+def gather_objects(obj: Any, group: Any, world_size: int) -> list:
+    """Every rank's ``obj`` (``all_gather_object``; no communication at world size 1)."""
+    if world_size == 1:
+        return [obj]
+    out: list = [None] * world_size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 class CheckpointManager(Saving, Loading):
     """Durable checkpoints of a dict of DCP ``Stateful`` objects under ``url``.
 
@@ -260,11 +269,7 @@ class CheckpointManager(Saving, Loading):
         return box[0]
 
     def _all_gather(self, obj: Any) -> list:
-        if self.world_size == 1:
-            return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self._io_group)
-        return out
+        return gather_objects(obj, self._io_group, self.world_size)
 
     def _any_rank(self, flag: bool) -> bool:
         """Training thread: True on every rank when ``flag`` is True on any (one tiny all-reduce
