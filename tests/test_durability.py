@@ -160,3 +160,31 @@ def test_resume_without_storage_loads_nothing(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_dir"):
         d.save(1, "healthy", blocking=True)
     d.close(clean=True)
+
+
+def test_recorder_writes_checkpoint_records_from_the_training_thread_only():
+    import threading
+
+    from arc_dist.observe.events import EventLog
+    from arc_dist.observe.recorder import Recorder
+
+    log = EventLog(None)
+    written: list[tuple[str, int | None, str]] = []
+    values: list[dict] = []
+    log.subscribe(lambda r: written.append((r["kind"], r["step"], threading.current_thread().name)))
+    log.subscribe(lambda r: values.append(r["values"]))
+    rec = Recorder(log)
+    writer = threading.Thread(
+        target=rec.checkpoint_event,
+        args=("checkpoint_commit", 10, {"bytes": 2_000_000, "seconds": 0.5, "stall_s": 0.01}),
+        name="arc-checkpoint",
+    )
+    writer.start()
+    writer.join()
+    assert written == []  # reported from the writer thread: waits for the training thread
+    rec.checkpoint_event("checkpoint_start", 20, {"blocking": True})
+    main = threading.current_thread().name
+    assert written == [("checkpoint_commit", 10, main), ("checkpoint_start", 20, main)]
+    assert values[0]["MB_per_s"] == 4.0 and values[0]["stall_s"] == 0.01
+    rec.drain()
+    assert len(written) == 2
