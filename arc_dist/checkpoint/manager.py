@@ -27,7 +27,9 @@ group, in the same order; the controller does this):
 * ``wait()``, ``close()`` (every rank): wait for the save in flight; ``close`` also stops the thread.
 
 What is resumed, confirmed, retracted and pruned is decided by ``lifecycle.Lifecycle`` (pure
-rules, the same on every rank); this class carries its decisions out on storage.
+rules, the same on every rank); this class carries its decisions out on storage and reports each
+outcome (commit, confirmation, failed attempt, skip, retraction) to ``on_event``. The work is
+split by protocol half: ``loading.Loading`` and ``saving.Saving``; ``errors`` classifies faults.
 
 Commit protocol per save: DCP data files (each rank its own), DCP ``.metadata`` (rank 0, via temp
 name + rename), then rank 0 writes ``arc_manifest.json`` with every file's size and checksum. The
