@@ -819,4 +819,3 @@ class Arc:
 
     def __exit__(self, exc_type, *exc) -> None:
         self._close(clean=exc_type is None)
-
