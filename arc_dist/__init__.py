@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING
 from .config import ArcConfig, Thresholds
 from .errors import (
     ArcError,
+    BadNodeError,
     CheckpointError,
     ExitCode,
+    HangError,
+    HardwareError,
     PeerError,
     Preempted,
     ReshardError,
@@ -19,6 +22,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .checkpoint import CheckpointStorageError
     from .controller import Action, Arc
     from .data import ResumableDistributedSampler
 
@@ -27,8 +31,12 @@ __all__ = [
     "Arc",
     "ArcConfig",
     "ArcError",
+    "BadNodeError",
     "CheckpointError",
+    "CheckpointStorageError",
     "ExitCode",
+    "HangError",
+    "HardwareError",
     "PeerError",
     "Preempted",
     "ReshardError",
@@ -44,6 +52,10 @@ def __getattr__(name: str):
         from . import controller
 
         return getattr(controller, name)
+    if name == "CheckpointStorageError":  # defined beside the checkpoint code, which needs torch
+        from .checkpoint import CheckpointStorageError
+
+        return CheckpointStorageError
     if name == "ResumableDistributedSampler":
         from .data import ResumableDistributedSampler
 

@@ -5,7 +5,7 @@ matrix; a SUM over ranks is then an all-gather (0 + x = x, and a NaN or Inf stay
 of the rank that produced it). All ranks hold the same matrix afterwards, and the decision is a
 pure function of it (policy.py), which is why all ranks reach the same verdict. The matrix is
 copied to the host once: the step's only host synchronisation. Under DDP the same matrix
-usually rides on DDP's gradient all-reduce instead (signals.DDPRide) and this collective only
+usually rides on DDP's gradient all-reduce instead (ddp_hook.DDPRide) and this collective only
 runs on deep-check steps and when the ride shows an anomaly.
 """
 

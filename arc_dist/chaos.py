@@ -21,7 +21,7 @@ maximum of ``jitter``; the bit index for ``bit_flip``), ``!`` makes it persisten
 
 ``device_error`` raises a CUDA-style illegal-memory-access ``RuntimeError`` inside ``Arc.step``
 (which turns it into ``HardwareError``, exit code 12). ``ARC_CHAOS_PREFLIGHT="matmul/1"`` makes
-a preflight health check fail (:func:`preflight_faults`, docs/health.md).
+a preflight health check fail (:func:`arc_dist.health.preflight_faults`, docs/health.md).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .layout import local_tensor
 
 if TYPE_CHECKING:
     from .controller import Arc
@@ -237,9 +239,7 @@ class Chaos:
 
 
 def _first_param(arc: Arc) -> torch.Tensor:
-    from .signals import _local
-
-    return _local(next(p for p in arc.model.parameters() if p.numel() > 0).detach())
+    return local_tensor(next(p for p in arc.model.parameters() if p.numel() > 0).detach())
 
 
 def _apply_step_fault(arc: Arc, f: Fault) -> None:
@@ -294,30 +294,3 @@ def inject(
         arc.chaos.attach(arc)
     arc.chaos.add(fault)
     return fault
-
-
-def preflight_faults(rank: int, spec: str | None = None) -> frozenset[str]:
-    """Preflight checks (``arc_dist.health``) to make fail on ``rank``.
-
-    ``spec`` defaults to ``$ARC_CHAOS_PREFLIGHT``: ``CHECK[/RANK[+RANK...]]`` separated by
-    spaces or commas, e.g. ``matmul/1`` (rank 1's matmul returns a wrong element) or
-    ``allreduce`` (every rank's all-reduce sees a wrong sum). Ranks are ranks of the group the
-    preflight runs over (local ranks for ``python -m arc_dist.health``). The fault is real: the
-    check runs (on the CPU when there is no GPU) and finds the corruption.
-    """
-    from .health import CHECKS
-
-    spec = os.environ.get("ARC_CHAOS_PREFLIGHT", "") if spec is None else spec
-    out = set()
-    for token in re.split(r"[\s,;]+", spec.strip()):
-        if not token:
-            continue
-        name, _, ranks = token.partition("/")
-        if name not in CHECKS or (ranks and not re.fullmatch(r"\d+(\+\d+)*", ranks)):
-            raise ValueError(
-                f"ARC_CHAOS_PREFLIGHT: cannot parse {token!r}: expected CHECK[/RANK[+RANK]] "
-                f"with CHECK one of {', '.join(CHECKS)}"
-            )
-        if not ranks or rank in {int(r) for r in ranks.split("+")}:
-            out.add(name)
-    return frozenset(out)

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from . import config_io
 
 
 def _check(cond: bool, name: str, value: object, fix: str) -> None:
@@ -150,6 +155,14 @@ class ArcConfig:
     #: run ``arc_dist.health.preflight`` over the group in ``Arc.__init__`` (collective: every
     #: rank constructs Arc); a failing check raises BadNodeError (exit code 13) before any step
     preflight: bool = False
+    #: steps between ``metrics`` records in the event log (0 = none); ``Arc(metrics_every=)``
+    #: overrides it
+    metrics_every: int = 10
+    #: where rank 0 appends ``events.jsonl``; None: ``checkpoint_dir``. ``Arc(log_dir=)`` overrides
+    log_dir: str | None = None
+    #: a fault-injection plan in the ``ARC_CHAOS`` grammar (arc_dist/chaos.py); None: ``ARC_CHAOS``
+    #: when set. ``Arc(chaos=)`` overrides it
+    chaos: str | None = None
     #: detector thresholds
     thresholds: Thresholds = field(default_factory=Thresholds)
 
@@ -216,6 +229,18 @@ class ArcConfig:
             self.local_keep,
             "use an integer >= 1 (2 survives a crash while one is being written)",
         )
+        _check(
+            isinstance(self.metrics_every, int) and self.metrics_every >= 0,
+            "metrics_every",
+            self.metrics_every,
+            "use an integer >= 0 (0 = no metrics records)",
+        )
+        for name, fix in (
+            ("log_dir", "use a directory path or fsspec URL (str), or None for checkpoint_dir"),
+            ("chaos", 'use a fault plan string such as "nan_loss@30", or None'),
+        ):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, str) and v.strip() != ""), name, v, fix)
         if not isinstance(self.thresholds, Thresholds):
             raise TypeError(
                 f"ArcConfig.thresholds must be an arc_dist.config.Thresholds, "
@@ -236,5 +261,57 @@ class ArcConfig:
             )
 
     def digest_fields(self) -> dict:
-        """A JSON-able view, used for the checkpoint manifest's config digest."""
-        return dataclasses.asdict(self)
+        """A JSON-able view, used for the checkpoint manifest's config digest (what is logged and
+        injected does not change what a checkpoint holds, so it is left out)."""
+        d = dataclasses.asdict(self)
+        for name in _NOT_DIGESTED:
+            d.pop(name)
+        return d
+
+    # -- other forms (config_io.py: naming, precedence) --------------------------------------
+    def to_dict(self) -> dict:
+        """Nested plain values; ``from_dict`` reads it back."""
+        return config_io.to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping, *, env: bool = False) -> ArcConfig:
+        """From nested (``{"thresholds": {"window": 50}}``) or flat (``thresholds__window``)
+        keys; ``env=True`` applies ``ARC_CONFIG_*`` variables on top. Unknown keys raise."""
+        flat = {k: v for k, v in data.items() if config_io.SEP in k}
+        nested = {k: v for k, v in data.items() if config_io.SEP not in k}
+        nested = config_io.merge(nested, config_io.unflatten(cls, flat, "ArcConfig.from_dict"))
+        if env:
+            nested = config_io.merge(nested, config_io.from_env(cls))
+        return config_io.build(cls, nested, "ArcConfig.from_dict")
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike, *, section: str | None = None, env: bool = False
+    ) -> ArcConfig:
+        """From a ``.yaml``/``.yml`` (needs PyYAML), ``.toml`` or ``.json`` file, or one
+        ``section`` (table) of it; ``env=True`` as in ``from_dict``."""
+        return cls.from_dict(config_io.read_file(path, section), env=env)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ArcConfig:
+        """The defaults with ``ARC_CONFIG_*`` variables applied (``ARC_CONFIG_MAX_SKIPS=3``)."""
+        return config_io.build(cls, config_io.from_env(cls, environ), "environment")
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, tuple[Any, Any]]:
+        """``{flat name: (type, default)}``: ``max_skips``, ``thresholds__window``, ..."""
+        return config_io.flat_fields(cls)
+
+    @classmethod
+    def from_flat(cls, **flat: Any) -> ArcConfig:
+        """From flat names (``from_flat(max_skips=3, thresholds__window=50)``)."""
+        return cls.from_dict(flat)
+
+
+#: fields left out of the config digest
+_NOT_DIGESTED = ("metrics_every", "log_dir", "chaos")
+
+
+#: ``ArcConfig`` as one dataclass field per flat name (``max_skips``, ``thresholds__window``), for
+#: ``HfArgumentParser`` and jsonargparse; ``ArcConfigFlat(...).to_config()`` is the ``ArcConfig``
+ArcConfigFlat = config_io.flat_dataclass(ArcConfig)

@@ -1,7 +1,7 @@
 """Fail fast: an error on one rank inside ``Arc.step`` reaches every rank, named, in seconds.
 
 ``Arc.step`` joins one collective per step: its own all-reduce, or DDP's gradient all-reduce
-that the step's signals ride on (signals.DDPRide). When one rank raises inside it on its own (a
+that the step's signals ride on (ddp_hook.DDPRide). When one rank raises inside it on its own (a
 misuse only that rank makes, a failed restore), the other ranks must not wait for it in a
 collective until the timeout (minutes). So the failing rank, in :meth:`FailFast.fail`,
 publishes ``rank R at step S: Type: message`` in the process group's store (the first error
@@ -25,15 +25,22 @@ so ``Arc.step`` refuses to continue on every rank that raised.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import os
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from .elastic.exitcodes import write_error_file
-from .errors import ExitCode, PeerError
+from .errors import ArcError, ExitCode, PeerError
+
+if TYPE_CHECKING:
+    from .ddp_hook import Ride
 
 log = logging.getLogger("arc_dist")
 
@@ -42,12 +49,36 @@ log = logging.getLogger("arc_dist")
 _instances = itertools.count()
 
 
+class Phase(enum.Enum):
+    """Where ``Arc.step`` is: who else an error raised there concerns."""
+
+    LOCAL = 1  # before the step's collective: this rank's own error
+    JOINED = 2  # in the collective: possibly the consequence of another rank's failure
+    DECIDED = 3  # after it: an ArcError here is raised on every rank from the shared verdict
+
+
+@dataclass(slots=True)
+class Route:
+    """How every rank judges the current step: the DDP ride it is judged from (None until
+    known), and whether the ranks run Arc's own collective (None until the ride's verdict is
+    known)."""
+
+    ride: Ride | None = None
+    collective: bool | None = None
+
+
 class FailFast:
-    """One per ``Arc``: publishes this rank's error and reads the first one of its group."""
+    """One per ``Arc``: publishes this rank's error and reads the first one of its group.
+
+    ``Arc.step`` keeps it told where the step is (``phase``) and how every rank judges it
+    (``route``), so that an error raised there knows whether the other ranks wait for this one.
+    """
 
     def __init__(self, group, rank: int, world_size: int):
         self.rank = rank
         self.enabled = group is not None and world_size > 1
+        self.phase = Phase.LOCAL
+        self.route: Route | None = None
         #: why ``Arc.step`` raised on this rank; the ranks are out of step from then on
         self.failed: str | None = None
         self._store = None
@@ -61,6 +92,44 @@ class FailFast:
                 self._store = dist.distributed_c10d._get_default_store()
             except (RuntimeError, ValueError, AttributeError):
                 self._store = None
+
+    def begin_step(self) -> None:
+        self.phase, self.route = Phase.LOCAL, None
+
+    def on_step_error(
+        self,
+        exc: Exception,
+        hardware: BaseException | None,
+        step: int,
+        *,
+        join: Callable[[], object],
+        judge_ride: Callable[[Ride], tuple] | None,
+    ) -> BaseException:
+        """``exc`` escaped ``Arc.step`` on this rank: the exception to raise (``exc`` itself:
+        re-raise it). ``hardware``: the device error it is (None: not one); such a device joins
+        no collective. ``join()`` enters the step's collective with the error flag when the
+        other ranks wait there; ``judge_ride`` tells whether they do after a ride."""
+        error = exc if hardware is None else hardware
+        if self.phase is Phase.DECIDED and isinstance(error, ArcError) and hardware is None:
+            return exc  # raised on every rank from the agreed matrix
+        out = self.fail(error, step, joined=self.phase is not Phase.LOCAL)
+        if self.phase is Phase.LOCAL and hardware is None and self._others_join(judge_ride):
+            self.phase = Phase.JOINED
+            join()  # they raise PeerError
+        return out
+
+    def _others_join(self, judge_ride: Callable[[Ride], tuple] | None) -> bool:
+        """Whether the other ranks judge this step through Arc's own collective (not from DDP's
+        ride), from what every rank shares; False when this rank cannot tell."""
+        route = self.route
+        if route is None or not self.enabled:
+            return False
+        if route.collective is None:  # judged from the ride unless it shows an anomaly
+            ride = route.ride
+            if ride is None or ride.grad_sq is None or judge_ride is None:
+                return False
+            route.collective = judge_ride(ride)[0] is None
+        return route.collective
 
     def fail(self, error: BaseException, step: int, *, joined: bool) -> BaseException:
         """This rank raises ``error`` inside ``Arc.step`` on its own: publish and record it;

@@ -18,17 +18,30 @@ state, schedules the loop sets and heavy-tailed per-batch losses are change, not
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import ArcConfig, Thresholds
+from .config import Thresholds
+from .layout import Layout
 from .signals import Col, StateFlag
 from .silent import divergent_ranks
 
-HEALTHY, WARNING, FAILURE = "healthy", "warning", "failure"
+
+class Status(enum.StrEnum):
+    """A verdict's status (the values appear in events, stats and checkpoint metadata)."""
+
+    HEALTHY = "healthy"
+    #: an anomaly of this step: the update is skipped (``Verdict.skip``) or only reported
+    WARNING = "warning"
+    #: evidence of damaged state, or trouble that persists: roll back
+    FAILURE = "failure"
+
+
+HEALTHY, WARNING, FAILURE = Status.HEALTHY, Status.WARNING, Status.FAILURE
 
 #: MAD -> standard deviation for normally distributed data
 _MAD_SCALE = 1.4826
@@ -38,12 +51,12 @@ _Q90_SCALE = 1.2816
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    status: str
+    status: Status
     reason: str | None = None
     bad_ranks: tuple[int, ...] = ()
     #: mean loss over ranks (NaN when a rank's loss was not finite)
     loss: float = math.nan
-    #: global gradient norm (see signals.py for how ranks combine)
+    #: global gradient norm (see layout.py for how ranks combine)
     grad_norm: float = math.nan
     #: values behind the verdict, for logs and events
     details: dict = field(default_factory=dict)
@@ -182,7 +195,7 @@ class HealthPolicy:
     anomaly in a row is persistent trouble and a failure.
     """
 
-    def __init__(self, thresholds: Thresholds, layout: str, world_size: int, max_skips: int = 2):
+    def __init__(self, thresholds: Thresholds, layout: Layout, world_size: int, max_skips: int = 2):
         self.t = thresholds
         self.layout = layout
         self.world_size = world_size
@@ -198,10 +211,10 @@ class HealthPolicy:
 
     # -- pure ---------------------------------------------------------------------------
     def combine_grad_sq(self, g) -> float:
-        """Squared norms of the ranks' rows -> the global squared norm (see signals.py)."""
-        if self.layout == "sharded":
+        """Squared norms of the ranks' rows -> the global squared norm (see layout.py)."""
+        if self.layout == Layout.SHARDED:
             return float(sum(g))
-        if self.layout == "independent":
+        if self.layout == Layout.INDEPENDENT:
             return float(max(g))
         return float(sum(g)) / len(g)
 
@@ -234,7 +247,7 @@ class HealthPolicy:
                 return fail("replica_divergence", bad, fingerprints=m[:, Col.FINGERPRINT].tolist())
         ratio = cols[Col.LR_RATIO]
         bad = [r for r, x in enumerate(ratio) if not x <= t.lr_ratio_fail]  # NaN included
-        if not bad and self.layout != "independent" and len(ratio) > 1:
+        if not bad and self.layout != Layout.INDEPENDENT and len(ratio) > 1:
             bad = _odd_lrs(cols[Col.LR], t.lr_ratio_fail)
         if bad:
             return fail("lr_spike", bad, lr_ratio=ratio, lr=cols[Col.LR])
@@ -418,71 +431,3 @@ class HealthPolicy:
             self.grad.add(x)
         self.healthy_seen = int(sd["healthy_seen"])
         self.on_rollback()
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What the controller does about a verdict."""
-
-    kind: str  # "continue" | "skip" | "rollback" | "raise"
-    #: for rollback: how many newest snapshots to discard first (0 = restore the newest)
-    drop: int = 0
-    #: for rollback: also multiply the LR by ``lr_backoff`` (the failure recurred)
-    back_off: bool = False
-
-
-class RecoveryPolicy:
-    """Escalation as a small state machine, shared by all ranks.
-
-    Recovered means training got ``recovery_steps`` healthy steps past the step where it last
-    failed. The first rollback keeps the LR (one bad event is not a reason to train slower); a
-    failure that recurs before recovery rolls back with an LR backoff. After ``max_rollbacks``
-    rollbacks the policy escalates: it discards snapshots and restores one strictly older than
-    any earlier escalation restored (the newer ones may sit on a doomed trajectory). With
-    nothing older left, the run is unrecoverable.
-    """
-
-    def __init__(self, config: ArcConfig):
-        self.max_rollbacks = config.max_rollbacks
-        self.recovery_steps = config.recovery_steps
-        self.consecutive = 0
-        self.failed_at: int | None = None
-        self.floor = math.inf  # escalations must restore a snapshot older than this step
-
-    def decide(self, verdict: Verdict, snapshot_steps: list[int]) -> Decision:
-        """``snapshot_steps``: steps of the snapshots held, oldest first."""
-        if verdict.status == HEALTHY:
-            return Decision("continue")
-        if verdict.status == WARNING:
-            return Decision("skip" if verdict.skip else "continue")
-        if not snapshot_steps:
-            return Decision("raise")
-        if self.consecutive < self.max_rollbacks:
-            return Decision("rollback", back_off=self.consecutive > 0)
-        limit = min(self.floor, snapshot_steps[-1])
-        older = [i for i, s in enumerate(snapshot_steps) if s < limit]
-        if not older:
-            return Decision("raise")
-        return Decision("rollback", drop=len(snapshot_steps) - 1 - older[-1], back_off=True)
-
-    def record(self, decision: Decision, step: int, restored_step: int | None = None) -> None:
-        """Update after acting; ``step`` is the global step the verdict was about."""
-        if decision.kind == "rollback":
-            self.failed_at = step if self.failed_at is None else max(self.failed_at, step)
-            if decision.drop:
-                self.consecutive = 1
-                if restored_step is not None:
-                    self.floor = restored_step
-            else:
-                self.consecutive += 1
-        elif decision.kind == "continue" and self.failed_at is not None:
-            if step + 1 >= self.failed_at + self.recovery_steps:
-                self.consecutive, self.failed_at, self.floor = 0, None, math.inf
-
-    def state_dict(self) -> dict:
-        return {"consecutive": self.consecutive, "failed_at": self.failed_at}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.consecutive = int(sd["consecutive"])
-        self.failed_at = sd.get("failed_at")
-        self.floor = math.inf

@@ -4,35 +4,19 @@ Everything here runs on the device with ``torch._foreach_*`` ops and returns ten
 syncs with the host. The row layout (:class:`Col`) is shared by every rank, so after the
 agreement step every rank holds the same ``[world_size, NUM_COLS]`` matrix.
 
-Which ranks hold which part of the model decides how a column is combined across ranks:
-
-* ``replicated`` (DDP, or a single process): gradients after backward and weights are the same
-  on every rank, so each rank's norm is already the global one;
-* ``sharded`` (FSDP2, ``DTensor`` parameters): each rank holds a disjoint shard, so squared norms
-  add up across ranks (with HSDP the replicas repeat shards; see docs/design.md);
-* ``independent`` (a plain module on several ranks without DDP): each rank trains its own
-  replica and the worst rank decides.
+How a column is combined across ranks follows from the model's layout (layout.py).
 """
 
 from __future__ import annotations
 
 import enum
-import sys
-import time
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .layout import Layout, is_dtensor, local_tensor
 from .silent import fingerprint as param_fingerprint
-
-
-def is_dtensor(t: object) -> bool:
-    """FSDP2 parameters are DTensors. Importing ``torch.distributed.tensor`` costs seconds (it
-    pulls in sympy), which every restart would pay: a job that never imported it holds none."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
-    return cls is not None and isinstance(t, cls)
 
 
 class Col(enum.IntEnum):
@@ -75,26 +59,6 @@ class StateFlag(enum.IntFlag):
     STEP_BACK = 2  # a parameter's step counter is lower than at the last deep check
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
-
-
-def uncompiled(model: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped (its ``OptimizedModule`` keeps it as ``_orig_mod``):
-    ``torch.compile(DDP(model))`` is still DDP, with DDP's process group and comm hooks."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def layout_of(model: nn.Module, world_size: int) -> str:
-    """``"replicated"``, ``"sharded"`` or ``"independent"`` (see the module docstring)."""
-    if any(is_dtensor(p) for p in model.parameters()):
-        return "sharded"
-    if world_size == 1 or isinstance(uncompiled(model), nn.parallel.DistributedDataParallel):
-        return "replicated"
-    return "independent"
-
-
 def _sq_norm_groups(tensors: Sequence[torch.Tensor]):
     """(indices, their squared norms as float64) per (device, dtype) group: one
     ``_foreach_norm`` launch each. Norms are squared in float64: ``_foreach_norm`` squares in the
@@ -125,11 +89,11 @@ def sq_norms(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Ten
 
 
 def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [_local(p.grad) for p in params if p.grad is not None]
+    return [local_tensor(p.grad) for p in params if p.grad is not None]
 
 
 def weights_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [_local(p.detach()) for p in params]
+    return [local_tensor(p.detach()) for p in params]
 
 
 class SignalCollector:
@@ -225,13 +189,13 @@ class SignalCollector:
             for key, v in st.items():
                 if key == "step":
                     steps.append(
-                        _local(v).reshape(()).to(dev, f64)
+                        local_tensor(v).reshape(()).to(dev, f64)
                         if isinstance(v, torch.Tensor)
                         else torch.tensor(float(v), dtype=f64, device=dev)
                     )
                     step_owners.append(i)
                 elif isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
-                    floats.append(_local(v))
+                    floats.append(local_tensor(v))
                     owners.append(i)
         per = torch.zeros(n, dtype=f64, device=dev)
         if floats:
@@ -262,7 +226,7 @@ class SignalCollector:
         if not self.fingerprint_optimizer:
             return []
         return [
-            _local(v)
+            local_tensor(v)
             for p in self.params
             for k, v in self.optimizer.state.get(p, {}).items()
             if isinstance(v, torch.Tensor) and k != "step"
@@ -280,115 +244,23 @@ def error_row(device: torch.device) -> torch.Tensor:
     return row
 
 
-def ride_row(
-    local_grad_norm: torch.Tensor,
-    loss: torch.Tensor | None,
-    *,
-    lr_ratio: float,
-    lr: float,
-    busy: float,
-    preempt: bool,
-    loss_judged: bool = False,
-) -> torch.Tensor:
-    """The row bucket 0 carries: the previous step's loss (if any; ``loss_judged`` when its own
-    step judged it already), this step's LR and SIGTERM flag, the previous step's busy time and
-    this rank's own bucket-0 gradient norm."""
-    dev = local_grad_norm.device
-    row = torch.zeros(NUM_COLS, dtype=torch.float64, device=dev)
-    host = [lr_ratio, lr, busy, float(preempt), float(loss is not None), float(loss_judged)]
-    cols = [Col.LR_RATIO, Col.LR, Col.STEP_TIME, Col.PREEMPT, Col.LOSS_VALID, Col.LOSS_JUDGED]
-    row[cols] = torch.tensor(host, dtype=torch.float64).to(dev, non_blocking=True)
-    if loss is not None:
-        row[Col.LOSS] = loss.reshape(()).to(dev, torch.float64)
-    row[Col.LOCAL_GRAD_SQ] = local_grad_norm.to(torch.float64).square()
-    return row
-
-
-class DDPRide:
-    """Carries the step's signals inside DDP's own gradient all-reduce (no collective of our own).
-
-    Installed as DDP's communication hook. For every bucket it divides by the world size and
-    all-reduces as DDP's default hook does, then takes the norm of the *reduced* bucket, so the
-    global gradient norm costs one pass over contiguous buffers and no extra communication.
-    Bucket 0 (the first reduced, capped at 1 MiB by DDP) additionally carries a zero
-    ``[world_size, NUM_COLS]`` matrix in which this rank filled its own row (see agreement.py):
-    what is known before backward (this step's LR ratio, SIGTERM) and what the previous step
-    measured (its loss, busy time), plus the norm of this rank's own bucket-0 gradients before
-    averaging (which rank a NaN or an explosion came from). The controller judges every step
-    from these replicated values and the matrix; only an anomaly, a deep-check step or a missing
-    ride costs a collective of its own. A job that registered its own comm hook keeps it and
-    every step takes the collective path.
-
-    ``explain`` maps a failed all-reduce's error to the one backward should raise (the error of
-    the rank that failed first, see failfast.py).
-    """
-
-    def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group, row_fn,
-                 explain=None):  # fmt: skip
-        import torch.distributed as dist
-
-        self.group = process_group
-        self.world_size = dist.get_world_size(process_group)
-        self.rank = dist.get_rank(process_group)
-        self.row_fn = row_fn  # () -> float32 row for bucket 0, on the bucket's device
-        self._post: list[torch.Tensor] = []
-        self._local0: torch.Tensor | None = None
-        self._matrix: torch.Tensor | None = None
-        #: when this rank's last gradient bucket was ready (its own work done, no waiting)
-        self.ready_at: float | None = None
-        #: take norms of the reduced buckets (off when the job hands Arc its clipping norm)
-        self.measure = True
-
-        def value(fut) -> torch.Tensor:
-            try:
-                return fut.value()[0]
-            except Exception as e:
-                better = explain(e) if explain is not None else e
-                if better is e:
-                    raise
-                raise better from e
-
-        def reduced(fut) -> torch.Tensor:
-            t = value(fut)
-            if self.measure:
-                self._post.append(t.norm())
-            return t
-
-        def hook(pg, bucket):
-            buf = bucket.buffer()
-            self.ready_at = time.monotonic()
-            buf.div_(self.world_size)
-            if bucket.index() != 0 or buf.dtype not in (torch.float32, torch.float64):
-                fut = dist.all_reduce(buf, group=pg, async_op=True).get_future()
-                return fut.then(reduced)
-            self._local0 = buf.norm() * self.world_size  # undo the division: this rank's own
-            # one buffer: the bucket, then the zero matrix with this rank's row filled in
-            n, row_at = buf.numel(), buf.numel() + self.rank * NUM_COLS
-            both = buf.new_zeros(n + self.world_size * NUM_COLS)
-            both[:n] = buf
-            both[row_at : row_at + NUM_COLS] = self.row_fn(self._local0)
-
-            def split(fut) -> torch.Tensor:
-                out = value(fut)
-                buf.copy_(out[:n])
-                self._matrix = out[n:].view(self.world_size, NUM_COLS)
-                if self.measure:
-                    self._post.append(buf.norm())
-                return buf
-
-            return dist.all_reduce(both, group=pg, async_op=True).get_future().then(split)
-
-        ddp.register_comm_hook(process_group, hook)
-
-    def take(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
-        """(global grad sq-norm or None when not measured, this rank's bucket-0 pre-average
-        sq-norm, agreed matrix) of this step's backward, or None when no synchronised backward
-        ran."""
-        if self._matrix is None or self._local0 is None:
-            self._post.clear()
-            return None
-        post = torch.stack(self._post).to(torch.float64).square().sum() if self._post else None
-        out = post, self._local0.to(torch.float64).square(), self._matrix.to(torch.float64)
-        self._post.clear()
-        self._matrix = self._local0 = None
-        return out
+def job_grad_sq(grad_norm, device: torch.device, layout: Layout, world_size: int) -> torch.Tensor:
+    """The global gradient norm the job passed to ``Arc.step`` (a tensor, a DTensor or a float)
+    as this rank's share of the squared norm, a float64 0-d tensor on ``device``."""
+    if is_dtensor(grad_norm):
+        grad_norm = grad_norm.full_tensor()
+    if isinstance(grad_norm, torch.Tensor):
+        if grad_norm.numel() != 1:
+            raise ValueError(
+                f"Arc.step(grad_norm=...) must be the scalar total norm, got shape "
+                f"{tuple(grad_norm.shape)}"
+            )
+        sq = grad_norm.detach().reshape(()).to(device, torch.float64).square()
+    elif isinstance(grad_norm, (int, float)):
+        sq = torch.tensor(float(grad_norm) ** 2, dtype=torch.float64, device=device)
+    else:
+        raise TypeError(
+            f"Arc.step(grad_norm=...) takes a tensor or a float, got {type(grad_norm).__name__}"
+        )
+    # sharded layouts add the ranks' shares; the job's norm is already the total
+    return sq / world_size if layout == Layout.SHARDED else sq

@@ -9,8 +9,10 @@ every rank reaches the same conclusion.
   verified identical across replicas when taken) each rank adds up the bit patterns of its
   parameters as integers. The sum changes when any bit of any element changes (float sums
   would round small changes away) and is sent modulo 2**52 so that a float64 carries it
-  exactly. Ranks whose fingerprint differs from the majority's are named. Under FSDP each rank
-  holds a different shard, so there is nothing to compare (see docs/design.md).
+  exactly. Ranks whose fingerprint differs from the majority's are named, and
+  :class:`DivergenceTracker` counts their incidents: a rank that keeps diverging is suspect
+  hardware. Under FSDP each rank holds a different shard, so there is nothing to compare (see
+  docs/design.md).
 * **Stragglers.** Each rank reports its busy time for the step: under DDP, from the end of its
   previous step until its last gradient bucket was ready (time spent waiting for other ranks
   in DDP's all-reduce is excluded); otherwise the whole step. A rank is reported when the
@@ -20,10 +22,15 @@ every rank reaches the same conclusion.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import numpy as np
 import torch
+
+from .errors import ArcError, HardwareError
+
+log = logging.getLogger("arc_dist")
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 FINGERPRINT_MOD = 2**52
@@ -54,11 +61,50 @@ def divergent_ranks(fps: np.ndarray) -> tuple[int, ...]:
     return tuple(int(r) for r in np.nonzero(fps != majority)[0])
 
 
+class DivergenceTracker:
+    """Counts each rank's divergence incidents; a rank that keeps diverging is suspect hardware.
+
+    Fed the ranks every verdict blames for ``replica_divergence`` (shared: the same on every
+    rank). With ``exit_on_suspect`` a suspect ends the run for a restart without it: the suspect
+    raises :class:`~arc_dist.errors.HardwareError`, the others :class:`~arc_dist.ArcError`.
+    """
+
+    def __init__(self, world_size: int, suspect_after: int, exit_on_suspect: bool, rank: int):
+        self.world_size, self.suspect_after = world_size, suspect_after
+        self.exit_on_suspect, self.rank = exit_on_suspect, rank
+        self.incidents: dict[int, int] = {}
+        self.suspects: set[int] = set()
+
+    def record(self, bad_ranks: tuple[int, ...]) -> None:
+        if len(bad_ranks) >= self.world_size:
+            return  # no majority (e.g. two replicas): nobody can be blamed
+        for r in bad_ranks:
+            self.incidents[r] = self.incidents.get(r, 0) + 1
+            if self.incidents[r] >= self.suspect_after and r not in self.suspects:
+                self.suspects.add(r)
+                if self.rank == 0:
+                    log.error(
+                        "arc_dist: rank %d diverged from the other replicas %d times: suspect "
+                        "hardware (silent data corruption); replace its node",
+                        r,
+                        self.incidents[r],
+                    )
+        if self.exit_on_suspect and self.suspects:
+            if self.rank in self.suspects:
+                raise HardwareError(
+                    f"arc_dist: rank {self.rank} is suspect hardware: its parameters diverged "
+                    f"from the other replicas {self.incidents[self.rank]} times"
+                )
+            bad = sorted(self.suspects)
+            raise ArcError(f"arc_dist: restarting the group without suspect ranks {bad}")
+
+
 class StragglerTracker:
     """Flags ranks persistently slower than the others (shared history: same on every rank)."""
 
-    def __init__(self, world_size: int, ratio: float, window: int):
-        self.world_size, self.ratio = world_size, ratio
+    def __init__(self, world_size: int, ratio: float, window: int, rank: int = 0):
+        self.world_size, self.ratio, self.rank = world_size, ratio, rank
+        self.window = window
         self.history: deque[np.ndarray] = deque(maxlen=window)
         self.flagged: set[int] = set()
 
@@ -84,6 +130,25 @@ class StragglerTracker:
         now = {int(r) for r in np.nonzero(persistent > self.ratio)[0]}
         new, cleared = sorted(now - self.flagged), sorted(self.flagged - now)
         self.flagged = now
+        return new, cleared
+
+    def observe(self, times: np.ndarray, step: int) -> tuple[list[int], list[int]]:
+        """:meth:`update`, and rank 0 logs who became or stopped being a straggler."""
+        new, cleared = self.update(times)
+        if self.rank != 0 or not (new or cleared):
+            return new, cleared
+        ratios = self.persistent_ratios()
+        for r in new:
+            log.warning(
+                "arc_dist: rank %d is a straggler at step %d: %.2fx the other ranks' busy time "
+                "(median over %d steps)",
+                r,
+                step,
+                ratios[r],
+                self.window,
+            )
+        for r in cleared:
+            log.info("arc_dist: rank %d is no longer a straggler at step %d", r, step)
         return new, cleared
 
     def persistent_ratios(self) -> list[float]:

@@ -2,9 +2,9 @@
 
 A snapshot holds what a rollback must restore: the model's local tensors (parameters and
 buffers; the local shards under FSDP2), the optimizer state, the scheduler and GradScaler state,
-the RNG states and the controller's own state. Host buffers are allocated once per slot and
-reused, and the copies are one ``torch._foreach_copy_`` per slot (non-blocking into pinned
-memory on CUDA), so a snapshot costs about one memcpy of the state.
+the RNG states and the controller's step and LR scale (``extra``). Host buffers are allocated
+once per slot and reused, and the copies are one ``torch._foreach_copy_`` per slot
+(non-blocking into pinned memory on CUDA), so a snapshot costs about one memcpy of the state.
 
 Model tensors are restored in place, so references held by the optimizer, DDP's buckets or the
 user stay valid. The optimizer state becomes exactly the snapshot's, also where it was replaced,
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import rng
-from .signals import _local, is_dtensor
+from .layout import is_dtensor, local_tensor
 
 
 def load_scaler_state(scaler: Any, state: dict) -> None:
@@ -54,7 +54,7 @@ class Snapshot:
     scheduler: dict | None = None
     scaler: dict | None = None
     rng: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # the controller's own state
+    extra: dict = field(default_factory=dict)  # the controller's step and LR scale then
     nbytes: int = 0
 
 
@@ -93,7 +93,7 @@ def _strip(obj: Any, out: list[torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         out.append(obj)
         dt = (obj.device_mesh, obj.placements, obj.shape, obj.stride()) if is_dtensor(obj) else None
-        return TensorRef(len(out) - 1, _local(obj).device, dt)
+        return TensorRef(len(out) - 1, local_tensor(obj).device, dt)
     if isinstance(obj, dict):
         return {k: _strip(v, out) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -133,33 +133,41 @@ class SnapshotStore:
             scaler,
         )
         self.keep = keep
-        self.snapshots: list[Snapshot] = []
+        self._ring: list[Snapshot] = []
         self._spare: list[Snapshot] = []
 
     def __len__(self) -> int:
-        return len(self.snapshots)
+        return len(self._ring)
 
     @property
     def newest(self) -> Snapshot | None:
-        return self.snapshots[-1] if self.snapshots else None
+        return self._ring[-1] if self._ring else None
+
+    def steps(self) -> list[int]:
+        """The steps of the snapshots held, oldest first (the rollback targets)."""
+        return [s.step for s in self._ring]
+
+    def clear(self) -> None:
+        """Forget every snapshot: a resume starts from another state."""
+        self._ring.clear()
 
     def _model_tensors(self) -> list[torch.Tensor]:
         # state_dict(keep_vars=True) lists parameters and persistent buffers once each, also
-        # when modules share them; _local() maps FSDP2's DTensors to this rank's shard
-        return [_local(t.detach()) for t in self.model.state_dict(keep_vars=True).values()]
+        # when modules share them; local_tensor() maps FSDP2's DTensors to this rank's shard
+        return [local_tensor(t.detach()) for t in self.model.state_dict(keep_vars=True).values()]
 
     def take(self, step: int, extra: dict) -> Snapshot:
         """Copy the live state into a snapshot slot (reusing the oldest buffers when full)."""
         # a rollback abandoned the trajectory of any snapshot at or after ``step``
-        while self.snapshots and self.snapshots[-1].step >= step:
-            self._spare.append(self.snapshots.pop())
-        if len(self.snapshots) >= self.keep:
-            self._spare.append(self.snapshots.pop(0))
+        while self._ring and self._ring[-1].step >= step:
+            self._spare.append(self._ring.pop())
+        if len(self._ring) >= self.keep:
+            self._spare.append(self._ring.pop(0))
         live = self._model_tensors()
         optim_live: list[torch.Tensor] = []
         skeleton = _strip(self.optimizer.state_dict(), optim_live)
         snap = self._slot(live, optim_live)
-        optim_local = [_local(t) for t in optim_live]
+        optim_local = [local_tensor(t) for t in optim_live]
         with torch.no_grad():
             torch._foreach_copy_(snap.model, live, non_blocking=True)
             if optim_local:
@@ -173,7 +181,7 @@ class SnapshotStore:
         # the copies must land before the live state changes (and before the local tier reads
         # the buffers); every device matters: placements can be mixed (FSDP2 CPU offload)
         _wait_for_copies(live + optim_local)
-        self.snapshots.append(snap)
+        self._ring.append(snap)
         return snap
 
     def _slot(self, live: list[torch.Tensor], optim_live: list[torch.Tensor]) -> Snapshot:
@@ -191,12 +199,12 @@ class SnapshotStore:
             snap.model = [_host_like(t) for t in live]
         if not fits(snap.optim_tensors, optim_live):
             # optimizer state appears after the first step: allocate once it exists
-            snap.optim_tensors = [_host_like(_local(t)) for t in optim_live]
+            snap.optim_tensors = [_host_like(local_tensor(t)) for t in optim_live]
         snap.nbytes = sum(t.numel() * t.element_size() for t in snap.model + snap.optim_tensors)
         return snap
 
     def drop_newest(self) -> None:
-        self._spare.append(self.snapshots.pop())
+        self._spare.append(self._ring.pop())
 
     def restore(self, snap: Snapshot, set_extra: Callable[[dict], None]) -> None:
         """Put the live state back to ``snap``: model in place, optimizer, scheduler, RNG."""
@@ -241,10 +249,10 @@ class SnapshotStore:
                 host, live = tensors[v.index], cur.get(k)
                 if (
                     isinstance(live, torch.Tensor)
-                    and _local(live).shape == host.shape
-                    and _local(live).dtype == host.dtype
+                    and local_tensor(live).shape == host.shape
+                    and local_tensor(live).dtype == host.dtype
                 ):
-                    dst.append(_local(live))
+                    dst.append(local_tensor(live))
                     src.append(host)
                 else:
                     cur[k] = v.rebuild(host)

@@ -1,7 +1,7 @@
-"""The baseline for benchmarks/recovery.py: the same GPT and data as examples/train_ddp.py under
-plain DDP, with a ``torch.save`` checkpoint every ``--checkpoint-every`` steps (rank 0 writes to
-a temporary name and renames it) and ``torch.load`` on every (re)start. No arc-dist at all.
-Writes the same JSON events as the example (start, first_step, step) to ``--report``.
+"""The baseline for benchmarks/recovery.py: the same GPT and data (examples/gpt.py) under plain DDP,
+with a ``torch.save`` checkpoint every ``--checkpoint-every`` steps (rank 0 writes to a temporary
+name and renames it) and ``torch.load`` on every (re)start. No arc-dist in the loop. Writes the
+JSON events of tests/workers/train_worker.py (start, first_step, step) to ``--report``.
 """
 
 from __future__ import annotations
@@ -12,21 +12,22 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from train_ddp import GPT, build_parser, get_batch, load_corpus, report, setup  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [os.path.join(ROOT, "examples"), os.path.join(ROOT, "tests", "workers")]
+from gpt import GPT, get_batch, load_corpus, loss_fn  # noqa: E402
+from train_ddp import setup  # noqa: E402
+from train_worker import build_parser, report  # noqa: E402
 
 
 def main() -> None:
     args = build_parser("plain DDP + torch.save baseline").parse_args()
-    device, rank, world = setup()
-    dist.init_process_group("gloo")
+    device, rank, world = setup(args)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     data = load_corpus(args.corpus_bytes)
     torch.manual_seed(args.seed)
-    model = DDP(GPT(256, args.block_size, args.n_layer, args.n_head, args.n_embd))
+    model = DDP(GPT(args.block_size, args.n_layer, args.n_head, args.n_embd))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     path = os.path.join(args.checkpoint_dir, "ckpt.pt")
     step = 0
@@ -46,8 +47,9 @@ def main() -> None:
     )
     first = True
     while step < args.steps:
-        x, y = get_batch(data, step, rank, args, device)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        x, y = get_batch(data, step=step, rank=rank, batch_size=args.batch_size,
+                         block_size=args.block_size, seed=args.seed)  # fmt: skip
+        loss = loss_fn(model(x.to(device)), y.to(device))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

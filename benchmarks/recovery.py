@@ -1,6 +1,6 @@
 """Recovery time after a SIGKILL of one rank, arc-dist versus plain torchrun + ``torch.save``.
 
-Each round trains examples/train_ddp.py's GPT with 2 ranks on this machine, SIGKILLs rank 1's
+Each round trains examples/gpt.py's GPT with 2 ranks on this machine, SIGKILLs rank 1's
 process once rank 0 reports step ``--kill-at``, and measures
 
 * **kill -> first step**: seconds from the SIGKILL to the first optimizer step completed by
@@ -10,9 +10,10 @@ process once rank 0 reports step ``--kill-at``, and measures
 
 Paths compared (same model, data, checkpoint interval, monitor interval, 1 restart):
 
-* ``arc``: ``python -m arc_dist.launch`` + examples/train_ddp.py; durable DCP checkpoints every
-  ``--checkpoint-every`` steps, resume from the newest *confirmed* one (``--confirm-after``);
-  the node-local tier off (``--no-local-snapshots``);
+* ``arc``: ``python -m arc_dist.launch`` + examples/train_ddp.py (run by
+  tests/workers/train_worker.py, which adds ``--report`` and ``--throttle``); durable DCP
+  checkpoints every ``--checkpoint-every`` steps, resume from the newest *confirmed* one
+  (``--confirm-after``); the node-local tier off (``--no-local-snapshots``);
 * ``local``: the same with the node-local snapshot tier on (the default): healthy snapshots every
   ``--snapshot-every`` steps in /dev/shm, resume from the newest one every rank has;
 * ``plain``: ``torchrun`` + benchmarks/_plain_worker.py: rank 0 ``torch.save``s the model and
@@ -82,7 +83,7 @@ def one_round(path: str, args, workdir: Path) -> dict:
         cmd = [
             sys.executable, "-m", "arc_dist.launch", "--nproc-per-node=2", "--max-restarts=1",
             f"--monitor-interval={args.monitor_interval}", f"--log-dir={workdir / 'logs'}",
-            str(ROOT / "examples" / "train_ddp.py"), *common,
+            str(ROOT / "tests" / "workers" / "train_worker.py"), *common,
             "--confirm-after", str(args.confirm_after), "--hang-timeout", "0",
             "--snapshot-every", str(args.snapshot_every),
             *(["--no-local-snapshots"] if path == "arc" else []),

@@ -1,10 +1,10 @@
 """Train a small GPT on Python's own source code with DDP, protected by arc-dist.
 
-A real (if small) training script: a byte-level GPT on the standard library's ``.py`` files (no
-download), DDP, durable checkpoints to ``--checkpoint-dir``, in-memory rollbacks, the hang
-watchdog, and faults from ``arc_dist.chaos`` on demand. Every (re)start calls ``arc.resume()``,
-so a job restarted by torchrun continues from the newest healthy checkpoint, also with a
-different number of ranks. Runs unchanged on CPU (gloo) and CUDA (nccl).
+The model and data are in ``gpt.py`` beside this file. Arc adds durable checkpoints to
+``--checkpoint-dir``, in-memory rollbacks, the hang watchdog, and faults from
+``arc_dist.chaos`` on demand. Every (re)start calls ``arc.resume()``, so a job restarted by
+torchrun continues from the newest healthy checkpoint, also with a different number of ranks.
+Runs on CPU (gloo); the CUDA (nccl) branch is written but not yet run on a GPU.
 
 Single node, 2 workers, through the launcher (sets the elastic flags, maps exit codes)::
 
@@ -22,24 +22,17 @@ Two nodes, elastic (1 to 2 nodes; run on each node, HEAD = the first node's addr
         --rdzv-endpoint=HEAD:29400 --rdzv-id=gpt-run-1 \\
         examples/train_ddp.py --steps 5000 --checkpoint-dir s3://bucket/gpt-run-1
 
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc-per-node=8 \\
-        --max-restarts=10 --rdzv-backend=c10d --rdzv-endpoint=HEAD:29400 --rdzv-id=gpt-run-1 \\
-        examples/train_ddp.py --steps 5000 --checkpoint-dir s3://bucket/gpt-run-1
-
-Fire drills (faults fire in the first attempt only, unless --chaos-on-restart)::
+Fire drill (the faults fire in the first attempt only; restarts show the recovery)::
 
     ... examples/train_ddp.py --chaos "nan_loss@40/1 crash@90/1 hang@150/0"
 
-``examples/train_fsdp.py`` is the same script with FSDP2 instead of DDP.
+``examples/train_fsdp.py`` is this script with FSDP2 instead of DDP.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import logging
-import math
 import os
 import sys
 import time
@@ -48,8 +41,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from gpt import GPT, get_batch, load_corpus, loss_fn
 from torch import nn
-from torch.nn import functional as F
 
 from arc_dist import Arc, ArcConfig
 from arc_dist.launch import main_entry
@@ -57,70 +50,6 @@ from arc_dist.launch import main_entry
 log = logging.getLogger("train")
 
 
-# -- data: Python's standard library, as bytes -----------------------------------------------
-def load_corpus(max_bytes: int) -> torch.Tensor:
-    """The stdlib's top-level ``.py`` files, sorted and concatenated: the same bytes everywhere."""
-    files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))
-    chunks, total = [], 0
-    for path in files:
-        with open(path, "rb") as f:
-            data = f.read()
-        chunks.append(data)
-        total += len(data)
-        if total >= max_bytes:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:max_bytes]), dtype=torch.uint8).long()
-
-
-def get_batch(data: torch.Tensor, step: int, rank: int, args, device) -> tuple:
-    """The batch of ``rank`` at ``step``: a pure function of both, so a resumed run sees the
-    same data stream as an uninterrupted one."""
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-    n = len(data) - args.block_size - 1
-    cut = int(n * 0.95)  # the last 5% is held out
-    ix = torch.randint(0, cut, (args.batch_size,), generator=g)
-    x = torch.stack([data[i : i + args.block_size] for i in ix.tolist()])
-    y = torch.stack([data[i + 1 : i + 1 + args.block_size] for i in ix.tolist()])
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-# -- model: a small GPT ------------------------------------------------------------------------
-class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.qkv, self.proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
-        self.mlp = nn.Sequential(
-            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab: int, block_size: int, n_layer: int, n_head: int, n_embd: int):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, n_embd)
-        self.pos = nn.Embedding(block_size, n_embd)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
-
-
-# -- the run -----------------------------------------------------------------------------------
 def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description.split("\n\n")[0])
     a = p.add_argument
@@ -138,69 +67,47 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     a("--checkpoint-every", type=int, default=50, help="steps between durable checkpoints")
     a("--confirm-after", type=int, default=20, help="healthy steps that confirm a checkpoint")
     a("--snapshot-every", type=int, default=10, help="steps between in-memory snapshots")
-    a(
-        "--local-dir",
-        default=None,
-        help="node-local folder for the fast-restart snapshots (default: under /dev/shm)",
-    )
-    a(
-        "--no-local-snapshots",
-        action="store_true",
-        help="restarts resume from --checkpoint-dir only, not from node-local snapshots",
-    )
-    a(
-        "--hang-timeout",
-        type=float,
-        default=300.0,
-        help="seconds without a step before the "
-        "watchdog exits the rank (0 disables); keep it above the collective timeout",
-    )
+    a("--local-dir", help="node-local folder for fast-restart snapshots (default: /dev/shm/...)")
+    a("--no-local-snapshots", action="store_true", help="restarts resume from durable storage")
+    a("--hang-timeout", type=float, default=300.0, help="seconds without a step before the "
+      "watchdog exits the rank (0 disables); keep it above the collective timeout")  # fmt: skip
     a("--hang-grace", type=float, default=600.0, help="extra seconds for step 1, saves, loads")
     a("--collective-timeout", type=float, default=600.0, help="process-group timeout, seconds")
-    a("--chaos", default=None, help="faults to inject, e.g. 'crash@40/1' (default: $ARC_CHAOS)")
-    a("--chaos-on-restart", action="store_true", help="inject the faults in restarts too")
+    a("--chaos", help="faults to inject, e.g. 'crash@40/1' (default: $ARC_CHAOS)")
     a("--log-every", type=int, default=10, help="steps between progress lines on rank 0")
-    a(
-        "--throttle",
-        type=float,
-        default=0.0,
-        help="sleep per step, seconds: slows a fire drill "
-        "down enough to watch it (or to kill a node mid-run) on a fast machine",
-    )
-    a("--report", default=None, help="append JSON events (start, first step, done) to this file")
     return p
 
 
-def report(path: str | None, **event) -> None:
-    """One JSON line per event; short appends from several ranks do not interleave."""
-    if path:
-        line = json.dumps({"time": time.time(), **event}) + "\n"
-        with open(path, "a") as f:
-            f.write(line)
-
-
-def setup() -> tuple[torch.device, int, int]:
-    """Join the process group (when run under torchrun) and pick this rank's device."""
+def setup(args) -> tuple[torch.device, int, int]:
+    """Pick this rank's device and join the process group (when run under torchrun)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(
-            max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        )
-    return device, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str = "ddp") -> dict:
-    """The whole run; ``wrap`` turns the plain model into the data-parallel one."""
-    device, rank, world = setup()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(seconds=args.collective_timeout),
             device_id=device if device.type == "cuda" else None,
         )
+    return device, rank, world
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    if not dist.is_initialized():
+        return model  # a single process: nothing to replicate
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str = "ddp") -> None:
+    """The whole run; ``wrap`` turns the plain model into the data-parallel one."""
+    device, rank, world = setup(args)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "local")
     logging.basicConfig(
@@ -208,23 +115,14 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
         format=f"[{name} rank {rank}] %(message)s",
         stream=sys.stdout,
     )
-
     data = load_corpus(args.corpus_bytes)
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = wrap(
-        GPT(256, args.block_size, args.n_layer, args.n_head, args.n_embd).to(device), device
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / args.warmup)
-            * 0.5
-            * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
-        ),
-    )
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    gpt = GPT(args.block_size, args.n_layer, args.n_head, args.n_embd).to(device)
+    model = wrap(gpt, device)
+    opt, sched = gpt.configure_optimizers(args.lr, args.warmup, args.steps)
+
     chaos = args.chaos if args.chaos is not None else os.environ.get("ARC_CHAOS", "")
-    if restart > 0 and not args.chaos_on_restart:
+    if restart > 0:
         chaos = ""  # a fire drill hits the first attempt; restarts show the recovery
     config = ArcConfig(
         snapshot_every=args.snapshot_every,
@@ -237,113 +135,55 @@ def train(args, wrap: Callable[[nn.Module, torch.device], nn.Module], name: str 
     )
     ckpt = None if args.checkpoint_dir.lower() == "none" else args.checkpoint_dir
     arc = Arc(model, opt, sched, checkpoint_dir=ckpt, config=config, chaos=chaos)
-    start = arc.resume()  # collective: the newest healthy checkpoint, if any
-    log.info(
-        "run %s, restart %d, world size %d, %s: %s; %.1fM parameters, %d corpus bytes, faults: %s",
-        run_id,
-        restart,
-        world,
-        device,
-        f"resumed at step {start}" if start else "fresh start",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        len(data),
-        chaos or "none",
-    )
-    report(
-        args.report,
-        event="start",
-        rank=rank,
-        pid=os.getpid(),
-        restart=restart,
-        world=world,
-        step=start,
-    )
+    # Collective: every rank loads the newest checkpoint all ranks agree is healthy (a
+    # node-local snapshot when one is newer), resharded if the world size changed; 0 if none.
+    # No sampler state to restore: get_batch is a pure function of the step. With a DataLoader,
+    # use arc_dist.ResumableDistributedSampler, arc.register() it, and start the epoch
+    # loop at sampler.epoch so that set_epoch keeps the resumed position.
+    start = arc.resume()
+    n_params = sum(p.numel() for p in gpt.parameters())
+    resumed = f"resumed at step {start}" if start else "fresh start"
+    log.info("run %s, restart %d, world size %d, %s: %s; %.2fM parameters; faults: %s", run_id,
+             restart, world, device, resumed, n_params / 1e6, chaos or "none")  # fmt: skip
 
-    recent: list[float] = []
-    t_log, first = time.monotonic(), True
+    t_log = time.monotonic()
     while arc.global_step < args.steps:
-        x, y = get_batch(data, arc.global_step, rank, args, device)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        loss.backward()
-        action = arc.step(loss)  # collective: the same verdict on every rank
-        if action.rolled_back:
-            log.warning(
-                "%s at step %d (ranks %s): rolled back to step %d",
-                action.reason,
-                action.step,
-                list(action.bad_ranks),
-                action.step,
-            )
+        x, y = get_batch(data, step=arc.global_step, rank=rank, batch_size=args.batch_size,
+                         block_size=args.block_size, seed=args.seed)  # fmt: skip
+        loss = loss_fn(model(x.to(device)), y.to(device))
+        loss.backward()  # DDP has all-reduced the gradients when this returns
+        # Between backward and optimizer.step: Arc sees this step's loss and averaged gradients
+        # before they touch the weights. One collective gives every rank the same verdict.
+        action = arc.step(loss)
+        if action.rolled_back and rank == 0:  # every rank rolled back, to the same step
+            lost = action.failed_step - action.restored_step
+            log.warning("%s at step %d (ranks %s): rolled back to step %d, %d steps lost",
+                        action.reason, action.failed_step, list(action.bad_ranks),
+                        action.restored_step, lost)  # fmt: skip
+        # Skip the update on a bad step (or after a rollback) on every rank alike: a rank
+        # stepping alone would make the replicas diverge.
         if not action.should_skip:
             opt.step()
             sched.step()
-            recent = (recent + [action.loss])[-20:]
         opt.zero_grad(set_to_none=True)
-        if first:
-            report(
-                args.report, event="first_step", rank=rank, restart=restart, step=arc.global_step
-            )
-            first = False
-        if args.throttle:
-            time.sleep(args.throttle)
         if rank == 0 and (arc.global_step % args.log_every == 0 or arc.global_step == args.steps):
             dt, t_log = time.monotonic() - t_log, time.monotonic()
             tok_s = args.log_every * args.batch_size * args.block_size * world / max(dt, 1e-9)
             st = arc.stats()
-            log.info(
-                "step %5d/%d | loss %.4f | %7.0f tok/s | rollbacks %d | checkpoints %d | restart %d",
-                arc.global_step,
-                args.steps,
-                action.loss,
-                tok_s,
-                st["rollbacks"],
-                st["checkpoints"],
-                restart,
-            )
-            report(
-                args.report,
-                event="step",
-                rank=rank,
-                restart=restart,
-                world=world,
-                step=arc.global_step,
-                loss=action.loss,
-            )
+            log.info("step %5d/%d | loss %.4f | %7.0f tok/s | rollbacks %d | checkpoints %d",
+                     arc.global_step, args.steps, action.loss, tok_s, st["rollbacks"],
+                     st["checkpoints"])  # fmt: skip
     if ckpt is not None:
         arc.save()  # the final state, durable
-    stats = arc.stats()
     arc.close()
-    final = sum(recent) / len(recent) if recent else math.nan
-    summary = dict(
-        step=arc.global_step,
-        loss=final,
-        restart=restart,
-        world=world,
-        resumed_from=start,
-        stats={k: v for k, v in stats.items() if isinstance(v, (int, float))},
-    )
-    if rank == 0:
-        log.info(
-            "done: step %d, loss %.4f (mean of the last %d healthy steps)",
-            arc.global_step,
-            final,
-            len(recent),
-        )
-        report(args.report, event="done", rank=rank, **summary)
+    log.info("done: step %d", arc.global_step)
     if world > 1:
         dist.destroy_process_group()
-    return summary
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    if not dist.is_initialized():
-        return model  # a single process: nothing to replicate
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-@main_entry  # an escaping ArcError exits with its code (11: do not retry) for the launcher
+# An ArcError escaping train() exits with its code (UnrecoverableError: 11, do not retry), which
+# the launcher (and Kubernetes' podFailurePolicy) turns into "stop" instead of a restart loop.
+@main_entry
 def main() -> None:
     train(build_parser().parse_args(), wrap_ddp, "ddp")
 

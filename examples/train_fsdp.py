@@ -1,6 +1,6 @@
-"""Train the small GPT of ``train_ddp.py`` with FSDP2 (``fully_shard``), protected by arc-dist.
+"""Train the small GPT of ``gpt.py`` with FSDP2 (``fully_shard``), protected by arc-dist.
 
-Everything but the wrapping is ``examples/train_ddp.py`` (data, model, loop, flags): each
+Everything but the wrapping is ``examples/train_ddp.py`` (the loop and its flags): each
 transformer block and then the root module are sharded with ``fully_shard``, so parameters,
 gradients and optimizer state are split across ranks. arc-dist's checks, rollbacks and sharded
 checkpoints work on the shards; ``arc.resume()`` reshards when the world size changed.
@@ -26,17 +26,12 @@ Faults: ``--chaos "nan_loss@40/1 crash@90/1"`` as in train_ddp.py.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
 from torch import nn
+from train_ddp import build_parser, train
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_ddp import build_parser, train  # noqa: E402
-
-from arc_dist.launch import main_entry  # noqa: E402
+from arc_dist.launch import main_entry
 
 
 def wrap_fsdp(model: nn.Module, device: torch.device) -> nn.Module:

@@ -1,12 +1,12 @@
-"""Train the small GPT of examples/train_ddp.py under Ray Train, protected by arc-dist.
+"""Train the small GPT of examples/gpt.py under Ray Train, protected by arc-dist.
 
-The model, data and schedule are ``train_ddp.py``'s (imported from it); Ray's ``TorchTrainer``
-starts the workers, joins them into a process group and wraps the model in DDP. Arc runs inside
-``train_loop_per_worker``: numeric faults are rolled back in place (Ray never notices), and when
-a worker process dies Ray restarts the whole group (``--max-failures``), whose loop calls
-``arc.resume()`` and continues from the newest healthy checkpoint under
-``<storage-path>/<name>/arc``. Metrics and arc-dist's committed checkpoints are reported to Ray,
-so ``Result.checkpoint`` points at the newest one.
+The model, data and schedule are ``gpt.py``'s, the flags ``train_ddp.py``'s and more; Ray's
+``TorchTrainer`` starts the workers, joins them into a process group and wraps the model in DDP.
+Arc runs inside ``train_loop_per_worker``: numeric faults are rolled back in place (Ray never
+notices), and when a worker process dies Ray restarts the whole group (``--max-failures``), whose
+loop calls ``arc.resume()`` and continues from the newest healthy checkpoint under
+``<storage-path>/<name>/arc``. Metrics and arc-dist's committed checkpoints are reported to Ray, so
+``Result.checkpoint`` points at the newest one.
 
 On this machine (Ray starts a local instance; 2 CPU workers)::
 
@@ -28,19 +28,18 @@ Fire drill (faults fire only in a fresh run, not after a resume, unless --chaos-
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # train_ddp, beside this file
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpt, train_ddp: beside this file
 
 import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-from train_ddp import GPT, get_batch, load_corpus  # noqa: E402
+from gpt import GPT, get_batch, load_corpus, loss_fn  # noqa: E402
 from train_ddp import build_parser as ddp_parser  # noqa: E402
-from train_ddp import report as report_event  # noqa: E402
 
 import arc_dist.ray as arc_ray  # noqa: E402
 from arc_dist import Arc, ArcConfig  # noqa: E402
@@ -60,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--name", default=None, help="RunConfig.name; reuse it to continue a run")
     a("--max-failures", type=int, default=3, help="worker-group restarts (FailureConfig)")
     a("--report-every", type=int, default=20, help="steps between ray.train.report calls")
+    a("--chaos-on-restart", action="store_true", help="inject the faults after a resume too")
+    a("--report", default=None, help="append JSON events (start, first step, done) to this file")
     a("--address", default=None, help="ray.init address (default: $RAY_ADDRESS, else local)")
     a(
         "--checkpoint-mode",
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     # under Ray the default checkpoint folder is <storage-path>/<name>/arc
     p.set_defaults(checkpoint_dir=None, log_every=20)
     return p
+
+
+def report_event(path: str | None, **event) -> None:
+    """One JSON line per event; short appends from several workers do not interleave."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -89,17 +97,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     data = load_corpus(args.corpus_bytes)
     torch.manual_seed(args.seed)  # the same initial weights on every worker
-    model = GPT(256, args.block_size, args.n_layer, args.n_head, args.n_embd)
-    model = ray.train.torch.prepare_model(model)  # to the device, DDP when world > 1
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / args.warmup)
-            * 0.5
-            * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
-        ),
-    )
+    gpt = GPT(args.block_size, args.n_layer, args.n_head, args.n_embd)
+    model = ray.train.torch.prepare_model(gpt)  # to the device, DDP when world > 1
+    opt, sched = gpt.configure_optimizers(args.lr, args.warmup, args.steps)
     if args.checkpoint_dir is None:
         ckpt = arc_ray.checkpoint_dir()  # <storage_path>/<name>/arc
     else:
@@ -133,8 +133,9 @@ def train_loop_per_worker(config: dict) -> None:
     recent: list[float] = []
     t_log, first = time.monotonic(), True
     while arc.global_step < args.steps:
-        x, y = get_batch(data, arc.global_step, rank, args, device)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        x, y = get_batch(data, step=arc.global_step, rank=rank, batch_size=args.batch_size,
+                         block_size=args.block_size, seed=args.seed)  # fmt: skip
+        loss = loss_fn(model(x.to(device)), y.to(device))
         loss.backward()
         action = arc.step(loss)  # collective: the same verdict on every worker
         if not action.should_skip:
@@ -185,14 +186,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 def make_trainer(args: argparse.Namespace, train_fn=train_loop_per_worker):
     """The ``TorchTrainer`` for ``args`` (the driver side; call after ``ray.init``)."""
+    import gpt
     import ray.cloudpickle
-    import train_ddp
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    # ship this file and train_ddp.py by value: the workers (on other nodes, or in a Ray job's
-    # working dir) need not have examples/ on their path
-    ray.cloudpickle.register_pickle_by_value(train_ddp)
+    # ship this file and gpt.py by value: the workers (on other nodes, or in a Ray job's working
+    # dir) need not have examples/ on their path
+    ray.cloudpickle.register_pickle_by_value(gpt)
     if __name__ != "__main__":
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     storage = args.storage_path

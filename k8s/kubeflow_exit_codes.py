@@ -3,7 +3,7 @@
 Kubeflow's training operator reads the exit code of the ``pytorch`` container: 1-127 is a
 permanent error (the job fails), 128-255 is retryable (the pod is deleted and created again).
 Every code of ``arc_dist.errors.ExitCode`` is below 128, so without translation a preempted
-pod (exit 10, RETRY) would fail the whole job. Usage, as in ``k8s/pytorchjob.yaml``::
+pod (exit 10, RETRY) would fail the whole job. Usage, as in ``arc_dist/k8s/manifests/pytorchjob.yaml``::
 
     python kubeflow_exit_codes.py python -m arc_dist.launch ... -- train.py ...
 

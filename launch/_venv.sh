@@ -1,6 +1,7 @@
 # Sourced by launch/demo.sh and launch/test.sh: create or reuse ./.venv and install
-# arc-dist with the extras named in $ARC_EXTRAS. torch is installed first, pinned, so a CPU
-# machine never downloads a CUDA build.
+# arc-dist with the extras named in $ARC_EXTRAS. torch is installed first, pinned; a torch already
+# in the venv that meets the pin is kept (install the CPU build first on a machine without a GPU:
+# see README.md), so pip never resolves a newer CUDA build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${ARC_VENV:-$ROOT/.venv}"

@@ -1,216 +1,108 @@
 #!/usr/bin/env python3
-"""Submit a training entrypoint as a Ray job, stream its logs, exit with its outcome.
+"""``ray job submit`` that exits with the job's own exit code, and stops it after ``--timeout``.
 
-Usage (everything after ``--`` is the entrypoint, run on the cluster from the working dir)::
+A thin wrapper over ``ray.job_submission.JobSubmissionClient``: it submits the entrypoint
+(everything after ``--``) with the working directory and environment variables in the
+``runtime_env``, streams the job's logs, and exits with the outcome, so that arc-dist's exit
+codes (10 retry, 11 unrecoverable, ...) reach the scheduler that runs it; ``ray job submit``
+exits 1 for any failed job. For anything else (pip packages, headers, entrypoint resources) use
+``--runtime-env-json`` or ``ray job submit`` itself. See docs/ray.md.
 
-    # a local cluster (see docs/ray.md): the dashboard address
-    python launch/ray_submit.py --address http://127.0.0.1:8265 -- \\
+    python launch/ray_submit.py --address http://127.0.0.1:8265 --timeout 3600 -- \\
         python examples/train_ray.py --workers 2 --steps 200 --storage-path /tmp/arc-ray
 
-    # a remote cluster: RAY_ADDRESS, requirements and environment travel in the runtime_env
-    RAY_ADDRESS=http://head.example:8265 python launch/ray_submit.py \\
-        --requirements requirements.txt --env ARC_LOG=info -- \\
-        python examples/train_ray.py --workers 8 --gpu --storage-path s3://bucket/runs
-
-The working directory (default: the current one) is uploaded with the job, minus ``.git``,
-virtual environments, caches and anything given with ``--exclude``. Environment variables of
-this shell do **not** reach the job's processes: pass them with ``--env KEY=VALUE``.
-
-Exit status:
-
-* 0: the job SUCCEEDED;
-* the job's own exit code (1 when Ray does not know it) when it FAILED, so arc-dist's exit codes
-  (10 retry, 11 unrecoverable, ...) reach the scheduler that runs this script;
-* 3: the job was STOPPED (by someone else, or by ``--timeout``);
-* 4: the job could not be submitted (no address, cluster unreachable, bad runtime_env);
-* 130: interrupted here (Ctrl-C); the job is stopped first unless ``--keep-on-interrupt``.
+Exit: 0 SUCCEEDED; the job's exit code (1 when Ray does not know it) FAILED; 3 STOPPED (also
+after ``--timeout``); 4 not submitted (no Ray, cluster unreachable, bad runtime_env); 2 usage;
+130 Ctrl-C (the job is stopped first).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shlex
 import sys
 import time
-import uuid
 
 EXIT_STOPPED = 3
 EXIT_SUBMIT = 4
 EXIT_INTERRUPTED = 130
-
-DEFAULT_EXCLUDES = [
-    ".git",
-    ".venv",
-    "venv",
-    "**/__pycache__",
-    "*.pyc",
-    ".pytest_cache",
-    ".ruff_cache",
-    ".mypy_cache",
-    "*.egg-info",
-]
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
+#: never uploaded with the working directory
+EXCLUDES = [".git", ".venv", "venv", "**/__pycache__", "*.egg-info", ".*_cache"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="ray_submit.py",
-        description="Submit a training entrypoint as a Ray job, stream its logs and exit with "
-        "its outcome (0 SUCCEEDED, the job's exit code or 1 FAILED, 3 STOPPED, 4 not submitted).",
-        epilog="Example: python launch/ray_submit.py --address http://127.0.0.1:8265 -- "
-        "python examples/train_ray.py --workers 2",
-    )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)",
-    )
-    p.add_argument("--working-dir", default=".", help="uploaded with the job (default: .)")
-    p.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="also leave PATTERN out of the upload (gitignore syntax; repeatable)",
-    )
-    p.add_argument(
-        "--requirements",
-        default=None,
-        metavar="FILE",
-        help="a requirements.txt installed on the cluster for this job",
-    )
-    p.add_argument(
-        "--pip", action="append", default=[], metavar="PKG", help="a pip package (repeatable)"
-    )
-    p.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        type=_key_value,
-        metavar="KEY=VALUE",
-        help="an environment variable for every process of the job (repeatable)",
-    )
-    p.add_argument(
-        "--header",
-        action="append",
-        default=[],
-        type=_key_value,
-        metavar="KEY=VALUE",
-        help="an HTTP header for the job API, e.g. Authorization=Bearer... (repeatable)",
-    )
-    p.add_argument("--submission-id", default=None, help="default: arc-<random>")
-    p.add_argument(
-        "--entrypoint-num-cpus",
-        type=float,
-        default=None,
-        help="CPUs reserved for the entrypoint (driver) process; default 0",
-    )
-    p.add_argument(
-        "--no-wait", action="store_true", help="print the submission id and exit 0 at once"
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="stop the job if it runs longer than this (exit 3)",
-    )
-    p.add_argument(
-        "--keep-on-interrupt",
-        action="store_true",
-        help="on Ctrl-C, leave the job running instead of stopping it",
-    )
-    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p = argparse.ArgumentParser(prog="ray_submit.py", description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--address", help="the job API, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    a("--working-dir", default=".", help="uploaded with the job (default: .)")
+    a("--exclude", action="append", default=[], metavar="PATTERN", help="also not uploaded")
+    a("--env", action="append", default=[], metavar="KEY=VALUE", help="for every job process")
+    a("--runtime-env-json", default="{}", metavar="JSON", help="more runtime_env fields")
+    a("--submission-id", help="default: Ray's")
+    a("--timeout", type=float, metavar="SECONDS", help="stop the job after this long (exit 3)")
+    a("entrypoint", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     args = p.parse_args(argv)
-    if args.entrypoint and args.entrypoint[0] == "--":
-        args.entrypoint = args.entrypoint[1:]
+    args.entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    args.address = args.address or os.environ.get("RAY_ADDRESS")
     if not args.entrypoint:
         p.error("no entrypoint: put the command after --, e.g. -- python train.py")
-    args.address = args.address or os.environ.get("RAY_ADDRESS") or None
     if not args.address:
-        p.error(
-            "no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS "
-            "(see docs/ray.md)"
-        )
-    if not os.path.isdir(args.working_dir):
-        p.error(f"--working-dir {args.working_dir!r} is not a directory")
-    if args.requirements and not os.path.isfile(args.requirements):
-        p.error(f"--requirements {args.requirements!r} does not exist")
-    return args
-
-
-def build_runtime_env(args: argparse.Namespace) -> dict:
-    """The job's runtime_env: working dir, packages and environment variables."""
-    env: dict = {
-        "working_dir": os.path.abspath(args.working_dir),
-        "excludes": DEFAULT_EXCLUDES + list(args.exclude),
-    }
-    packages: list[str] = []
-    if args.requirements:
-        with open(args.requirements) as f:
-            packages += [
-                line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")
-            ]
-    packages += args.pip
-    if packages:
-        env["pip"] = packages
+        p.error("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    bad = [e for e in args.env if "=" not in e or e.startswith("=")]
+    if bad:
+        p.error(f"--env {bad[0]!r}: use KEY=VALUE")
+    try:
+        args.runtime_env = dict(json.loads(args.runtime_env_json))
+    except (ValueError, TypeError) as e:
+        p.error(f"--runtime-env-json {args.runtime_env_json!r} is not a JSON object: {e}")
+    args.runtime_env.setdefault("working_dir", os.path.abspath(args.working_dir))
+    args.runtime_env["excludes"] = [*args.runtime_env.get("excludes", EXCLUDES), *args.exclude]
     if args.env:
-        env["env_vars"] = dict(args.env)
-    return env
+        env_vars = args.runtime_env.setdefault("env_vars", {})
+        env_vars.update(e.split("=", 1) for e in args.env)
+    return args
 
 
 def _log(msg: str) -> None:
     print(f"[ray_submit] {msg}", file=sys.stderr, flush=True)
 
 
-async def _stream(client, job_id: str) -> None:
-    async for chunk in client.tail_job_logs(job_id):
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
+def exit_code_for(info) -> int:
+    """0 SUCCEEDED, 3 STOPPED, else the job's own exit code (1 when Ray does not know it)."""
+    status = str(getattr(info.status, "value", info.status))
+    if status in ("SUCCEEDED", "STOPPED"):
+        return 0 if status == "SUCCEEDED" else EXIT_STOPPED
+    code = getattr(info, "driver_exit_code", None)
+    return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
-def _stream_logs(client, job_id: str, deadline: float | None) -> bool:
-    """Stream logs until the job ends; False when ``deadline`` passed first."""
-    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+async def _follow(client, job_id: str, timeout: float | None) -> bool:
+    """Stream the job's logs until it ends; False when ``timeout`` passed first."""
 
-    async def run() -> None:
-        await asyncio.wait_for(_stream(client, job_id), timeout)
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
 
     try:
-        asyncio.run(run())
+        await asyncio.wait_for(tail(), timeout)
     except asyncio.TimeoutError:
         return False
-    except RuntimeError as e:  # the log socket closed early: the status poll below decides
-        _log(f"log stream ended early ({e}); waiting for the job to finish")
+    except RuntimeError as e:  # the log socket closed early: the status poll decides
+        _log(f"log stream ended early ({e}); waiting for the job to end")
     return True
 
 
-def _wait_terminal(client, job_id: str, deadline: float | None):
-    while True:
-        info = client.get_job_info(job_id)
-        if info.status.is_terminal():
-            return info
-        if deadline is not None and time.monotonic() > deadline:
+def _wait(client, job_id: str, deadline: float):
+    """The job's final info; None when ``deadline`` (monotonic) passes first."""
+    while not (info := client.get_job_info(job_id)).status.is_terminal():
+        if time.monotonic() > deadline:
             return None
         time.sleep(1.0)
-
-
-def exit_code_for(info) -> int:
-    """0 SUCCEEDED, the job's exit code (or 1) FAILED, 3 STOPPED."""
-    status = str(getattr(info.status, "value", info.status))
-    if status == "SUCCEEDED":
-        return 0
-    if status == "STOPPED":
-        return EXIT_STOPPED
-    code = getattr(info, "driver_exit_code", None)
-    return code if isinstance(code, int) and 0 < code < 256 else 1
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,54 +112,34 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         _log(f"needs Ray's job SDK ({e}): pip install 'arc-dist[ray]' (ray[default])")
         return EXIT_SUBMIT
-
-    entrypoint = " ".join(_quote(a) for a in args.entrypoint)
-    submission_id = args.submission_id or f"arc-{uuid.uuid4().hex[:12]}"
+    entrypoint = shlex.join(args.entrypoint)
     try:
-        client = JobSubmissionClient(args.address, headers=dict(args.header) or None)
-        kwargs = {}
-        if args.entrypoint_num_cpus is not None:
-            kwargs["entrypoint_num_cpus"] = args.entrypoint_num_cpus
+        client = JobSubmissionClient(args.address)
         job_id = client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            runtime_env=build_runtime_env(args),
-            **kwargs,
+            entrypoint=entrypoint, runtime_env=args.runtime_env, submission_id=args.submission_id
         )
-    except Exception as e:  # connection refused, auth, runtime_env validation, duplicate id
+    except Exception as e:  # noqa: BLE001 - unreachable, auth, runtime_env, duplicate id
         _log(f"could not submit to {args.address}: {type(e).__name__}: {e}")
         return EXIT_SUBMIT
     _log(f"submitted {job_id} to {args.address}: {entrypoint}")
-    if args.no_wait:
-        print(job_id)
-        return 0
-
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    start = time.monotonic()
     try:
-        finished = _stream_logs(client, job_id, deadline)
-        info = _wait_terminal(client, job_id, deadline) if finished else None
+        in_time = asyncio.run(_follow(client, job_id, args.timeout))
+        deadline = start + args.timeout if args.timeout is not None else float("inf")
+        info = _wait(client, job_id, deadline) if in_time else None
         if info is None:
-            _log(f"{job_id} ran past --timeout {args.timeout}s; stopping it")
+            _log(f"{job_id} ran past --timeout {args.timeout:g} s; stopping it")
             client.stop_job(job_id)
-            info = _wait_terminal(client, job_id, time.monotonic() + 60)
+            info = _wait(client, job_id, time.monotonic() + 60)
             return exit_code_for(info) if info is not None else EXIT_STOPPED
     except KeyboardInterrupt:
-        if args.keep_on_interrupt:
-            _log(f"interrupted; {job_id} keeps running (ray job logs -f {job_id})")
-        else:
-            _log(f"interrupted; stopping {job_id}")
-            client.stop_job(job_id)
+        _log(f"interrupted; stopping {job_id}")
+        client.stop_job(job_id)
         return EXIT_INTERRUPTED
     code = exit_code_for(info)
     detail = f": {info.message}" if info.message and code else ""
     _log(f"{job_id} {info.status.value}{detail} -> exit {code}")
     return code
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 if __name__ == "__main__":

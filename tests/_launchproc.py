@@ -1,4 +1,4 @@
-"""Run ``python -m arc_dist.launch`` (or the examples under it) as a test subprocess.
+"""Run ``python -m arc_dist.launch`` (or the training worker under it) as a test subprocess.
 
 Each run gets its own session, TMPDIR and log folder; :meth:`LaunchProc.cleanup` SIGKILLs the
 launcher's whole tree (torchrun and the workers live in sessions of their own), so a failing
@@ -17,7 +17,8 @@ from pathlib import Path
 from arc_dist.elastic.launcher import _descendants, sigkill_all
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
+#: examples/train_ddp.py's run with the events tests read (``--report``) and ``--throttle``
+TRAIN_WORKER = REPO / "tests" / "workers" / "train_worker.py"
 
 
 def clean_env(tmp: Path, **extra: str) -> dict:
@@ -78,9 +79,36 @@ def events(path: Path) -> list[dict]:
 
 
 def example_args(report: Path, ckpt: Path, steps: int, *extra: str) -> list[str]:
-    """Flags for examples/train_*.py: small, fast, checkpoints every 10 steps."""
+    """Flags for ``TRAIN_WORKER``: small, fast, checkpoints every 10 steps."""
     return [
         "--steps", str(steps), "--checkpoint-dir", str(ckpt), "--checkpoint-every", "10",
         "--confirm-after", "5", "--snapshot-every", "5", "--report", str(report),
         "--log-every", "10", "--corpus-bytes", "300000", *extra,
     ]  # fmt: skip
+
+
+def write_record(folder: Path, attempt: int, rank: int, err: BaseException | None, **arc) -> None:
+    """What worker ``rank`` of ``attempt`` leaves in the launcher's error folder: the start
+    marker, then (unless ``err`` is None: killed) its record, written by the real writer under
+    the environment the launcher and torchrun give it; ``arc`` overrides fields of the record."""
+    from arc_dist.elastic.exitcodes import ERROR_DIR_ENV, mark_started, write_error_file
+
+    env = {ERROR_DIR_ENV: str(folder), "TORCHELASTIC_RESTART_COUNT": str(attempt),
+           "RANK": str(rank), "LOCAL_RANK": str(rank)}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in (*env, "TORCHELASTIC_ERROR_FILE")}
+    os.environ.update(env)
+    os.environ.pop("TORCHELASTIC_ERROR_FILE", None)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        mark_started()
+        path = None if err is None else write_error_file(err, int(getattr(err, "exit_code", 1)))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if path is not None and arc:
+        data = json.loads(Path(path).read_text())
+        data["message"]["arc"].update(arc)
+        Path(path).write_text(json.dumps(data))

@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 from arc_dist import Arc, ArcConfig, ArcError, ExitCode
-from arc_dist.chaos import preflight_faults
 from arc_dist.elastic.exitcodes import (
     decide,
     hardware_streak,
     read_error_file,
-    scan_run_dirs,
+    scan_error_dir,
     write_error_file,
 )
 from arc_dist.errors import BadNodeError, HardwareError
@@ -40,12 +39,13 @@ from arc_dist.health import (
     hardware_error,
     is_device_error,
     preflight,
+    preflight_faults,
     run_local_checks,
 )
 from arc_dist.health.nvml import Nvml
 
 from ._dist import run_ranks
-from ._launchproc import _descendants, clean_env
+from ._launchproc import _descendants, clean_env, write_record
 
 WORKER = Path(__file__).parent / "workers" / "health_worker.py"
 DEVICE_CHECKS = ("device_count", "alloc", "matmul", "memory", "nvml")
@@ -195,18 +195,12 @@ def test_device_error_in_step_raises_hardware_error_without_rollback():
 # ---------------------------------------------------------------------------------------------
 
 
-def _error_files(tmp_path, attempts: list[list[tuple]]) -> list[str]:
-    """attempts[a] = [(local_rank, error, host, time)] -> a torchrun run folder."""
-    run = tmp_path / "run_x"
+def _error_files(tmp_path, attempts: list[list[tuple]]) -> str:
+    """attempts[a] = [(rank, error, host, time)] -> the launcher's error folder."""
     for a, failures in enumerate(attempts):
-        for local_rank, err, host, t in failures:
-            path = run / f"attempt_{a}" / str(local_rank) / "error.json"
-            path.parent.mkdir(parents=True)
-            write_error_file(err, int(getattr(err, "exit_code", 1)), path=str(path))
-            data = json.loads(path.read_text())
-            data["message"]["arc"].update(host=host, time=t)
-            path.write_text(json.dumps(data))
-    return [str(run)]
+        for rank, err, host, t in failures:
+            write_record(tmp_path, a, rank, err, host=host, time=t)
+    return str(tmp_path)
 
 
 def _hw(text: str, blames: bool = True) -> HardwareError:
@@ -219,7 +213,7 @@ def test_same_host_in_consecutive_root_causes_means_bad_node(tmp_path):
         [(1, RuntimeError("Connection reset by peer"), "node-a", 2.0), (0, _hw("ECC"), "node-a", 2.1)],
         [(0, _hw("ECC"), "node-a", 3.0)],
     ])  # fmt: skip
-    last, failures = scan_run_dirs(runs)
+    last, failures = scan_error_dir(runs)
     assert failures[0].device == "cuda:1" and failures[0].blames_host is True
     assert hardware_streak(failures, last) == 3
     out = decide(1, failures, last, bad_node_after=3)
@@ -246,7 +240,7 @@ def test_host_streak_breaks(tmp_path, attempts, streak):
     for i, a in enumerate(attempts):
         err = RuntimeError("Connection reset by peer") if a is None else _hw("x", a[1])
         spec.append([(0, err, a[0] if a else "node-a", float(i))])
-    last, failures = scan_run_dirs(_error_files(tmp_path, spec))
+    last, failures = scan_error_dir(_error_files(tmp_path, spec))
     assert hardware_streak(failures, last) == streak
     expected = ExitCode.BAD_NODE if streak >= 2 else None
     out = decide(1, failures, last, bad_node_after=2)
@@ -260,18 +254,18 @@ def test_kernel_bug_is_not_blamed_on_the_host_unless_other_hosts_ran_clean(tmp_p
     peer = RuntimeError("Connection reset by peer")
     # the same kernel error on every attempt of a single host: a bug in the code, not the node
     alone = [[(0, illegal(), "node-a", float(i))] for i in range(3)]
-    last, failures = scan_run_dirs(_error_files(tmp_path / "alone", alone))
+    last, failures = scan_error_dir(_error_files(tmp_path / "alone", alone))
     assert hardware_streak(failures, last) == 0
     assert decide(1, failures, last, bad_node_after=2).exit_code == ExitCode.HARDWARE
     # every host fails alike (shared log folder): still the code
     both = [
         [(0, illegal(), "node-a", i + 0.1), (1, illegal(), "node-b", i + 0.2)] for i in range(3)
     ]
-    last, failures = scan_run_dirs(_error_files(tmp_path / "both", both))
+    last, failures = scan_error_dir(_error_files(tmp_path / "both", both))
     assert hardware_streak(failures, last) == 0
     # only node-a's ranks hit it while node-b ran the same steps and lost its peer: the node
     one = [[(0, illegal(), "node-a", i + 0.1), (1, peer, "node-b", i + 0.2)] for i in range(2)]
-    last, failures = scan_run_dirs(_error_files(tmp_path / "one", one))
+    last, failures = scan_error_dir(_error_files(tmp_path / "one", one))
     assert hardware_streak(failures, last) == 2
     out = decide(1, failures, last, bad_node_after=2)
     assert out.exit_code == ExitCode.BAD_NODE and "node-a" in out.reason
@@ -386,7 +380,7 @@ def test_device_error_in_a_step_exits_12_under_torchrun(tmp_path):
     # both workers really exited 12 (torchrun's own failure summary)
     exits = re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s+exitcode\s*: (\d+)", out)
     assert sorted(exits) == [("0", "12"), ("1", "12")], out
-    _, failures = scan_run_dirs([str(p) for p in run.log_dir.iterdir() if p.is_dir()])
+    _, failures = scan_error_dir(str(run.log_dir / "arc-errors"))  # the launcher's folder
     by_rank = {f.rank: f for f in failures}
     assert set(by_rank) == {0, 1} and all(f.exit_code == ExitCode.HARDWARE for f in failures)
     assert "device error at step 3 (illegal_memory_access)" in by_rank[0].message
@@ -407,7 +401,7 @@ def test_failing_preflight_in_arc_exits_13_before_any_step(tmp_path):
     assert "check 'matmul' on cpu" in out and "stopping torchrun instead of restarting" in out
     assert run.markers_named("start-0-")  # the workers ran ...
     assert run.markers_named("step-") == []  # ... and no training step did
-    _, failures = scan_run_dirs([str(p) for p in run.log_dir.iterdir() if p.is_dir()])
+    _, failures = scan_error_dir(str(run.log_dir / "arc-errors"))  # the launcher's folder
     first = {f.rank: f.exit_code for f in failures if f.attempt == 0}
     assert first == {0: ExitCode.RETRY, 1: ExitCode.BAD_NODE}
 

@@ -1,15 +1,17 @@
-"""Offline checks of the Kubernetes manifests in k8s/ (there is no cluster in CI).
+"""Offline checks of the Kubernetes manifests shipped in arc_dist/k8s/ (no cluster in CI).
 
 * Built-in kinds (ConfigMap, Service, Job) and every pod/Job template embedded in a custom
   resource are validated against Kubernetes' own schemas with kubernetes-validate in strict
   mode (an unknown field fails), for the oldest supported and the newest Kubernetes.
-* Custom resources (PyTorchJob, JobSet, RayJob) are validated against the JSON Schemas in
-  k8s/schemas/, and deliberately broken copies must fail, which proves the schemas bite.
+* Custom resources (JobSet, TrainJob, TrainingRuntime and the JobSet inside it, PyTorchJob,
+  RayJob) are validated against the JSON Schemas in arc_dist/k8s/schemas/, and deliberately
+  broken copies must fail, which proves the schemas bite.
 * Cross-checks tie the manifests to the code: the failure policies use arc_dist's ExitCode
   values, the container command parses with the launcher's own argument parser and agrees
   with the controller's sizes and the rendezvous Service, every training pod carries the
   settings docs/kubernetes.md promises, and no secret value is written inline.
-* The same checks run on manifests rendered by k8s/render.py with other sizes, image and URL.
+* The same checks run on manifests rendered by ``arc-dist k8s`` with other sizes, image and URL,
+  and the wheel must carry the manifests.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,11 +36,15 @@ yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
+from arc_dist.cli import main as cli_main  # noqa: E402
 from arc_dist.errors import ExitCode  # noqa: E402
+from arc_dist.k8s import render  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "k8s"
-KINDS = ("job", "pytorchjob", "jobset", "rayjob")
+K8S = ROOT / "k8s"  # the user-facing folder: Dockerfile, the Kubeflow exit-code shim
+MANIFESTS = ROOT / "arc_dist" / "k8s" / "manifests"
+SCHEMA_DIR = ROOT / "arc_dist" / "k8s" / "schemas"
+KINDS = render.KINDS
 #: oldest Kubernetes the manifests claim to support (docs/kubernetes.md), and the newest known
 K8S_VERSIONS = ("1.31", "1.37")
 BUILTIN_API_VERSIONS = {"v1", "batch/v1"}
@@ -44,6 +52,10 @@ SCHEMAS = {
     ("kubeflow.org/v1", "PyTorchJob"): "pytorchjob.kubeflow.org-v1.json",
     ("jobset.x-k8s.io/v1alpha2", "JobSet"): "jobset.jobset.x-k8s.io-v1alpha2.json",
     ("ray.io/v1", "RayJob"): "rayjob.ray.io-v1.json",
+    ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"): (
+        "trainingruntime.trainer.kubeflow.org-v1alpha1.json"
+    ),
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjob.trainer.kubeflow.org-v1alpha1.json",
 }
 IMAGE_ROOT = "/opt/arc-dist"  # WORKDIR and COPY target in k8s/Dockerfile
 REQUIRED_ENV = {
@@ -56,15 +68,6 @@ QUANTITY = re.compile(r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE])?$")
 SECRETISH = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 
 
-def _load_render() -> Any:
-    spec = importlib.util.spec_from_file_location("arc_k8s_render", K8S / "render.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _load_shim() -> Any:
     spec = importlib.util.spec_from_file_location("arc_k8s_shim", K8S / "kubeflow_exit_codes.py")
     assert spec and spec.loader
@@ -73,7 +76,6 @@ def _load_shim() -> Any:
     return mod
 
 
-render = _load_render()
 shim = _load_shim()
 
 #: settings that differ from every template value, to prove render() reaches every place
@@ -96,7 +98,7 @@ OTHER = dict(
 
 
 def template_bundle(kind: str) -> list[dict[str, Any]]:
-    return [d for f in ("configmap.yaml", f"{kind}.yaml") for d in _yaml_docs(K8S / f)]
+    return [d for f in ("configmap.yaml", f"{kind}.yaml") for d in _yaml_docs(MANIFESTS / f)]
 
 
 def rendered_bundle(kind: str) -> list[dict[str, Any]]:
@@ -132,27 +134,12 @@ def find(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def main_doc(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    (doc,) = [d for d in docs if d["kind"] not in ("ConfigMap", "Service")]
+    """The object that defines the training pods (a TrainJob's are its TrainingRuntime's)."""
+    (doc,) = [d for d in docs if d["kind"] not in ("ConfigMap", "Service", "TrainJob")]
     return doc
 
 
-def pod_templates(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(role, PodTemplateSpec) of every pod the object creates (none for ConfigMap, Service)."""
-    spec = doc.get("spec", {})
-    if doc["kind"] == "Job":
-        yield "trainer", spec["template"]
-    elif doc["kind"] == "PyTorchJob":
-        for rtype, rspec in spec["pytorchReplicaSpecs"].items():
-            yield rtype, rspec["template"]
-    elif doc["kind"] == "JobSet":
-        for rjob in spec["replicatedJobs"]:
-            yield rjob["name"], rjob["template"]["spec"]["template"]
-    elif doc["kind"] == "RayJob":
-        yield "ray-head", spec["rayClusterSpec"]["headGroupSpec"]["template"]
-        for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
-            yield group["groupName"], group["template"]
-        if "submitterPodTemplate" in spec:
-            yield "submitter", spec["submitterPodTemplate"]
+pod_templates = render.pod_templates
 
 
 def training_pods(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -181,7 +168,11 @@ def _script_parser(image_path: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"arc_k8s_{path.stem}", path)
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(path.parent))  # as when the script runs: its folder is importable
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
     build = getattr(mod, "build_parser", None)
     return build() if callable(build) else None
 
@@ -205,11 +196,11 @@ def builtin_objects(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]
         yield doc["kind"], doc
         return
     name = doc["metadata"]["name"]
-    if doc["kind"] == "JobSet":
-        for rjob in doc["spec"]["replicatedJobs"]:
+    if render.replicated_jobs(doc):
+        for rjob in render.replicated_jobs(doc):
             job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}}
             job["spec"] = rjob["template"]["spec"]
-            yield f"JobSet/{rjob['name']} Job", job
+            yield f"{doc['kind']}/{rjob['name']} Job", job
         return
     for role, template in pod_templates(doc):
         wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}}
@@ -218,7 +209,7 @@ def builtin_objects(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]
 
 
 def schema_for(doc: dict[str, Any]) -> dict[str, Any]:
-    return json.loads((K8S / "schemas" / SCHEMAS[doc["apiVersion"], doc["kind"]]).read_text())
+    return json.loads((SCHEMA_DIR / SCHEMAS[doc["apiVersion"], doc["kind"]]).read_text())
 
 
 def schema_errors(doc: dict[str, Any]) -> list[str]:
@@ -230,7 +221,7 @@ def schema_errors(doc: dict[str, Any]) -> list[str]:
 
 
 def test_every_manifest_parses() -> None:
-    files = sorted(K8S.glob("*.yaml"))
+    files = sorted(MANIFESTS.glob("*.yaml"))
     assert {f.stem for f in files} == {"configmap", *KINDS}
     for f in files:
         docs = _yaml_docs(f)
@@ -257,16 +248,28 @@ def test_builtin_kinds_and_embedded_templates_validate_strictly(
 
 def test_crd_schemas_are_valid_and_name_their_source() -> None:
     for fname in SCHEMAS.values():
-        schema = json.loads((K8S / "schemas" / fname).read_text())
+        schema = json.loads((SCHEMA_DIR / fname).read_text())
         jsonschema.Draft202012Validator.check_schema(schema)
         assert schema["x-source"]["project"] and schema["x-source"]["version"]
-        assert fname in (K8S / "schemas" / "README.md").read_text()
+        assert fname in (SCHEMA_DIR / "README.md").read_text()
 
 
 def test_custom_resources_validate_against_schemas(bundle: list[dict[str, Any]]) -> None:
     crds = [d for d in bundle if d["apiVersion"] not in BUILTIN_API_VERSIONS]
     for doc in crds:
         assert schema_errors(doc) == [], doc["kind"]
+        if doc["kind"] == "TrainingRuntime":  # the JobSet the Trainer creates from it
+            assert schema_errors(runtime_jobset(doc)) == [], "TrainingRuntime's JobSet"
+
+
+def runtime_jobset(runtime: dict[str, Any]) -> dict[str, Any]:
+    """The JobSet a TrainingRuntime describes, as a JobSet object (named like the TrainJob)."""
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": runtime["metadata"]["name"]},
+        "spec": runtime["spec"]["template"]["spec"],
+    }
 
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -308,13 +311,23 @@ BROKEN = {
     "rayjob-submission-mode": ("rayjob", _set("spec.submissionMode", "K8sJob")),
     "rayjob-no-entrypoint": ("rayjob", lambda d: d["spec"].pop("entrypoint")),
     "rayjob-no-head": ("rayjob", lambda d: d["spec"]["rayClusterSpec"].pop("headGroupSpec")),
+    "runtime-nproc-enum": ("trainjob", _set("spec.mlPolicy.torch.numProcPerNode", "all")),
+    "runtime-elastic-and-numnodes": ("trainjob", _set("spec.mlPolicy.numNodes", 2)),
+    "runtime-unknown-field": ("trainjob", _rename("spec.mlPolicy.torch.elasticPolicy.maxNodes", "maxReplicas")),
+    "runtime-two-policies": ("trainjob", _set("spec.mlPolicy.mpi", {"numProcPerNode": 1})),
+    "trainjob-unknown-field": ("trainjob:TrainJob", _rename("spec.trainer.numNodes", "replicas")),
+    "trainjob-runtime-kind": ("trainjob:TrainJob", _set("spec.runtimeRef.kind", "Runtime")),
+    "trainjob-no-runtime": ("trainjob:TrainJob", lambda d: d["spec"].pop("runtimeRef")),
+    "trainjob-managed-by": ("trainjob:TrainJob", _set("spec.managedBy", "me")),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_schemas_reject_broken_copies(case: str) -> None:
     kind, mutate = BROKEN[case]
-    doc = copy.deepcopy(main_doc(template_bundle(kind)))
+    kind, _, obj = kind.partition(":")
+    bundle = template_bundle(kind)
+    doc = copy.deepcopy(find(bundle, obj) if obj else main_doc(bundle))
     assert schema_errors(doc) == []
     mutate(doc)
     assert schema_errors(doc), f"schema accepted a broken {kind} ({case})"
@@ -360,12 +373,10 @@ def test_resource_quantities_and_enums_are_well_formed(bundle: list[dict[str, An
 def _job_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
     if doc["kind"] == "Job":
         return [doc["spec"]]
-    if doc["kind"] == "JobSet":
-        return [r["template"]["spec"] for r in doc["spec"]["replicatedJobs"]]
-    return []
+    return [r["template"]["spec"] for r in render.replicated_jobs(doc)]
 
 
-@pytest.mark.parametrize("kind", ["job", "jobset"])
+@pytest.mark.parametrize("kind", ["job", "jobset", "trainjob"])
 def test_pod_failure_policy_follows_the_exit_code_contract(kind: str) -> None:
     for job_spec in _job_specs(main_doc(template_bundle(kind))):
         container = job_spec["template"]["spec"]["containers"][0]
@@ -393,8 +404,10 @@ def test_pod_failure_policy_follows_the_exit_code_contract(kind: str) -> None:
         assert job_spec["backoffLimitPerIndex"] >= 1 and job_spec["maxFailedIndexes"] == 0
 
 
-def test_jobset_fails_on_pod_failure_policy_and_restarts_otherwise() -> None:
-    spec = main_doc(template_bundle("jobset"))["spec"]
+@pytest.mark.parametrize("kind", ["jobset", "trainjob"])
+def test_jobset_fails_on_pod_failure_policy_and_restarts_otherwise(kind: str) -> None:
+    doc = main_doc(template_bundle(kind))
+    spec = doc["spec"] if kind == "jobset" else runtime_jobset(doc)["spec"]
     rules = spec["failurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJobSet"
     assert rules[0]["onJobFailureReasons"] == ["PodFailurePolicy"]
@@ -523,7 +536,7 @@ def test_launcher_command_agrees_with_the_controller(bundle: list[dict[str, Any]
         container_ports = {p["containerPort"] for p in c.get("ports", [])}
         assert int(port) in container_ports
 
-        if doc["kind"] in ("Job", "JobSet"):
+        if doc["kind"] in ("Job", "JobSet", "TrainingRuntime"):
             job_spec = _job_specs(doc)[0]
             assert hi == job_spec["completions"] == job_spec["parallelism"]
             assert 1 <= lo <= hi
@@ -533,11 +546,15 @@ def test_launcher_command_agrees_with_the_controller(bundle: list[dict[str, Any]
                 assert svc["metadata"]["name"] == subdomain
                 assert port == str(svc["spec"]["ports"][0]["port"])
                 first_pod = f"{doc['metadata']['name']}-0"
-            else:
-                subdomain = doc["spec"]["network"].get("subdomain", doc["metadata"]["name"])
-                assert doc["spec"]["network"]["enableDNSHostnames"] is True
-                rjob = doc["spec"]["replicatedJobs"][0]["name"]
-                first_pod = f"{doc['metadata']['name']}-{rjob}-0-0"
+            else:  # JobSet, or the JobSet a TrainJob creates (named after the TrainJob)
+                if doc["kind"] == "TrainingRuntime":
+                    check_trainjob(bundle, doc, c, ns)
+                jobset = doc if doc["kind"] == "JobSet" else runtime_jobset(doc)
+                network = jobset["spec"]["network"]
+                subdomain = network.get("subdomain", jobset["metadata"]["name"])
+                assert network["enableDNSHostnames"] is True
+                rjob = jobset["spec"]["replicatedJobs"][0]["name"]
+                first_pod = f"{jobset['metadata']['name']}-{rjob}-0-0"
             domain = host.split(".svc.", 1)[1]
             assert host == f"{first_pod}.{subdomain}.$(POD_NAMESPACE).svc.{domain}"
             assert len(f"{first_pod[:-1]}{hi - 1}") <= 63  # hostname limit
@@ -553,6 +570,38 @@ def test_launcher_command_agrees_with_the_controller(bundle: list[dict[str, Any]
             conf = ",".join(f"{kv['key']}={kv['value']}" for kv in elastic.get("rdzvConf", []))
             assert conf == ns.rdzv_conf
             assert "pytorchjob-port" in {p["name"] for p in c["ports"]}
+
+
+def check_trainjob(bundle: list[dict[str, Any]], runtime: dict[str, Any], c: dict[str, Any],
+                   ns: Any) -> None:  # fmt: skip
+    """The TrainJob, its runtime and the launcher agree, the way Kubeflow Trainer v2 reads them."""
+    job = find(bundle, "TrainJob")
+    ref = job["spec"]["runtimeRef"]
+    assert (ref["kind"], ref["name"]) == (runtime["kind"], runtime["metadata"]["name"])
+    assert ref["apiGroup"] == "trainer.kubeflow.org"
+    assert job["metadata"]["name"] == runtime["metadata"]["name"]  # its JobSet's name
+    lo, hi = (int(x) for x in ns.nnodes.split(":"))
+    trainer = job["spec"]["trainer"]
+    # image, command, env and resources stay the runtime's: the TrainJob would replace them
+    assert set(trainer) == {"numNodes", "numProcPerNode"}
+    assert trainer["numNodes"] == hi and str(trainer["numProcPerNode"]) == ns.nproc_per_node
+    torch = runtime["spec"]["mlPolicy"]["torch"]
+    assert str(torch["numProcPerNode"]) == ns.nproc_per_node
+    elastic = torch["elasticPolicy"]
+    assert (elastic["minNodes"], elastic["maxNodes"]) == (lo, hi)
+    assert elastic["maxRestarts"] == ns.max_restarts
+    # the Trainer fills the container named "node" of the Job labelled as the trainer step,
+    # and points PET_MASTER_ADDR/PORT at node 0 on port 29400: the launcher's rendezvous
+    (rjob,) = render.replicated_jobs(runtime)
+    assert rjob["name"] == "node" and c["name"] == "node"
+    assert rjob["template"]["metadata"]["labels"][
+        "trainer.kubeflow.org/trainjob-ancestor-step"
+    ] == ("trainer")
+    host, port = ns.rdzv_endpoint.rsplit(":", 1)
+    assert port == "29400" and host.startswith(f"{job['metadata']['name']}-node-0-0.")
+    reserved = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+                "PET_MASTER_PORT"}  # fmt: skip
+    assert not reserved & set(env_of(c)), "the Trainer sets these; it rejects jobs that do"
 
 
 def test_headless_service_selects_the_training_pods() -> None:
@@ -634,7 +683,7 @@ def test_no_secret_values_inline(bundle: list[dict[str, Any]]) -> None:
         for key in ("secretRef", "secretKeyRef"):
             if key in d:
                 assert set(d[key]) <= {"name", "key", "optional"}
-    text = "\n".join(p.read_text() for p in K8S.glob("*.yaml"))
+    text = "\n".join(p.read_text() for p in MANIFESTS.glob("*.yaml"))
     assert not re.search(r"AKIA[0-9A-Z]{16}", text), "an AWS access key id in a manifest"
 
 
@@ -706,23 +755,62 @@ def test_render_reaches_every_setting() -> None:
                     assert flag(argv, "--max-restarts") == str(OTHER["max_restarts"])
 
 
-def test_render_cli_writes_a_file(tmp_path: Path) -> None:
+def test_cli_writes_a_file(tmp_path: Path) -> None:
     out = tmp_path / "run.yaml"
-    argv = [
-        "jobset",
-        "--image",
-        "img:1",
-        "--checkpoint-url",
-        "s3://b/r",
-        "--nodes",
-        "3",
-        "-o",
-        str(out),
-    ]
-    assert render.main(argv) == 0
-    docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
-    assert [d["kind"] for d in docs] == ["ConfigMap", "JobSet"]
-    assert out.read_text().startswith("# Rendered by k8s/render.py")
+    argv = ["k8s", "--kind", "trainjob", "--image", "img:1", "--checkpoint-url", "s3://b/r",
+            "--nodes", "3", "--name", "run-3", "-o", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    text = out.read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "TrainingRuntime", "TrainJob"]
+    assert text.startswith("# Rendered by arc-dist")
+    assert "arc-dist k8s --kind=trainjob --image=img:1" in text.splitlines()[1]
+    assert find(docs, "TrainJob")["spec"]["trainer"]["numNodes"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_cli_and_the_old_script_print_the_manifest_and_reject_bad_values(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "arc_dist.cli", "k8s", "--kind", "job", "--image", "img:1",
+           "--checkpoint-url", "s3://b/r", "--nodes", "4"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert find(list(yaml.safe_load_all(proc.stdout)), "Job")["spec"]["completions"] == 4
+    old = [sys.executable, str(K8S / "render.py"), "job", *cmd[cmd.index("--image") :]]
+    proc2 = subprocess.run(old, capture_output=True, text=True, env=env, timeout=60)
+    assert proc2.returncode == 0 and proc2.stdout == proc.stdout, proc2.stderr
+    bad = [*cmd[:-2], "--nodes", "0"]
+    proc = subprocess.run(bad, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--nodes=0 is invalid: use 1 or more" in proc.stderr
+    proc = subprocess.run([*cmd[:5], "deployment", *cmd[6:]], capture_output=True, text=True,
+                          env=env, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and "invalid choice: 'deployment'" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_wheel_ships_the_manifests_and_schemas(tmp_path: Path) -> None:
+    """Built from a copy of the sources, so the checkout gets no build/ or egg-info."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "arc_dist", src / "arc_dist",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("arc_dist-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in [*MANIFESTS.glob("*.yaml"), *SCHEMA_DIR.glob("*.json")]:
+        assert str(path.relative_to(ROOT)) in names, f"{path.name} is not in the wheel"
+    assert "arc_dist/k8s/render.py" in names
 
 
 @pytest.mark.parametrize(
@@ -747,6 +835,7 @@ def test_render_rejects_bad_settings(change: dict[str, Any], flag_name: str) -> 
 
 
 def test_render_rejects_elastic_rayjob() -> None:
+    """KubeRay's group has a fixed size; the other kinds take --min-nodes."""
     with pytest.raises(ValueError, match="--min-nodes"):
         render.render("rayjob", render.RunSettings(**OTHER))
 

@@ -1,9 +1,9 @@
 """Node loss and rejoin: two torchrun agents on this machine form a ``--nnodes=1:2`` job.
 
-Agent A (it hosts the c10d rendezvous store) and agent B each run one rank of
-examples/train_ddp.py. B is SIGKILLed as a whole (launcher, agent, worker: a node losing
-power); A must continue alone at world size 1 from the newest checkpoint (a resharded resume),
-then a new agent B' joins and the job scales back to 2 ranks and finishes.
+Agent A (it hosts the c10d rendezvous store) and agent B each run one rank of examples/train_ddp.py
+(through tests/workers/train_worker.py). B is SIGKILLed as a whole (launcher, agent, worker: a node
+losing power); A must continue alone at world size 1 from the newest checkpoint (a resharded
+resume), then a new agent B' joins and the job scales back to 2 ranks and finishes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from arc_dist.errors import ExitCode
 
-from ._launchproc import EXAMPLES, LaunchProc, events, example_args
+from ._launchproc import TRAIN_WORKER, LaunchProc, events, example_args
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_node_loss_shrinks_to_one_node_and_a_new_node_scales_back(tmp_path):
         "keep_alive_max_attempt=3",
     ]  # fmt: skip
     args = example_args(report, ckpt, STEPS, "--throttle", "0.1")
-    script = EXAMPLES / "train_ddp.py"
+    script = TRAIN_WORKER
     a = LaunchProc(tmp_path, flags, script, args, name="A")
     b = b2 = None
     try:

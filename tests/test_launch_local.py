@@ -1,11 +1,11 @@
 """Fast local recovery under real torchrun: a SIGKILLed rank's group resumes from /dev/shm.
 
-examples/train_ddp.py with 2 ranks under the launcher, snapshots every 5 steps (tests/
-_launchproc.example_args). With durable checkpoints only every 50 steps, a rank SIGKILLed at
-step 33 restarts from the node-local snapshot of step 30 and finishes with the loss of a
-fault-free run; the tier in /dev/shm is gone after the clean end. With every local snapshot of
-rank 1 corrupted (one flipped byte) before the restart, both ranks fall back to the newest
-healthy durable checkpoint and the log says why.
+examples/train_ddp.py (through tests/workers/train_worker.py) with 2 ranks under the launcher,
+snapshots every 5 steps (tests/_launchproc.example_args). With durable checkpoints only every 50
+steps, a rank SIGKILLed at step 33 restarts from the node-local snapshot of step 30 and finishes
+with the loss of a fault-free run; the tier in /dev/shm is gone after the clean end. With every
+local snapshot of rank 1 corrupted (one flipped byte) before the restart, both ranks fall back to
+the newest healthy durable checkpoint and the log says why.
 """
 
 from __future__ import annotations

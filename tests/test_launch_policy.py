@@ -16,12 +16,14 @@ from arc_dist.elastic.exitcodes import (
     no_progress_streak,
     read_error_file,
     root_cause,
-    scan_run_dirs,
+    scan_error_dir,
     track_progress,
     write_error_file,
 )
 from arc_dist.elastic.launcher import build_command, format_command, main, parse_args
 from arc_dist.errors import ExitCode, HangError, HardwareError, UnrecoverableError
+
+from ._launchproc import write_record
 
 
 def _torch_record(message: str, **extra) -> dict:
@@ -77,18 +79,12 @@ def test_error_file_round_trip(tmp_path, monkeypatch):
 
 
 def _layout(root, errors: dict[tuple[int, int], tuple[BaseException, float]], attempts: int):
-    """A torchrun log folder: <root>/<run>/attempt_N/<local_rank>/error.json."""
-    run = root / "arc-test_abc123"
+    """The launcher's error folder after ``attempts`` attempts of 2 ranks with ``errors``."""
     for a in range(attempts):
         for r in range(2):
-            (run / f"attempt_{a}" / str(r)).mkdir(parents=True)
-    for (a, r), (err, t) in errors.items():
-        path = run / f"attempt_{a}" / str(r) / "error.json"
-        write_error_file(err, err.exit_code if hasattr(err, "exit_code") else 1, path=str(path))
-        data = json.loads(path.read_text())
-        data["message"]["arc"]["time"] = t
-        path.write_text(json.dumps(data))
-    return [str(run)]
+            err, t = errors.get((a, r), (None, 0.0))
+            write_record(root, a, r, err, time=t)
+    return str(root)
 
 
 def test_scan_and_decide_restarts_exhausted(tmp_path):
@@ -102,7 +98,7 @@ def test_scan_and_decide_restarts_exhausted(tmp_path):
         },
         attempts=2,
     )
-    last, failures = scan_run_dirs(runs)
+    last, failures = scan_error_dir(runs)
     assert last == 1 and len(failures) == 3
     cause = root_cause([f for f in failures if f.attempt == 1])
     assert cause.local_rank == 1 and cause.exit_code == ExitCode.HARDWARE
@@ -121,7 +117,7 @@ def test_decide_orders_stop_codes_preemption_success_and_signals(tmp_path):
         {(0, 0): (UnrecoverableError("nan"), 1.0), (0, 1): (HangError("stuck"), 0.5)},
         attempts=2,
     )
-    last, failures = scan_run_dirs(runs)
+    last, failures = scan_error_dir(runs)
     # a stop code anywhere ends the job with it, even if a later attempt died otherwise
     out = decide(1, failures, last, signalled="SIGTERM")
     assert out.exit_code == ExitCode.UNRECOVERABLE and "do not retry" in out.reason
@@ -141,23 +137,18 @@ class _Trainer:
         self.global_step = step
 
 
-def _attempts(root, attempts: list[tuple[BaseException, int, int] | None]) -> list[str]:
-    """attempts[a] = (error, resumed from, step reached) on local rank 0; None: no error file."""
-    run = root / "arc-test_np"
+def _attempts(root, attempts: list[tuple[BaseException, int, int] | None]) -> str:
+    """attempts[a] = (error, resumed from, step reached) on rank 0; None: no error file."""
     for a, spec in enumerate(attempts):
-        (run / f"attempt_{a}" / "0").mkdir(parents=True)
         if spec is None:
+            write_record(root, a, 0, None)
             continue
         err, resumed, reached = spec
         trainer = _Trainer(resumed)
         track_progress(trainer, resumed)
         trainer.global_step = reached
-        path = run / f"attempt_{a}" / "0" / "error.json"
-        write_error_file(err, int(getattr(err, "exit_code", ExitCode.RETRY)), path=str(path))
-        data = json.loads(path.read_text())
-        data["message"]["arc"]["time"] = float(a)
-        path.write_text(json.dumps(data))
-    return [str(run)]
+        write_record(root, a, 0, err, time=float(a))
+    return str(root)
 
 
 def _bug(step: int = 0) -> BaseException:
@@ -186,7 +177,7 @@ def _bug(step: int = 0) -> BaseException:
     ],
 )
 def test_no_progress_streak(tmp_path, attempts, streak):
-    last, failures = scan_run_dirs(_attempts(tmp_path, attempts))
+    last, failures = scan_error_dir(_attempts(tmp_path, attempts))
     assert no_progress_streak(failures, last) == streak
     out = decide(1, failures, last, no_progress_after=3)
     if streak >= 3:
@@ -200,12 +191,9 @@ def test_no_progress_streak(tmp_path, attempts, streak):
 
 def test_no_progress_needs_arc_dists_record(tmp_path):
     """A file from torch's plain @record says nothing about progress: it never counts."""
-    run = tmp_path / "arc-test_rec"
     for a in range(3):
-        path = run / f"attempt_{a}" / "0" / "error.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps(_torch_record("KeyError: 'labels'")))
-    last, failures = scan_run_dirs([str(run)])
+        (tmp_path / f"{a}-0-1.json").write_text(json.dumps(_torch_record("KeyError: 'labels'")))
+    last, failures = scan_error_dir(str(tmp_path))
     assert [f.made_progress for f in failures] == [None] * 3
     assert no_progress_streak(failures, last) == 0
 
@@ -236,6 +224,7 @@ def test_flags_env_defaults_and_command(tmp_path, monkeypatch):
     assert line.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
     assert shlex.split(line)[len(env) :] == cmd
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "20"  # inside the launcher's own 30 s
+    assert env["ARC_ERROR_DIR"] == os.path.join(spec.log_dir, "arc-errors")
 
 
 @pytest.mark.parametrize(
@@ -425,6 +414,53 @@ def test_main_entry_keeps_the_record_arc_step_wrote_first(later, tmp_path, monke
     )
     f = read_error_file(str(path))
     assert f.message == "ValueError: rank 1 passed a non-scalar loss"
+
+
+def test_main_entry_writes_into_the_launchers_error_folder(tmp_path, monkeypatch):
+    """The launcher reads a folder it owns ($ARC_ERROR_DIR), not torchrun's log layout: the
+    worker marks its start and writes its record there (atomically), beside torch's file."""
+    from arc_dist.launch import main_entry
+
+    folder = tmp_path / "errors"
+    folder.mkdir()
+    (folder / "0-0-1.json").write_text(json.dumps(_torch_record("HardwareError: old run")))
+    earlier = set(os.listdir(folder))
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "torch" / "error.json"))
+    monkeypatch.setenv("ARC_ERROR_DIR", str(folder))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    @main_entry
+    def main():
+        raise UnrecoverableError("nan at step 9")
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == ExitCode.UNRECOVERABLE
+    pid = os.getpid()
+    assert sorted(set(os.listdir(folder)) - earlier) == [f"2-5-{pid}.json", f"2-5-{pid}.started"]
+    last, failures = scan_error_dir(str(folder), ignore=earlier)
+    (f,) = failures
+    assert (last, f.attempt, f.rank, f.local_rank) == (2, 2, 5, 1)
+    assert (
+        f.exit_code == ExitCode.UNRECOVERABLE and f.message == "UnrecoverableError: nan at step 9"
+    )
+    # torch's own file is not written (its folder is missing), the launcher's record still is
+    assert not (tmp_path / "torch").exists()
+    # a later attempt that was killed before writing anything is still the newest
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")
+
+    @main_entry
+    def killed():
+        return None
+
+    killed()
+    last, failures = scan_error_dir(str(folder), ignore=earlier)
+    assert last == 3 and [f.attempt for f in failures] == [2]
+    assert decide(1, failures, last).exit_code == ExitCode.UNRECOVERABLE  # a stop code stays
+    # the earlier run's file counts when not ignored
+    assert len(scan_error_dir(str(folder))[1]) == 2
 
 
 def test_arc_reports_its_progress_in_error_files(tmp_path):

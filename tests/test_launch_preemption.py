@@ -19,7 +19,7 @@ import pytest
 from arc_dist.checkpoint import Storage, scan
 from arc_dist.errors import ExitCode
 
-from ._launchproc import EXAMPLES, LaunchProc, events, example_args
+from ._launchproc import TRAIN_WORKER, LaunchProc, events, example_args
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_sigterm_writes_a_final_checkpoint_exits_retry_and_the_restart_resumes(t
     report, ckpt = tmp_path / "report.jsonl", tmp_path / "ckpt"
     args = example_args(report, ckpt, 60, "--throttle", "0.15", "--checkpoint-every", "20",
                         "--log-every", "1")  # fmt: skip
-    run = LaunchProc(tmp_path, ["--nproc-per-node=2", "--max-restarts=2"], EXAMPLES / "train_ddp.py",
+    run = LaunchProc(tmp_path, ["--nproc-per-node=2", "--max-restarts=2"], TRAIN_WORKER,
                      args, name="first")  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -56,7 +56,7 @@ def test_sigterm_writes_a_final_checkpoint_exits_retry_and_the_restart_resumes(t
     assert [(c.step, c.confirmed) for c in infos] == [(20, True), (40, True), (at, False)]
     assert not any(e["event"] == "done" for e in events(report))
 
-    again = LaunchProc(tmp_path, ["--nproc-per-node=2", "--max-restarts=0"], EXAMPLES / "train_ddp.py",
+    again = LaunchProc(tmp_path, ["--nproc-per-node=2", "--max-restarts=0"], TRAIN_WORKER,
                        example_args(report, ckpt, 60, "--checkpoint-every", "20"), name="second")  # fmt: skip
     try:
         assert again.wait(240) == ExitCode.OK, again.output[-3000:]
@@ -75,7 +75,7 @@ def test_sigterm_at_step_47_restart_in_the_same_launch_resumes_at_47(tmp_path):
     # restarts the group (same run id, so the local tier is a candidate) and it must take step_47
     report, ckpt = tmp_path / "report.jsonl", tmp_path / "ckpt"
     args = example_args(report, ckpt, 60, "--checkpoint-every", "20", "--chaos", "preempt@47/1")
-    run = LaunchProc(tmp_path, ["--nproc-per-node=2", "--max-restarts=1"], EXAMPLES / "train_ddp.py",
+    run = LaunchProc(tmp_path, ["--nproc-per-node=2", "--max-restarts=1"], TRAIN_WORKER,
                      args)  # fmt: skip
     try:
         assert run.wait(300) == ExitCode.OK, run.output[-3000:]

@@ -1,6 +1,7 @@
 """Recovery under real torchrun, through the launcher and the examples: real signals, real hangs.
 
-Each scenario runs examples/train_ddp.py (or train_fsdp.py) with 2 ranks, a fault from
+Each scenario runs examples/train_ddp.py's loop (with DDP, or FSDP2 as in train_fsdp.py;
+tests/workers/train_worker.py adds the events the checks read) with 2 ranks, a fault from
 ``--chaos`` in the first attempt, durable checkpoints every 10 steps, and ends with outcome
 checks: the exit code, the step count reached, a finite loss close to a fault-free run's, and a
 restart that resumed no earlier than the newest checkpoint confirmed before the fault.
@@ -15,17 +16,17 @@ import pytest
 
 from arc_dist.errors import ExitCode
 
-from ._launchproc import EXAMPLES, LaunchProc, events, example_args
+from ._launchproc import TRAIN_WORKER, LaunchProc, events, example_args
 
 pytestmark = pytest.mark.slow
 
 STEPS = 40
 
 
-def _launch(tmp, name, *extra, script="train_ddp.py", restarts=2, flags=()):
+def _launch(tmp, name, *extra, restarts=2, flags=()):
     report, ckpt = tmp / name / "report.jsonl", tmp / name / "ckpt"
     run = LaunchProc(
-        tmp, ["--nproc-per-node=2", f"--max-restarts={restarts}", *flags], EXAMPLES / script,
+        tmp, ["--nproc-per-node=2", f"--max-restarts={restarts}", *flags], TRAIN_WORKER,
         example_args(report, ckpt, STEPS, *extra), name=name,
     )  # fmt: skip
     return run, report
@@ -115,10 +116,8 @@ def test_hung_rank_is_caught_by_the_watchdog_and_the_group_restarts(tmp_path, re
 
 @pytest.mark.timeout(300)
 def test_persistent_nan_exits_unrecoverable_without_a_restart_loop(tmp_path):
-    # FSDP2 here, so that example runs under torchrun too
-    run, report = _launch(
-        tmp_path, "nan", "--chaos", "nan_loss@12!", script="train_fsdp.py", restarts=3
-    )
+    # FSDP2 here, so train_fsdp.py's wrapping runs under torchrun too
+    run, report = _launch(tmp_path, "nan", "--fsdp", "--chaos", "nan_loss@12!", restarts=3)
     try:
         rc = run.wait(240)
     finally:

@@ -101,6 +101,17 @@ def test_unrecoverable_error_exits_11_without_a_restart_loop(tmp_path):
     assert max(r for r, _, _ in run.starts) <= 1
 
 
+@pytest.mark.timeout(180)
+def test_a_plain_record_script_is_classified_from_torchruns_root_cause(tmp_path):
+    """Without main_entry nothing lands in the launcher's error folder; the agent's copy of the
+    root cause (by the exception's class name) still says "do not retry"."""
+    run = Launch(tmp_path, "plain_record", "--nproc-per-node=1", "--max-restarts=0")
+    rc, out = run.wait()
+    assert rc == ExitCode.UNRECOVERABLE, out
+    assert "UnrecoverableError: a script with torch's @record only" in out
+    assert [p.name for p in (run.log_dir / "arc-errors").iterdir()] == []
+
+
 @pytest.mark.timeout(240)
 def test_the_same_bug_before_any_progress_exits_11_after_three_attempts(tmp_path):
     run = Launch(tmp_path, "bug", "--nproc-per-node=2", "--max-restarts=6")
@@ -163,7 +174,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.timeout(180)
 def test_sigterm_while_torchrun_is_being_started_is_forwarded(tmp_path, monkeypatch, capfd):
     """A SIGTERM between the launcher's handler and torchrun's start is not lost."""
-    from arc_dist import launch
+    from arc_dist.elastic import launcher as launch
 
     markers = tmp_path / "markers"
     markers.mkdir()

@@ -13,15 +13,8 @@ from torch import nn
 from arc_dist import ArcConfig, Thresholds
 from arc_dist.chaos import parse
 from arc_dist.lr import LRGuard
-from arc_dist.policy import (
-    FAILURE,
-    HEALTHY,
-    WARNING,
-    Decision,
-    HealthPolicy,
-    RecoveryPolicy,
-    Verdict,
-)
+from arc_dist.policy import FAILURE, HEALTHY, WARNING, HealthPolicy, Verdict
+from arc_dist.recovery import Decision, RecoveryPolicy
 from arc_dist.signals import NUM_COLS, Col, SignalCollector, StateFlag
 
 #: row() keywords -> columns, and the values a healthy row has
@@ -429,3 +422,31 @@ def test_the_backoff_scales_an_attached_scheduler():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 0.1 * 4 / 10)
     opt.param_groups[0]["lr"] *= 100  # nothing explains it: a spike
     assert guard.ratio() == pytest.approx(100.0)
+
+
+def test_states_are_str_enums_that_read_as_their_values():
+    """Event logs, stats and checkpoint metadata hold the plain strings."""
+    import json
+
+    from arc_dist.layout import Layout
+    from arc_dist.policy import Status
+    from arc_dist.recovery import DecisionKind
+
+    for member, value in [
+        (Status.HEALTHY, "healthy"),
+        (Status.WARNING, "warning"),
+        (Status.FAILURE, "failure"),
+        (DecisionKind.CONTINUE, "continue"),
+        (DecisionKind.SKIP, "skip"),
+        (DecisionKind.ROLLBACK, "rollback"),
+        (DecisionKind.RAISE, "raise"),
+        (Layout.REPLICATED, "replicated"),
+        (Layout.SHARDED, "sharded"),
+        (Layout.INDEPENDENT, "independent"),
+    ]:
+        assert member == value and isinstance(member, str)
+        assert f"{member}" == str(member) == "%s" % member == value  # noqa: UP031 - as logging
+        assert json.loads(json.dumps({"v": member})) == {"v": value}
+    assert (HEALTHY, WARNING, FAILURE) == tuple(Status)
+    v = HealthPolicy(Thresholds(), "replicated", 1).judge(np.zeros((1, NUM_COLS)))
+    assert v.status is Status.HEALTHY

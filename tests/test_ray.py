@@ -380,3 +380,25 @@ def test_submit_failing_job_returns_its_exit_code(ray_cluster, tmp_path):
     assert proc.returncode == 3, (proc.stdout + proc.stderr)[-3000:]
     assert "failing on purpose" in proc.stdout
     assert "FAILED" in proc.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@needs_jobs
+def test_submit_timeout_stops_the_job_and_exits_3(ray_cluster, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    from tests.raycluster import ray_env
+
+    (tmp_path / "hang.py").write_text(
+        "import time\nprint('started', flush=True)\ntime.sleep(600)\n"
+    )
+    cmd = [sys.executable, str(SUBMIT), "--address", ray_cluster.dashboard_url,
+           "--working-dir", str(tmp_path), "--submission-id", "arc-timeout", "--timeout", "15",
+           "--", "python", "hang.py"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ray_env(), timeout=110)
+    assert proc.returncode == 3, (proc.stdout + proc.stderr)[-3000:]
+    assert "ran past --timeout 15 s" in proc.stderr
+    info = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info("arc-timeout")
+    assert info.status.value == "STOPPED"

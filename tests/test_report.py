@@ -170,3 +170,20 @@ def test_missing_matplotlib_names_the_report_extra(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"arc-dist\[report\]"):
         plot(recs, str(tmp_path / "x.png"))
     assert summarize(recs)["failures"] == 2  # the summary needs no matplotlib
+
+
+def test_json_summary_needs_no_matplotlib_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import json
+
+    from arc_dist.observe.report import main
+
+    _records(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without it sees
+    assert main([str(tmp_path / "run"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["failures"] == 2 and "png" not in summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no pictures in the cwd
+    # asking for pictures too still needs matplotlib, and says so
+    assert main([str(tmp_path / "run"), "--json", "--out", str(tmp_path / "out")]) == 2
+    assert "arc-dist[report]" in capsys.readouterr().err

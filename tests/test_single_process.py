@@ -55,13 +55,17 @@ def test_rollback_restores_exact_state():
     # the next step snapshots step 10; corrupt everything after it and fail
     loss = data.loss(model, data.next())
     loss.backward()
-    assert arc.step(loss).status == "healthy"
+    healthy = arc.step(loss)
+    assert healthy.status == "healthy"
+    assert healthy.failed_step is None and healthy.restored_step is None
     opt.step()
     opt.zero_grad()
     loss = data.loss(model, data.next()) * float("nan")
     loss.backward()
     action = arc.step(loss)
     assert action.rolled_back and action.step == 10 and arc.global_step == 10
+    # what the rollback cost, for the job's log line
+    assert (action.failed_step, action.restored_step) == (11, 10)
     assert params_digest(model) == snap_digest
     restored = opt.state_dict()
     for k, st in snap_opt["state"].items():

@@ -46,11 +46,30 @@ def test_hang_dumps_all_stacks_and_exits_retry(tmp_path):
 
 
 @pytest.mark.timeout(150)
-def test_grace_allow_and_stop_keep_a_slow_but_live_process_alive(tmp_path):
-    p = _run("progress", tmp_path)
+@pytest.mark.parametrize(
+    "mode, survived",
+    [
+        ("progress", "survived"),  # a Watchdog of its own: grace, allow, stop
+        ("arc", "survived 10"),  # Arc.allow_hang around a pause longer than hang_timeout
+    ],
+)
+def test_grace_allow_and_stop_keep_a_slow_but_live_process_alive(tmp_path, mode, survived):
+    p = _run(mode, tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "survived" in p.stdout
+    assert survived in p.stdout
     assert not (tmp_path / "error.json").exists()
+
+
+def test_arc_allow_hang_is_a_no_op_without_a_watchdog():
+    import torch
+
+    from arc_dist import Arc
+
+    model = torch.nn.Linear(2, 1)
+    arc = Arc(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with arc.allow_hang(5.0), arc.allow_hang():
+        pass
+    arc.close()
 
 
 @pytest.mark.timeout(150)

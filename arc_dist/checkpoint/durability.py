@@ -31,7 +31,7 @@ from ..config import ArcConfig
 from ..errors import CheckpointError
 from ..policy import HEALTHY
 from ..rng import decode as decode_rng
-from ..signals import is_dtensor
+from ..layout import is_dtensor
 from ..snapshot import Snapshot, SnapshotStore
 from .local_format import Identity, decode_skeleton, default_local_dir, host_name, run_id_from_env
 from .local_tier import LocalTier
@@ -176,7 +176,7 @@ class Durability:
         if self.manager is None:
             return
         if status == HEALTHY:  # a warning does not count towards confirmation
-            targets = [s.step for s in self.snapshots.snapshots]
+            targets = self.snapshots.steps()
             self.manager.on_healthy_step(step, rollback_targets=targets)
         every = self.config.checkpoint_every
         # not when this exact state is what the newest checkpoint holds (just resumed, or

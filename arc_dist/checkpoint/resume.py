@@ -26,17 +26,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
 
-from ..signals import _local
+from ..layout import local_tensor
 from .catalog import scan
 from .lifecycle import trusted
 
 
-class Source(str, Enum):
+class Source(StrEnum):
     """Where a resume loads from; a ``str`` so JSON records and comparisons with the plain
     strings keep working."""
 
@@ -143,7 +143,7 @@ def durable_view(manager: Any) -> DurableView:
 def model_keys(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, local shape, dtype) of every tensor a snapshot holds, in snapshot order."""
     return [
-        (k, tuple(_local(t).shape), str(t.dtype))
+        (k, tuple(local_tensor(t).shape), str(t.dtype))
         for k, t in model.state_dict(keep_vars=True).items()
     ]
 

@@ -1,12 +1,18 @@
 """Why a worker ended, written down by the worker and read back by the launcher.
 
 A worker that ends on purpose (``UnrecoverableError``, a hang caught by the watchdog, a device
-error, a failed preflight check) writes a torchelastic error file (the JSON format of
-``torch.distributed.elastic.multiprocessing.errors.record``, path from
-``TORCHELASTIC_ERROR_FILE``) with one extra ``"arc"`` object carrying the exit code it chose,
-its host and rank. torchrun itself exits 1 whatever its workers did, so
-``python -m arc_dist.launch`` reads these files (``<log_dir>/<run>/attempt_N/<local_rank>/
-error.json``) and :func:`decide` turns them into one :class:`~arc_dist.errors.ExitCode`.
+error, a failed preflight check) writes an error record (the JSON format of torch's
+``torch.distributed.elastic.multiprocessing.errors.record``) with one extra ``"arc"`` object
+carrying the exit code it chose, its host and rank. torchrun itself exits 1 whatever its workers
+did, so ``python -m arc_dist.launch`` reads these records and :func:`decide` turns them into one
+:class:`~arc_dist.errors.ExitCode`.
+
+Where the records go is a contract this module owns, not torchrun's log layout: the launcher
+sets ``$ARC_ERROR_DIR`` (inherited by every worker), and each worker writes
+``<attempt>-<rank>-<pid>.json`` there atomically (attempt from ``TORCHELASTIC_RESTART_COUNT``),
+after an empty ``<attempt>-<rank>-<pid>.started`` when ``main_entry`` starts (so an attempt
+killed without a record still counts as the newest). The same record also goes to
+``$TORCHELASTIC_ERROR_FILE``, where torchrun's own summary looks for it.
 
 This module owns the file format and that decision. It imports neither torch nor anything that
 does, so the watchdog can call :func:`write_error_file` from a dying process and the launcher
@@ -39,7 +45,9 @@ _NAME_CODES = {
 #: codes that end the job at once: torchrun's own restart would fail the same way.
 STOP_CODES = frozenset({ExitCode.UNRECOVERABLE, ExitCode.BAD_NODE})
 
-_ATTEMPT_RE = re.compile(r"attempt_(\d+)$")
+#: the folder the launcher reads worker records from (set by the launcher, see above)
+ERROR_DIR_ENV = "ARC_ERROR_DIR"
+_RECORD_RE = re.compile(r"^(\d+)-(\d+|x)-(\d+)\.(json|started)$")
 
 #: (the trainer whose ``global_step`` error files report, the step it resumed from)
 _progress: tuple[weakref.ref, int] | None = None
@@ -73,15 +81,17 @@ def write_error_file(
 ) -> str | None:
     """Record why this process is about to exit with ``exit_code``; returns the path written.
 
-    ``path`` defaults to ``$TORCHELASTIC_ERROR_FILE`` (set by torchrun for each worker); without
-    either nothing is written and None is returned. ``error`` is the exception (its traceback is
+    ``path`` given: written there only. Otherwise to ``$TORCHELASTIC_ERROR_FILE`` (set by torchrun
+    for each worker) and into ``$ARC_ERROR_DIR`` (set by the launcher); the first of those is
+    returned, None when neither is set. ``error`` is the exception (its traceback is
     recorded when it is the one being handled) or a message; ``stack`` overrides the recorded
     stack text (the watchdog passes every thread's stack). An exception's ``details`` dict
     (``HardwareError``: device, kind, blamesHost) is added to the ``"arc"`` object. Never
     raises: this runs on the way out of a failing process.
     """
-    path = path or os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
+    torch_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    paths = [path] if path else [p for p in (torch_file, _own_record(".json")) if p]
+    if not paths:
         return None
     if isinstance(error, BaseException):
         message = f"{type(error).__name__}: {error}"
@@ -111,14 +121,45 @@ def write_error_file(
             },
         }
     }
+    written = [p for p in paths if _write_atomic(p, json.dumps(data))]
+    return written[0] if written else None
+
+
+def _write_atomic(path: str, text: str) -> bool:
     try:
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as fp:
-            json.dump(data, fp)
+            fp.write(text)
         os.replace(tmp, path)  # a reader polling the folder never sees half a file
     except OSError:
+        return False
+    return True
+
+
+def _own_record(suffix: str) -> str | None:
+    """This process's file in ``$ARC_ERROR_DIR`` (None when the launcher did not set it)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder:
         return None
-    return path
+    attempt, rank = _int_env("TORCHELASTIC_RESTART_COUNT"), _int_env("RANK")
+    name = f"{attempt or 0}-{'x' if rank is None else rank}-{os.getpid()}{suffix}"
+    return os.path.join(folder, name)
+
+
+def mark_started() -> None:
+    """Say in ``$ARC_ERROR_DIR`` that this worker's attempt started: an attempt whose workers
+    were all killed (SIGKILL, the OOM killer) leaves no record but is still the newest."""
+    path = _own_record(".started")
+    if path:
+        _write_atomic(path, "")
+
+
+def error_recorded() -> bool:
+    """Whether this process already wrote its error record (the first one is the root cause)."""
+    return any(
+        p and os.path.isfile(p)
+        for p in (os.environ.get("TORCHELASTIC_ERROR_FILE"), _own_record(".json"))
+    )
 
 
 def _int_env(name: str) -> int | None:
@@ -216,7 +257,7 @@ def read_error_file(path: str, attempt: int = -1, local_rank: int = -1) -> Worke
         pass
     return WorkerFailure(
         attempt=attempt,
-        local_rank=local_rank,
+        local_rank=local_rank if local_rank >= 0 else _local_rank(arc),
         exit_code=classify_error_data(data),
         message=text.strip().splitlines()[0] if text.strip() else "(no message)",
         time=stamp,
@@ -230,6 +271,11 @@ def read_error_file(path: str, attempt: int = -1, local_rank: int = -1) -> Worke
     )
 
 
+def _local_rank(arc: dict) -> int:
+    value = arc.get("localRank")
+    return value if isinstance(value, int) else -1
+
+
 def _made_progress(arc: dict) -> bool | None:
     if "progress" not in arc:
         return None  # not written by arc-dist's error-file writer
@@ -240,38 +286,31 @@ def _made_progress(arc: dict) -> bool | None:
         return None
 
 
-def scan_run_dirs(run_dirs: Iterable[str]) -> tuple[int, list[WorkerFailure]]:
-    """Every worker error file under torchrun run folders (``<run>/attempt_N/<local_rank>/``).
+def scan_error_dir(error_dir: str, ignore: Iterable[str] = ()) -> tuple[int, list[WorkerFailure]]:
+    """Every worker record in ``error_dir`` (``<attempt>-<rank>-<pid>.json``, see the module
+    docstring), except the file names in ``ignore`` (an earlier run's).
 
-    Returns the highest attempt number seen (-1 when none started) and the failures, sorted by
-    attempt then time.
+    Returns the highest attempt that started or failed (-1 when none) and the failures, sorted
+    by attempt then time.
     """
+    try:
+        names = os.listdir(error_dir)
+    except OSError:
+        return -1, []
+    skip = set(ignore)
     last_attempt = -1
     failures: list[WorkerFailure] = []
-    for run_dir in run_dirs:
-        try:
-            entries = os.listdir(run_dir)
-        except OSError:
+    for name in names:
+        m = _RECORD_RE.match(name)
+        if not m or name in skip:
             continue
-        for entry in entries:
-            m = _ATTEMPT_RE.match(entry)
-            if not m:
-                continue
-            attempt = int(m.group(1))
-            last_attempt = max(last_attempt, attempt)
-            attempt_dir = os.path.join(run_dir, entry)
-            try:
-                ranks = os.listdir(attempt_dir)
-            except OSError:
-                continue
-            for rank_dir in ranks:
-                if not rank_dir.isdigit():
-                    continue
-                f = read_error_file(
-                    os.path.join(attempt_dir, rank_dir, "error.json"), attempt, int(rank_dir)
-                )
-                if f is not None:
-                    failures.append(f)
+        attempt = int(m.group(1))
+        last_attempt = max(last_attempt, attempt)
+        if m.group(4) != "json":
+            continue
+        f = read_error_file(os.path.join(error_dir, name), attempt)
+        if f is not None:
+            failures.append(f)
     failures.sort(key=lambda f: (f.attempt, f.time, f.local_rank))
     return last_attempt, failures
 
@@ -404,7 +443,7 @@ def decide(
     """Map torchrun's end to one exit code.
 
     ``torchrun_rc``: torchrun's exit status (None if still running when the launcher stopped
-    it); ``failures``/``last_attempt``: from :func:`scan_run_dirs`; ``signalled``: the signal
+    it); ``failures``/``last_attempt``: from :func:`scan_error_dir`; ``signalled``: the signal
     the launcher forwarded (preemption), if any; ``agent_message``: the agent's own recorded
     error, for the reason text; ``bad_node_after``: with N > 0, N attempts in a row ending in a
     device error on this host mean BAD_NODE; ``no_progress_after``: with N > 0, N attempts in a

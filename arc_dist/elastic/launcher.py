@@ -5,8 +5,9 @@
 ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (without it, restarted groups often fail to connect or
 hang), prints the command, runs it, and maps the outcome to an
 :class:`~arc_dist.errors.ExitCode`. torchrun exits 1 whatever went wrong, so the launcher reads
-the workers' torchelastic error files (written by :func:`arc_dist.elastic.worker.main_entry`,
-format in :mod:`arc_dist.elastic.exitcodes`) while torchrun runs and after it ends: a "do not
+the workers' error records (written by :func:`arc_dist.elastic.worker.main_entry` into the
+folder the launcher gives them in ``$ARC_ERROR_DIR``; format and contract in
+:mod:`arc_dist.elastic.exitcodes`) while torchrun runs and after it ends: a "do not
 retry" cause (``UnrecoverableError``, ``CheckpointError``, a bad node) stops torchrun at once
 instead of letting it burn its restarts, a device error that repeats on this host becomes
 BAD_NODE, a forwarded SIGTERM (preemption) becomes RETRY.
@@ -34,13 +35,15 @@ from typing import Any, TypeVar
 
 from ..errors import ExitCode
 from .exitcodes import (
+    ERROR_DIR_ENV,
     STOP_CODES,
     Outcome,
+    WorkerFailure,
     decide,
     hardware_streak,
     no_progress_streak,
     read_error_file,
-    scan_run_dirs,
+    scan_error_dir,
 )
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -167,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-dir",
         "--log_dir",
         default=_env_default("LOG_DIR", ""),
-        help="torchrun's log folder, where workers' error files land (ARC_LOG_DIR; default a "
-        "new temporary folder under $TMPDIR)",
+        help="torchrun's log folder; workers' error records land in its arc-errors/ (ARC_LOG_DIR; "
+        "default a new temporary folder under $TMPDIR)",
     )
     a(
         "--bad-node-after",
@@ -304,6 +307,12 @@ def validate(spec: LaunchSpec) -> None:
         )
 
 
+def error_dir(spec: LaunchSpec) -> str:
+    """Where workers write their error records (``$ARC_ERROR_DIR``): inside the log folder, so a
+    log folder shared by several nodes shares their records too."""
+    return os.path.join(spec.log_dir, "arc-errors")
+
+
 def build_command(spec: LaunchSpec, *, agent_error_file: str) -> tuple[list[str], dict[str, str]]:
     """The torchrun command line and the environment variables the launcher adds to it."""
     cmd = [
@@ -327,6 +336,7 @@ def build_command(spec: LaunchSpec, *, agent_error_file: str) -> tuple[list[str]
     # the agent's own record (its root-cause copy, or its own error such as a rendezvous
     # timeout); workers get their own TORCHELASTIC_ERROR_FILE from the agent
     env["TORCHELASTIC_ERROR_FILE"] = agent_error_file
+    env[ERROR_DIR_ENV] = error_dir(spec)
     # torchrun gives workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds after SIGTERM (a final
     # checkpoint) before SIGKILL; keep it inside our own wait so torchrun reports back in time
     if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
@@ -389,7 +399,7 @@ def sigkill_all(pids) -> None:
 class Launcher:
     """Runs one torchrun and decides the exit code. Use :meth:`run` from the main thread."""
 
-    #: seconds between scans of the log folder for new error files
+    #: seconds between scans of the error folder for new records
     poll_interval = 0.2
 
     def __init__(self, spec: LaunchSpec):
@@ -401,17 +411,9 @@ class Launcher:
         self._preexisting: set[str] = set()
         self.agent_error_file = ""
 
-    # which torchrun run folders are ours: those created after we started
-    def _run_dirs(self) -> list[str]:
-        try:
-            names = os.listdir(self.spec.log_dir)
-        except OSError:
-            return []
-        return [
-            os.path.join(self.spec.log_dir, n)
-            for n in names
-            if n not in self._preexisting and os.path.isdir(os.path.join(self.spec.log_dir, n))
-        ]
+    def _scan(self) -> tuple[int, list[WorkerFailure]]:
+        """The records our workers wrote (not those of an earlier run in the same folder)."""
+        return scan_error_dir(error_dir(self.spec), ignore=self._preexisting)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
@@ -440,10 +442,9 @@ class Launcher:
         spec = self.spec
         if not spec.log_dir:
             spec.log_dir = tempfile.mkdtemp(prefix="arc-launch-")
-        os.makedirs(spec.log_dir, exist_ok=True)
-        self._preexisting = set(os.listdir(spec.log_dir))
+        os.makedirs(error_dir(spec), exist_ok=True)
+        self._preexisting = set(os.listdir(error_dir(spec)))
         self.agent_error_file = os.path.join(spec.log_dir, f"agent-error-{os.getpid()}.json")
-        self._preexisting.add(os.path.basename(self.agent_error_file))
         if os.path.exists(self.agent_error_file):
             os.remove(self.agent_error_file)
         if spec.preflight:
@@ -496,7 +497,9 @@ class Launcher:
             _say(f"torchrun not started; exit {int(outcome.exit_code)} (RETRY): {outcome.reason}")
             return outcome
         rc = self.proc.returncode
-        last_attempt, failures = scan_run_dirs(self._run_dirs())
+        last_attempt, failures = self._scan()
+        if not failures:
+            failures = self._agent_failure(last_attempt)
         if early is not None:
             outcome = early
         else:
@@ -517,7 +520,7 @@ class Launcher:
 
     def _early_stop(self) -> Outcome | None:
         """A failure that torchrun's restarts cannot fix, seen while torchrun still runs."""
-        _, failures = scan_run_dirs(self._run_dirs())
+        _, failures = self._scan()
         if not failures:
             return None
         # the newest attempt may still be running: count the streak from the newest failure
@@ -554,6 +557,12 @@ class Launcher:
             f"preflight health check failed (exit {rc}) on host {socket.gethostname()}; "
             f"torchrun not started; report: {report}",
         )
+
+    def _agent_failure(self, last_attempt: int) -> list[WorkerFailure]:
+        """No worker wrote a record (a script with torch's ``@record`` only): the agent's copy of
+        its root cause, counted as the last attempt's, is the only evidence left."""
+        f = read_error_file(self.agent_error_file, max(last_attempt, 0))
+        return [f] if f is not None and f.exit_code != ExitCode.RETRY else []
 
     def _agent_message(self) -> str | None:
         f = read_error_file(self.agent_error_file)

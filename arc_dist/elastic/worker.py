@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import ArcError, ExitCode
+from .exitcodes import error_recorded as _error_file_written
+from .exitcodes import mark_started as _mark_started
 from .exitcodes import write_error_file as _write_error_file
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -24,7 +26,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def main_entry(fn: _F) -> _F:
     """Decorator for a training script's entry point run under torchrun (or alone).
 
-    Records any escaping exception in ``$TORCHELASTIC_ERROR_FILE`` (torch's ``@record``); an
+    Records any escaping exception in ``$TORCHELASTIC_ERROR_FILE`` (torch's ``@record``) and in
+    the launcher's ``$ARC_ERROR_DIR`` (:mod:`arc_dist.elastic.exitcodes`); an
     :class:`~arc_dist.errors.ArcError` is recorded with its exit code and the process exits
     with ``err.exit_code`` (11 for ``UnrecoverableError``, 12 for ``HardwareError``, ...), and a
     ``SystemExit`` with one of those codes (the script's own ``sys.exit(12)``,
@@ -51,6 +54,7 @@ def main_entry(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def arc_wrapper(*args: Any, **kwargs: Any) -> Any:
+        _mark_started()
         try:
             return _call_classified(fn, args, kwargs)
         except ArcError as err:
@@ -138,8 +142,3 @@ def _call_classified(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
 
 
 _RECORDED_EXITS = {int(c) for c in ExitCode if c != ExitCode.OK}
-
-
-def _error_file_written() -> bool:
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    return bool(path) and os.path.isfile(path)

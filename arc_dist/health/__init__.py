@@ -14,11 +14,11 @@
   CUDA/NCCL device errors during training become a logged ``HardwareError`` (exit code 12),
   with no in-memory rollback.
 
-Fault injection: ``ARC_CHAOS_PREFLIGHT`` and the ``device_error`` step fault
-(:mod:`arc_dist.chaos`). See docs/health.md.
+Fault injection: ``ARC_CHAOS_PREFLIGHT`` (:func:`preflight_faults`, names.py) and the
+``device_error`` step fault (:mod:`arc_dist.chaos`). See docs/health.md.
 """
 
-from .checks import CHECKS, FAILED, PASSED, SKIPPED, Check, HealthReport, run_local_checks
+from .checks import Check, HealthReport, run_local_checks
 from .device_errors import (
     DeviceFault,
     describe_device,
@@ -27,6 +27,7 @@ from .device_errors import (
     is_device_error,
 )
 from .group import preflight, raise_for, run_local
+from .names import CHECKS, FAILED, PASSED, SKIPPED, preflight_faults
 
 __all__ = [
     "CHECKS",
@@ -41,6 +42,7 @@ __all__ = [
     "hardware_error",
     "is_device_error",
     "preflight",
+    "preflight_faults",
     "raise_for",
     "run_local",
     "run_local_checks",

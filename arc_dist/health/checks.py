@@ -17,9 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
-#: every check, in the order they run
-CHECKS = ("device_count", "alloc", "matmul", "memory", "nvml", "allreduce")
+from .names import FAILED, PASSED, SKIPPED, injected
+from .nvml import Nvml
 
 _FIX = {
     "device_count": "run nvidia-smi on this host: a GPU that fell off the bus or a broken "
@@ -167,10 +166,6 @@ def _check_device_count(expect_gpu: bool | None, inject: bool) -> tuple[str, str
     return PASSED, f"{count} CUDA devices visible{where}{extra}"
 
 
-def injected(inject: bool) -> str:
-    return " (fault injected by ARC_CHAOS_PREFLIGHT)" if inject else ""
-
-
 def _check_alloc(device: torch.device, megabytes: int, inject: bool) -> tuple[str, str]:
     n = megabytes << 20
     if device.type == "cuda":
@@ -269,8 +264,6 @@ def run_local_checks(
         else:
             why = "no CUDA device to check" if checks[0].status != FAILED else "see device_count"
             return checks + [Check(n, SKIPPED, why) for n in ("alloc", "matmul", "memory", "nvml")]
-    from .nvml import Nvml  # nvml.py imports this module's names
-
     nv = Nvml(nvml and targets[0].type == "cuda")
     xid_note = nv.watch_xids([d for d in targets if d.type == "cuda"])
     runs = (("alloc", _check_alloc, alloc_mb), ("matmul", _check_matmul, matmul_size),

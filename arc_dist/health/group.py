@@ -21,16 +21,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ArcError, BadNodeError
-from .checks import (
-    FAILED,
-    PASSED,
-    SKIPPED,
-    Check,
-    HealthReport,
-    injected,
-    run_local_checks,
-    select_devices,
-)
+from .checks import Check, HealthReport, run_local_checks, select_devices
+from .names import FAILED, PASSED, SKIPPED, injected, preflight_faults
 
 log = logging.getLogger("arc_dist")
 
@@ -79,15 +71,13 @@ def preflight(
     none: the collective check is skipped) must call it, in the same order as other
     collectives. ``options`` go to :func:`run_local_checks` (``matmul_size``, ``alloc_mb``,
     ``min_free_fraction``, ``nvml``, ``expect_gpu``). ``ARC_CHAOS_PREFLIGHT`` makes checks fail
-    on chosen ranks (see :func:`arc_dist.chaos.preflight_faults`).
+    on chosen ranks (see :func:`~arc_dist.health.names.preflight_faults`).
 
     Returns this rank's :class:`HealthReport` (every rank agrees on ``ok``). With
     ``raise_on_failure`` a failure raises :class:`~arc_dist.errors.BadNodeError` (exit code 13)
     on the ranks whose own checks failed (on every rank when the all-reduce itself was wrong),
     and ``ArcError`` (exit code 10, restart) on the others.
     """
-    from ..chaos import preflight_faults
-
     distributed = dist.is_available() and dist.is_initialized()
     if group is None and distributed:
         group = dist.group.WORLD

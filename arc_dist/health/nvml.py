@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .checks import FAILED, PASSED, SKIPPED, injected
+from .names import FAILED, PASSED, SKIPPED, injected
 
 
 class Nvml:

@@ -7,7 +7,7 @@ and gradient norm over steps, with faults, rollbacks, restarts and checkpoints m
 ``report.html`` (the same PNG embedded, the summary and the list of notable events).
 
 matplotlib is imported only to draw (``pip install 'arc-dist[report]'``); the summary needs
-nothing beyond the standard library. Usage::
+nothing beyond the standard library, and ``--json`` without ``--out`` draws nothing. Usage::
 
     arc-dist report s3://bucket/run-7 --out ./report -o endpoint_url=http://127.0.0.1:9000
     python -m arc_dist.observe.report /shared/run-7
@@ -382,9 +382,12 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px;f
         f.write(doc)
 
 
-def report(url: str, out_dir: str | None = None, storage_options: dict | None = None) -> dict:
+def report(
+    url: str, out_dir: str | None = None, storage_options: dict | None = None, *, draw: bool = True
+) -> dict:
     """Read the run under ``url``, write ``report.png`` and ``report.html`` to ``out_dir``
-    (default: the current directory) and return the summary with the paths it wrote."""
+    (default: the current directory) and return the summary with the paths it wrote.
+    ``draw=False``: the summary only (no matplotlib, no files)."""
     events = read_events(url, storage_options)
     if not events:
         raise ValueError(
@@ -392,6 +395,8 @@ def report(url: str, out_dir: str | None = None, storage_options: dict | None = 
             "Arc(checkpoint_dir=...) or Arc(log_dir=...)"
         )
     summary = summarize(events, list_checkpoints(url, storage_options))
+    if not draw:
+        return summary
     out_dir = out_dir or "."
     os.makedirs(out_dir, exist_ok=True)
     png, page = os.path.join(out_dir, "report.png"), os.path.join(out_dir, "report.html")
@@ -408,18 +413,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR_OR_URL",
         help="the run's log_dir / checkpoint_dir (path or fsspec URL)",
     )
+    p.add_argument("--out", metavar="DIR", help="where report.png and report.html go (default: .)")
     p.add_argument(
-        "--out", default=".", metavar="DIR", help="where report.png and report.html go (default: .)"
-    )
-    p.add_argument(
-        "--json", action="store_true", help="print the summary as JSON instead of a table"
+        "--json",
+        action="store_true",
+        help="print the summary as JSON instead of a table; draws nothing (needs no matplotlib) "
+        "unless --out is given",
     )
 
 
 def run(args: argparse.Namespace, storage_options: dict | None = None) -> int:
     """The ``report`` command; exit code 0, or 2 when there is no log or matplotlib is missing."""
     try:
-        summary = report(args.url, args.out, storage_options)
+        draw = not args.json or args.out is not None
+        summary = report(args.url, args.out, storage_options, draw=draw)
     except (ValueError, ImportError) as e:
         print(f"arc-dist report: {e}", file=sys.stderr)
         return 2

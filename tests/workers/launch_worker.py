@@ -42,5 +42,21 @@ def main() -> None:
     raise SystemExit(f"unknown mode {mode!r}")
 
 
+def plain_record() -> None:
+    """A script with torch's ``@record`` only (no ``main_entry``): no record in the launcher's
+    folder, only torch's error file, which torchrun's agent copies as the root cause."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record
+    def run() -> None:
+        marker_dir = sys.argv[2]
+        path = os.path.join(marker_dir, f"start-0-{os.environ['RANK']}-{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump({}, f)
+        raise UnrecoverableError("a script with torch's @record only")
+
+    run()
+
+
 if __name__ == "__main__":
-    main()
+    plain_record() if sys.argv[1] == "plain_record" else main()

@@ -3,7 +3,9 @@
 ``hang``: beats, then blocks in ``stuck_in_a_hang`` until the watchdog ends the process (10).
 ``progress``: a slow first step under the grace, steady beats, a slow save inside ``allow``,
 then ``stop``; exits 0 if the watchdog never fired. ``gil``: blocks inside a C call that keeps
-the GIL, so only the faulthandler backstop can end the process (status 1).
+the GIL, so only the faulthandler backstop can end the process (status 1). ``arc``: an ``Arc``
+with ``hang_timeout`` trains, pauses longer than the timeout inside ``arc.allow_hang``, trains
+on and closes; exits 0 if the watchdog never fired.
 """
 
 import ctypes
@@ -45,6 +47,30 @@ def main(mode: str) -> int:
         wd.stop()
         time.sleep(2.5)  # stopped: must not fire
         print("survived", flush=True)
+        return 0
+    if mode == "arc":
+        import torch
+
+        from arc_dist import Arc, ArcConfig
+
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        arc = Arc(model, opt, config=ArcConfig(hang_timeout=3.0, hang_grace=60.0))
+
+        def train(steps: int) -> None:
+            for _ in range(steps):
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                if not arc.step(loss).should_skip:
+                    opt.step()
+                opt.zero_grad()
+
+        train(5)
+        with arc.allow_hang(60.0):  # an evaluation longer than hang_timeout
+            time.sleep(4.0)
+        train(5)
+        arc.close()
+        print("survived", arc.global_step, flush=True)
         return 0
     if mode == "gil":
         wd = Watchdog(timeout=0.5, grace=0.0, backstop=1.0)
