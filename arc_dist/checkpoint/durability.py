@@ -29,9 +29,9 @@ from torch.distributed.checkpoint.state_dict import _init_optim_state
 
 from ..config import ArcConfig
 from ..errors import CheckpointError
+from ..layout import is_dtensor
 from ..policy import HEALTHY
 from ..rng import decode as decode_rng
-from ..layout import is_dtensor
 from ..snapshot import Snapshot, SnapshotStore
 from .local_format import Identity, decode_skeleton, default_local_dir, host_name, run_id_from_env
 from .local_tier import LocalTier
