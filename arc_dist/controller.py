@@ -11,10 +11,8 @@ failfast.py. Durable checkpoints, the hang watchdog and fault injection plug in 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +25,15 @@ from torch import nn
 from . import chaos as chaos_mod
 from .agreement import Agreement, comm_device
 from .arguments import check_arguments, check_gradients, check_loss
+from .checkpoint.durability import Durability
+from .checkpoint.resume import Source
+from .checkpoint.state import TrainState
 from .config import ArcConfig
 from .ddp_hook import DDPRide
 from .elastic import exitcodes
 from .errors import Preempted, UnrecoverableError
 from .failfast import FailFast, Phase, Route
-from .layout import Layout, is_dtensor, layout_of
+from .layout import Layout, layout_of
 from .lr import LRGuard
 from .observe.events import EventLog
 from .observe.recorder import Recorder
@@ -142,7 +143,6 @@ class Arc:
         self.global_step = 0
         exitcodes.track_progress(self, 0)  # error files report how far this process got
         self._calls = 0  # step() calls, rollbacks included: decides deep-check steps
-        self._saved_step: int | None = None  # the step whose state the newest save holds
         self._lr = LRGuard(optimizer, scheduler, backoff=self.config.lr_backoff,
                            restore=self.config.lr_restore, recovery_steps=self.config.recovery_steps)  # fmt: skip
         self._last_step_end: float | None = None
@@ -168,26 +168,20 @@ class Arc:
         if self.chaos is not None:
             self.chaos.attach(self)
 
+        # durable checkpoints, the node-local tier, registered objects, the resume choice
         self.checkpoint_dir = checkpoint_dir
-        self._checkpoints = None
-        if checkpoint_dir is not None:
-            from .checkpoint import CheckpointManager
-
-            self._checkpoints = CheckpointManager(
-                checkpoint_dir,
-                storage_options=storage_options,
-                keep=self.config.keep_checkpoints,
-                confirm_after=self.config.confirm_after,
-                async_save=self.config.async_checkpoint,
-                process_group=self.group,
-                config_digest=_digest(self.config),
-            )
-        self._registered: dict[str, Any] = {}
-        self._held: dict[str, Any] = {}  # their state when step() last returned (_app_state)
-        # node-local snapshots for fast restarts (local_tier.py); inactive until resume()
-        self._local = self._make_local_tier(checkpoint_dir)
-        self._local_static: dict | None = None
-        self._resume_source: str | None = None
+        self._durability = Durability(
+            train=TrainState(model, optimizer, scheduler, scaler),
+            arc_state=self,
+            snapshots=self._snapshots,
+            config=self.config,
+            group=self.group,
+            rank=self.rank,
+            world_size=self.world_size,
+            layout=self.layout,
+            checkpoint_dir=checkpoint_dir,
+            storage_options=storage_options,
+        )
         # the event log (events.py): rank 0 appends to <log_dir>/events.jsonl; no collectives
         self.log_dir = checkpoint_dir if log_dir is None else log_dir
         self.events = EventLog(
@@ -196,9 +190,9 @@ class Arc:
         self._rec = Recorder(
             self.events,
             metrics_every=metrics_every,
-            checkpoints=self._checkpoints,
             context=lambda: {"lr": self._lr.lrs()[0], "lr_scale": self._lr.scale},
         )
+        self._durability.subscribe(self._rec.checkpoint_event)
         self._rec.start(
             world_size=self.world_size, layout=self.layout, checkpoint_dir=checkpoint_dir
         )
@@ -207,6 +201,7 @@ class Arc:
         self._watchdog: Watchdog | None = None
         if self.config.hang_timeout is not None:
             self._watchdog = Watchdog(self.config.hang_timeout, self.config.hang_grace, log)
+        self._durability.watchdog = self._watchdog
 
     # -- the step ----------------------------------------------------------------------
     def step(self, loss: torch.Tensor, *, grad_norm: torch.Tensor | float | None = None) -> Action:
@@ -343,8 +338,7 @@ class Arc:
         if self._ride is not None:  # the next backward carries this loss, judged or not
             self._ride.carry(None if action.should_skip else loss.detach(), judged=not fast)
         self._last = action
-        if self._registered:
-            self._hold_registered()
+        self._durability.hold()
         self._last_step_end = time.monotonic()
         if self._watchdog is not None:
             self._watchdog.beat()
@@ -368,16 +362,7 @@ class Arc:
                 and newest.step != self.global_step
             ):
                 self._take_snapshot(persist=verdict.status == HEALTHY)
-            if self._checkpoints is not None:
-                if verdict.status == HEALTHY:  # a warning does not count towards confirmation
-                    targets = self._snapshots.steps()
-                    self._checkpoints.on_healthy_step(self.global_step, rollback_targets=targets)
-                every = self.config.checkpoint_every
-                # not when this exact state is what the newest checkpoint holds (just resumed,
-                # or rolled back to it): re-writing it would uncommit it for nothing
-                due = every and self.global_step > 0 and self.global_step % every == 0
-                if due and self.global_step != self._saved_step:
-                    self._save(not self.config.async_checkpoint, verdict.status)
+            self._durability.on_step(self.global_step, verdict.status)
             self.global_step += 1
             self._lr.maybe_restore(self.global_step, self.rank)
             self._lr.remember()
@@ -405,8 +390,7 @@ class Arc:
                 "restore. Lower the learning rate or inspect the data around this step."
             )
             self._rec.unrecoverable(self.global_step, verdict, message)
-            if self._local is not None:  # no retry will resume from them: free the memory
-                self._local.close(clean=True)
+            self._durability.on_unrecoverable()
             raise UnrecoverableError(message)
         failed_step = self.global_step
         self._rollback(verdict, decision)
@@ -423,19 +407,15 @@ class Arc:
         snap = self._snapshots.newest
         assert snap is not None, "RecoveryPolicy only rolls back when a snapshot exists"
         self._snapshots.restore(snap, self._restore_snapshot_extra)
-        if self._local is not None:  # newer local snapshots belong to the failed trajectory
-            self._local.on_rollback(snap.step)
+        # newer checkpoints and local snapshots belong to the failed trajectory
+        self._durability.on_rollback(snap.step)
         self._policy.on_rollback()
         self._signals.reset_expectations()
         if self._ride is not None:
             self._ride.forget()
-        if snap.step != self._saved_step:
-            self._saved_step = None  # training will reach that step again along another path
         self._lr.after_restore(snap.extra["lr_scale"], failed_at, decision.back_off)
         self.global_step = snap.step
         self._stats["rollbacks"] += 1
-        if self._checkpoints is not None:
-            self._checkpoints.on_rollback(snap.step)
         self._rec.rollback(
             failed_at,
             snap.step,
@@ -480,10 +460,10 @@ class Arc:
         # nothing to save at step 0 (the job's own initial state) or when the newest
         # checkpoint already holds this very state
         saved = (
-            self._checkpoints is not None
+            self._durability.manager is not None
             and verdict.status != FAILURE
             and self.global_step > 0
-            and self.global_step != self._saved_step
+            and self.global_step != self._durability.saved_step
         )
         if self.rank == 0:
             log.warning(
@@ -496,7 +476,7 @@ class Arc:
                 int(Preempted.exit_code),
             )
         if saved:
-            self._save(True, verdict.status)
+            self._durability.save(self.global_step, verdict.status, blocking=True)
         self._close(clean=False)  # a restart follows: keep the local snapshots
         raise Preempted(
             f"arc_dist: preempted (SIGTERM on ranks {ranks}) at step {self.global_step}"
@@ -514,19 +494,10 @@ class Arc:
     def _take_snapshot(self, persist: bool = False) -> None:
         """``persist``: a verified healthy state, also written to the node-local tier."""
         t0 = time.monotonic()
-        if self._local is not None:
-            self._local.wait()  # its writer may still read the buffers take() is about to reuse
+        self._durability.before_snapshot()
         snap = self._snapshots.take(self.global_step, self._snapshot_extra())
-        if persist and self._local is not None and self._local.active:
-            from .checkpoint.resume import model_keys, own_state
-
-            if self._local_static is None:
-                self._local_static = {
-                    "model_keys": model_keys(self.model),
-                    "optimizer": type(self.optimizer).__name__,
-                }
-            own = own_state(self.state_dict(), self._held)
-            self._local.submit(snap.step, snap, own=own, static=self._local_static)
+        if persist:
+            self._durability.persist(snap)
         self._stats["snapshots"] += 1
         self._rec.snapshot(snap.step, snap.nbytes, time.monotonic() - t0)
         log.debug(
@@ -578,67 +549,18 @@ class Arc:
         ``"keep_own"`` (new ranks keep their own); removed ranks' state is dropped. A global
         position (:class:`~arc_dist.ResumableDistributedSampler`) needs none of this.
         """
-        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-            raise TypeError(
-                f"Arc.register({name!r}, ...) needs an object with state_dict() and "
-                f"load_state_dict(), got {type(obj).__name__}"
-            )
-        if name in ("train", "arc") or name in self._registered:
-            raise ValueError(f"Arc.register: the name {name!r} is taken; choose another")
-        from .checkpoint import PerRank, Reshard
-
-        if reshard not in [r.value for r in Reshard]:
-            raise ValueError(
-                f"Arc.register({name!r}, reshard={reshard!r}) is invalid: choose one of "
-                f"{[r.value for r in Reshard]}"
-            )
-        if per_rank:
-            obj = PerRank(obj, reshard, name=name)
-        elif reshard != "error" and self.rank == 0:
-            log.warning(
-                "arc_dist: Arc.register(%r, reshard=%r) has no effect without per_rank=True: "
-                "the state is saved once and every rank loads it", name, reshard,
-            )  # fmt: skip
-        self._registered[name] = obj
-        self._held[name] = copy.deepcopy(obj.state_dict())
-
-    def _hold_registered(self) -> None:
-        """Every ``step()`` ends here: the registered state the next step's saves write."""
-        self._held = {n: copy.deepcopy(obj.state_dict()) for n, obj in self._registered.items()}
-
-    def _app_state(self, live: bool = True) -> dict:
-        """What a checkpoint holds. ``live=False`` (a save inside ``step()``): the registered
-        objects as the previous ``step()`` left them, before the batch in flight was drawn."""
-        from .checkpoint import TrainState
-
-        return {
-            "train": TrainState(self.model, self.optimizer, self.scheduler, self.scaler),
-            "arc": self,
-            **(self._registered if live else self._held),
-        }
-
-    def _save(self, blocking: bool, status: str, live: bool = False) -> None:
-        """``status``: the agreed verdict on the state saved; a restart prefers healthy ones."""
-        assert self._checkpoints is not None
-        verdict = {"status": status, "step": self.global_step}
-        self._rec.checkpoint_start(self.global_step, blocking)
-        self._saved_step = self.global_step
-        try:
-            with self.allow_hang():
-                self._checkpoints.save(
-                    self.global_step, self._app_state(live), verdict=verdict, blocking=blocking
-                )
-        finally:
-            self._rec.poll_checkpoints()  # a blocking save's outcome is known now
+        self._durability.register(name, obj, per_rank=per_rank, reshard=reshard)
 
     def save(self, blocking: bool = True) -> None:
         """Collective: a durable checkpoint of the current state now."""
-        if self._checkpoints is None:
-            raise ValueError("Arc.save() needs Arc(checkpoint_dir=...); none was given")
         last = self._last
         # after a rollback or a skipped update the state is one that was judged healthy before
         changed = last is not None and not last.should_skip
-        self._save(blocking, last.status if changed else HEALTHY, live=True)
+        status = last.status if changed else HEALTHY
+        try:
+            self._durability.save(self.global_step, status, blocking=blocking, live=True)
+        finally:
+            self._rec.drain()  # a blocking save's outcome is known now
 
     def resume(self) -> int:
         """Collective: load the newest healthy checkpoint, if any; returns ``global_step``.
@@ -646,109 +568,22 @@ class Arc:
         Healthy: saved under a healthy verdict (the final checkpoint on SIGTERM included) or
         confirmed (docs/checkpoints.md). With the node-local tier on, its newest snapshot is used
         instead when every rank has it and it is not older than that durable checkpoint
-        (resume.py).
+        (checkpoint/resume.py).
         """
-        if self._checkpoints is None and self._local is None:
-            self._rec.resumed(None, 0.0)
-            return self.global_step
         t0 = time.monotonic()
-        with self.allow_hang():
-            if self._local is None:
-                step = saved = self._checkpoints.load(self._app_state())
-                source = "durable" if step is not None else None
-            else:
-                out = self._resume_tiers()
-                step, saved, source = out.step, out.saved_step, out.source
-        self._resume_source = source
-        if step is not None:
-            self.global_step, self._saved_step = step, saved
+        out = self._durability.resume()
+        if out.step is not None:
+            self.global_step = out.step
             if self._ride is not None:
                 self._ride.forget()
             self._snapshots.clear()
             self._policy.on_rollback()
             self._signals.reset_expectations()
             self._lr.remember()
-        if self._registered:
-            self._hold_registered()  # the loaded position, for saves before the next step ends
-        self._rec.resumed(step, time.monotonic() - t0, source=source or "durable")
+        source = out.source or Source.DURABLE
+        self._rec.resumed(out.step, time.monotonic() - t0, source=source, nbytes=out.nbytes)
         exitcodes.track_progress(self, self.global_step)
         return self.global_step
-
-    def _make_local_tier(self, checkpoint_dir: str | None):
-        """The node-local tier, or None; the same answer on every rank (config and launcher env)."""
-        want = self.config.local_snapshots
-        if want is False or (want is None and checkpoint_dir is None):
-            if self.config.local_dir is not None and self.rank == 0:
-                log.warning(
-                    "arc_dist: ArcConfig(local_dir=%r) has no effect: local snapshots are off "
-                    "(local_snapshots=%r, checkpoint_dir=%r)", self.config.local_dir, want,
-                    checkpoint_dir,
-                )  # fmt: skip
-            return None
-        from .checkpoint.local_format import Identity, default_local_dir, host_name, run_id_from_env
-        from .checkpoint.local_tier import LocalTier
-
-        run_id = run_id_from_env()
-        if run_id is None:
-            if want:
-                log.warning(
-                    "arc_dist: ArcConfig(local_snapshots=True) has no effect without a run id: "
-                    "set ARC_RUN_ID to a value shared by every restart of this job (torchrun sets "
-                    "TORCHELASTIC_RUN_ID), so a restart can be told from a new run"
-                )
-            return None
-        ident = Identity(
-            run_id=run_id,
-            world_size=self.world_size,
-            rank=self.rank,
-            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-            host=host_name(),
-            layout=self.layout,
-            config_digest=_digest(self.config),
-        )
-        root = self.config.local_dir or default_local_dir(checkpoint_dir, run_id)
-        return LocalTier(root, ident, keep=self.config.local_keep)
-
-    def _resume_tiers(self):
-        from .checkpoint.local_format import host_name
-        from .checkpoint.resume import check_payload, resume_from_tiers
-
-        return resume_from_tiers(
-            tier=self._local,
-            manager=self._checkpoints,
-            group=self.group,
-            rank=self.rank,
-            world_size=self.world_size,
-            load_durable=lambda: self._checkpoints.load(self._app_state()),
-            check_local=lambda p: check_payload(p, self.model, self.optimizer, self._registered),
-            restore_local=self._restore_local,
-            host=host_name(),
-        )
-
-    def _restore_local(self, payload: dict) -> None:
-        """Every rank: put a verified local snapshot into the live objects (as a rollback does)."""
-        from .checkpoint.local_format import decode_rng, decode_skeleton
-        from .snapshot import Snapshot
-
-        if not self.optimizer.state and any(is_dtensor(p) for p in self._signals.params):
-            # FSDP2 optimizer state is restored in place, into DTensors that must exist first
-            from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-            _init_optim_state(self.optimizer)
-        snap = Snapshot(
-            step=int(payload["step"]),
-            model=list(payload["model"]),
-            optim_tensors=list(payload["optim_tensors"]),
-            optim_skeleton=decode_skeleton(payload["optim_skeleton"]),
-            scheduler=payload["scheduler"],
-            scaler=payload["scaler"],
-            rng=decode_rng(payload["rng"]),
-            extra=payload["extra"],
-        )
-        self._snapshots.restore(snap, self._restore_snapshot_extra)
-        self.load_state_dict(payload["arc"])
-        for name, obj in self._registered.items():
-            obj.load_state_dict(payload["registered"][name])
 
     def allow_hang(self, seconds: float | None = None) -> contextlib.AbstractContextManager:
         """A context manager: ``seconds`` (default ``hang_grace``) on top of ``hang_timeout``
@@ -775,11 +610,7 @@ class Arc:
             divergence_incidents=dict(self._divergence.incidents),
             suspect_ranks=sorted(self._divergence.suspects),
         )
-        if self._checkpoints is not None:
-            out.update(self._checkpoints.stats())
-        if self._local is not None:
-            out.update(self._local.stats())
-        out["resume_source"] = self._resume_source
+        out.update(self._durability.stats())
         return out
 
     def close(self) -> None:
@@ -792,14 +623,8 @@ class Arc:
             return
         self._closed = True
         try:
-            if self._checkpoints is not None:
-                with self.allow_hang():
-                    self._checkpoints.close()
-            if self._local is not None:
-                self._local.close(clean=clean)
+            self._durability.close(clean)
         finally:
-            if self._local is not None:
-                self._local.close(clean=False)  # idempotent: only stops the writer
             if self._watchdog is not None:
                 self._watchdog.stop()
         self._preemption.uninstall()
@@ -812,12 +637,3 @@ class Arc:
 
     def __exit__(self, exc_type, *exc) -> None:
         self._close(clean=exc_type is None)
-
-
-def _digest(config: ArcConfig) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(
-        json.dumps(config.digest_fields(), sort_keys=True, default=str).encode()
-    ).hexdigest()[:16]

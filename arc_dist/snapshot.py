@@ -15,35 +15,15 @@ the live shards, rebuilding entries that are gone and dropping entries that are 
 from __future__ import annotations
 
 import copy
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from . import rng
 from .layout import is_dtensor, local_tensor
-
-
-def _rng_state() -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_scaler_state(scaler: Any, state: dict) -> None:
@@ -196,7 +176,7 @@ class SnapshotStore:
         snap.optim_skeleton = skeleton
         snap.scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler else None
         snap.scaler = copy.deepcopy(self.scaler.state_dict()) if self.scaler else None
-        snap.rng = _rng_state()
+        snap.rng = rng.capture()
         snap.extra = copy.deepcopy(extra)
         # the copies must land before the live state changes (and before the local tier reads
         # the buffers); every device matters: placements can be mixed (FSDP2 CPU offload)
@@ -236,7 +216,7 @@ class SnapshotStore:
             self.scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
         if self.scaler is not None and snap.scaler is not None:
             load_scaler_state(self.scaler, copy.deepcopy(snap.scaler))
-        _set_rng_state(snap.rng)
+        rng.restore(snap.rng)
         set_extra(copy.deepcopy(snap.extra))
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -82,7 +82,7 @@ def main() -> None:
 
     def hook(point: str, detail) -> None:
         if point == "write":
-            job = arc._checkpoints._current  # the save in flight
+            job = arc._durability.manager._current  # the save in flight
             step = job.step if job is not None else -1
             if step not in written:
                 written.add(step)
@@ -93,7 +93,7 @@ def main() -> None:
             mark("self_kill", point=point, step=int(detail))
             os.kill(os.getpid(), signal.SIGKILL)
 
-    arc._checkpoints.fault_hook = hook  # the manager's test-only fault injector
+    arc._durability.manager.fault_hook = hook  # the manager's test-only fault injector
     mark("resuming", catalog=_catalog(args.ckpt) if rank == 0 else None)
     start = arc.resume()
     mark("resumed", step=start, source=arc.stats()["resume_source"])

@@ -75,13 +75,13 @@ def _train_worker(rank, world, url, until, kill_at):
             if point == "write" and arc.global_step >= kill_at and detail[1] > 200:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        arc._checkpoints.fault_hook = hook
+        arc._durability.manager.fault_hook = hook
 
     def settle(arc):
         # let the previous write finish before the next save is due, so no save is skipped and
         # the set of checkpoints is the same in every run (the writes still overlap 4 steps)
         if (arc.global_step + 1) % 5 == 0:
-            arc._checkpoints.wait()
+            arc._durability.manager.wait()
 
     _loop(arc, model, opt, sched, pos, until, settle)
     arc.close()
@@ -137,7 +137,7 @@ def test_arc_rank_killed_mid_save_previous_checkpoint_resumes(tmp_path):
 
 def _outage_worker(rank, world, url, options, flags):
     arc, model, opt, sched, pos = _arc(url, every=2, confirm=0, options=options)
-    mgr = arc._checkpoints
+    mgr = arc._durability.manager
     mgr.max_retries, mgr.retry_backoff = 1, 0.1  # tunables: keep the outage short
     seen = {"stop_step": None, "failed_step": None}
 

@@ -179,7 +179,7 @@ def test_restart_after_a_crash_records_steps_and_time_lost(tmp_path, monkeypatch
     # what reached storage before the process died (no close()): the event log, and step_30's
     # confirmation, which the manager writes in the background
     arc.events.flush()
-    arc._checkpoints.wait()
+    arc._durability.manager.wait()
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     model2 = make_model("mlp", seed=1)
     opt2 = torch.optim.Adam(model2.parameters(), lr=3e-3)
@@ -195,7 +195,7 @@ def test_restart_after_a_crash_records_steps_and_time_lost(tmp_path, monkeypatch
     assert restart["restart"] == 1 and restart["step"] == 30
     assert restart["values"]["previous_step"] == 35  # the last metrics record that was written
     assert restart["cost"]["steps_lost"] == 5 and restart["cost"]["seconds"] > 0
-    arc._checkpoints.close()
+    arc._durability.manager.close()
 
 
 # -- a faulty 2-rank run and its restart ---------------------------------------------------------

@@ -166,8 +166,8 @@ def _train(arc, model, opt, sched, pos, until: int) -> None:
             sched.step()
             pos.value = arc.global_step
         opt.zero_grad(set_to_none=True)
-        if arc._checkpoints is not None:
-            arc._checkpoints.wait()  # the same checkpoints in every run
+        if arc._durability.manager is not None:
+            arc._durability.manager.wait()  # the same checkpoints in every run
 
 
 def _crashed_run(ckpt: str, local: str, until: int = 11, kind: str = "ddp") -> None:
@@ -286,11 +286,11 @@ def test_rollback_drops_newer_local_snapshots(tmp_path, run_id):
     arc, *rest = _arc(str(tmp_path / "ck"), str(tmp_path / "shm"))
     arc.resume()
     _train(arc, *rest, 13)
-    arc._local.wait()
-    lineage = arc._local.lineage
-    arc._local.on_rollback(5)  # as an escalation past the snapshot at 10 does
+    arc._durability.local.wait()
+    lineage = arc._durability.local.lineage
+    arc._durability.local.on_rollback(5)  # as an escalation past the snapshot at 10 does
     assert sorted(os.listdir(tmp_path / "shm")) == ["step_5"]
-    assert arc._local.lineage != lineage  # later snapshots are another trajectory
+    assert arc._durability.local.lineage != lineage  # later snapshots are another trajectory
     arc.close()
 
 
@@ -309,7 +309,7 @@ def test_tier_is_off_without_a_run_id(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.delenv("ARC_RUN_ID", raising=False)
     arc, *rest = _arc(str(tmp_path / "ck"), str(tmp_path / "shm"))
-    assert arc._local is None
+    assert arc._durability.local is None
     arc.close()
 
 
@@ -366,7 +366,7 @@ def test_unrecoverable_error_frees_the_local_tier(tmp_path, run_id):
     arc, model, opt, sched, pos = _arc(str(tmp_path / "ck"), str(local), max_rollbacks=1)
     arc.resume()
     _train(arc, model, opt, sched, pos, 12)
-    arc._local.wait()  # the write of step 10 runs in the background
+    arc._durability.local.wait()  # the write of step 10 runs in the background
     assert sorted(os.listdir(local)) == ["step_10", "step_5"]
     with pytest.raises(UnrecoverableError):  # a NaN loss on every step from here on
         while True:

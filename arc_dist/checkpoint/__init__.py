@@ -9,11 +9,14 @@ Layout of a checkpoint root (any fsspec URL)::
 
 Modules: ``storage`` (fsspec URLs), ``manifest`` (the JSON commit marker), ``dcp_io`` (DCP
 writer/reader adapters), ``state`` (the Stateful wrappers), ``catalog`` (listing, verification),
-``retention`` (what to delete), ``manager`` (``CheckpointManager``). See docs/checkpoints.md.
+``retention`` (what to delete), ``errors`` (storage faults and their classification),
+``loading`` and ``saving`` (the two halves of the protocol), ``lifecycle`` (the pure confirmation
+rules), ``manager`` (``CheckpointManager``, the façade). See docs/checkpoints.md.
 """
 
 from .catalog import CheckpointInfo, scan, verify
-from .manager import CheckpointManager, CheckpointStorageError
+from .errors import CheckpointStorageError
+from .manager import CheckpointManager
 from .manifest import Manifest
 from .state import PerRank, Reshard, TrainState
 from .storage import Storage

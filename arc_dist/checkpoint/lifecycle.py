@@ -76,7 +76,7 @@ class _Pending:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class Actions:
     """What the manager must do after an event."""
 
     #: (step, healthy steps seen) of each checkpoint confirmed now (rank 0 writes the sidecars)
@@ -89,7 +89,7 @@ class Outcome:
     pruned: tuple[int, ...] = ()
 
 
-_NOTHING = Outcome()
+_NOTHING = Actions()
 
 
 class Lifecycle:
@@ -134,18 +134,18 @@ class Lifecycle:
         """The save of ``step`` failed for good: it never commits."""
         self._pending.pop(step, None)
 
-    def committed(self, step: int, healthy: bool) -> Outcome:
+    def committed(self, step: int, healthy: bool) -> Actions:
         """``step``'s manifest is written. A save a rollback rejected meanwhile is retracted."""
         p = self._pending.get(step)
         if p is None:
-            return Outcome(retract=(step,))
+            return Actions(retract=(step,))
         self.checkpoints[step] = Entry(step, healthy)
         p.committed = True
         confirmed = self._confirm([p]) if p.healthy_steps >= self.confirm_after else ()
-        return Outcome(confirmed=confirmed, pruned=self._prune())
+        return Actions(confirmed=confirmed, pruned=self._prune())
 
     # -- training --------------------------------------------------------------------------------
-    def healthy_step(self, global_step: int) -> Outcome:
+    def healthy_step(self, global_step: int) -> Actions:
         """A step after which the state is still healthy (a warning does not count)."""
         ready = []
         for p in self._pending.values():
@@ -156,16 +156,16 @@ class Lifecycle:
         if not ready:
             return _NOTHING
         confirmed = self._confirm(ready)
-        return Outcome(confirmed=confirmed, pruned=self._prune())
+        return Actions(confirmed=confirmed, pruned=self._prune())
 
-    def rolled_back(self, restored_step: int) -> Outcome:
+    def rolled_back(self, restored_step: int) -> Actions:
         """Training restored the state of ``restored_step``: retract what lies past it."""
         doomed = [p for s, p in self._pending.items() if s > restored_step and s != self.resumed]
         for p in doomed:
             del self._pending[p.step]
             self.checkpoints.pop(p.step, None)
         self.rollback_targets = tuple(t for t in self.rollback_targets if t <= restored_step)
-        return Outcome(
+        return Actions(
             retract=tuple(p.step for p in doomed if p.committed),
             reject=tuple(p.step for p in doomed if not p.committed),
         )

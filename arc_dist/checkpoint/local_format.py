@@ -7,8 +7,9 @@ read and tested without threads or files:
   ``run_id_from_env``: the id every restart of one job shares;
 * ``make_manifest``/``check_manifest``: the JSON commit marker of each data file, and why one
   does not fit this process (another run, another world size or topology, another config);
-* ``encode_*``/``decode_*``: the snapshot's optimizer skeleton and RNG states as values that
-  ``torch.load(weights_only=True)`` accepts (nothing is unpickled freely);
+* ``encode_skeleton``/``decode_skeleton``: the snapshot's optimizer skeleton as values that
+  ``torch.load(weights_only=True)`` accepts (nothing is unpickled freely; the RNG streams are
+  stored as ``arc_dist.rng.encode`` tensors);
 * ``HashingFile``/``checksum``: checksums computed while ``torch.save`` writes, checked on load.
 """
 
@@ -26,12 +27,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from ..snapshot import TensorRef
 from .manifest import is_plain_name, loads_strict, new_hasher
 
 FORMAT = "arc-dist-local-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RNG streams as tensors (arc_dist.rng.encode)
 SHM = "/dev/shm"
 
 
@@ -58,14 +58,6 @@ def default_local_dir(checkpoint_dir: str | None, run_id: str | None, shm: str =
         shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else tempfile.gettempdir()
     )
     return os.path.join(base, f"arc-dist-{user}-{key}")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step}"
-
-
-def parse_step(name: str) -> int | None:
-    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
 
 
 # -- manifests ---------------------------------------------------------------------------------
@@ -102,8 +94,8 @@ def check_manifest(m: Any, ident: Identity, step: int, *, kind: str = "rank") ->
     """
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         return "not an arc-dist local snapshot manifest"
-    if m.get("format_version", 0) > FORMAT_VERSION:
-        return f"format_version {m.get('format_version')} is newer than this arc-dist reads"
+    if m.get("format_version", 0) != FORMAT_VERSION:
+        return f"format_version {m.get('format_version')} is not the {FORMAT_VERSION} this arc-dist reads"
     try:
         if m["kind"] != kind or int(m["step"]) != step:
             return f"manifest is a {m['kind']} manifest of step {m['step']}, not {kind} step {step}"
@@ -159,10 +151,8 @@ _REF = "__arc_tensor_ref__"
 
 
 def encode_skeleton(obj: Any) -> Any:
-    """The snapshot's optimizer skeleton with ``_TensorRef``s as ``{_REF: index}`` dicts."""
-    from ..snapshot import TensorRef as _TensorRef
-
-    if isinstance(obj, _TensorRef):
+    """The snapshot's optimizer skeleton with ``TensorRef``s as ``{_REF: index}`` dicts."""
+    if isinstance(obj, TensorRef):
         return {_REF: obj.index}
     if isinstance(obj, dict):
         return {k: encode_skeleton(v) for k, v in obj.items()}
@@ -172,33 +162,13 @@ def encode_skeleton(obj: Any) -> Any:
 
 
 def decode_skeleton(obj: Any) -> Any:
-    from ..snapshot import TensorRef as _TensorRef
-
     if isinstance(obj, dict):
         if len(obj) == 1 and _REF in obj:
-            return _TensorRef(int(obj[_REF]))
+            return TensorRef(int(obj[_REF]))
         return {k: decode_skeleton(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(decode_skeleton(v) for v in obj)
     return obj
-
-
-def encode_rng(rng: dict) -> dict:
-    """snapshot._rng_state's dict without NumPy arrays (torch.load(weights_only=True) refuses them)."""
-    out = dict(rng)
-    if "numpy" in rng:
-        kind, keys, pos, has_gauss, cached = rng["numpy"]
-        out["numpy"] = (str(kind), torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss),
-                        float(cached))  # fmt: skip
-    return out
-
-
-def decode_rng(rng: dict) -> dict:
-    out = dict(rng)
-    if "numpy" in rng:
-        kind, keys, pos, has_gauss, cached = rng["numpy"]
-        out["numpy"] = (kind, keys.numpy().astype("uint32"), pos, has_gauss, cached)
-    return out
 
 
 class HashingFile:

@@ -47,21 +47,19 @@ from typing import Any
 
 import torch
 
+from .. import rng
 from .local_format import (
     HashingFile,
     Identity,
     check_manifest,
-    encode_rng,
     encode_skeleton,
     make_manifest,
-    parse_step,
     read_json,
     rm,
-    step_dir_name,
     write_json_atomic,
 )
 from .local_format import checksum as file_checksum
-from .manifest import default_algorithm
+from .manifest import default_algorithm, parse_step_dir, step_dir_name
 
 log = logging.getLogger("arc_dist")
 
@@ -89,7 +87,7 @@ class _Job:
         }
         if kind == "shared":
             return replicated
-        own = {"step": self.step, "rng": encode_rng(snap.rng), "extra": snap.extra, **self.own}
+        own = {"step": self.step, "rng": rng.encode(snap.rng), "extra": snap.extra, **self.own}
         return {**replicated, **own} if whole else own
 
 
@@ -138,7 +136,7 @@ class LocalTier:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted((s for s in map(parse_step, names) if s is not None), reverse=True)
+        return sorted((s for s in map(parse_step_dir, names) if s is not None), reverse=True)
 
     @property
     def lineage(self) -> str:
@@ -413,7 +411,7 @@ class LocalTier:
         if host_leader:
             try:
                 for name in os.listdir(self.root):
-                    if parse_step(name) is None and not name.startswith(".probe-"):
+                    if parse_step_dir(name) is None and not name.startswith(".probe-"):
                         path = os.path.join(self.root, name)
                         if os.path.isdir(path):
                             shutil.rmtree(path, ignore_errors=True)

@@ -17,25 +17,34 @@ A local choice is then verified (checksums, model keys and shapes) on every rank
 any rank rejects that snapshot for all and the choice is made again, so ranks never split.
 If restoring fails midway, durable storage is loaded over the half-restored state; without a
 durable checkpoint, ``CheckpointError``: training never starts from a half-restored state.
-Rank 0 logs the source, the step and why.
+Rank 0 logs the source, the step and why. The collective that carries this out is
+``Durability.resume`` (durability.py); this module holds its pure parts.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import time
-import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-log = logging.getLogger("arc_dist")
+from ..layout import local_tensor
+from .catalog import scan
+from .lifecycle import trusted
 
-LOCAL, DURABLE = "local", "durable"
+
+class Source(StrEnum):
+    """Where a resume loads from; a ``str`` so JSON records and comparisons with the plain
+    strings keep working."""
+
+    LOCAL = "local"  # the node-local snapshot tier
+    DURABLE = "durable"  # durable checkpoint storage
+
+
+LOCAL, DURABLE = Source.LOCAL, Source.DURABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +64,7 @@ class DurableView:
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    source: str  # LOCAL or DURABLE
+    source: Source
     step: int | None  # the local snapshot's step; None for DURABLE (the manager picks)
     lineage: str | None
     reason: str
@@ -123,9 +132,6 @@ def durable_view(manager: Any) -> DurableView:
     """Rank 0: one listing of the durable root and its manifests (small JSON reads)."""
     if manager is None:
         return DurableView(configured=False)
-    from .catalog import scan
-    from .lifecycle import trusted
-
     try:
         infos = scan(manager.storage)
     except Exception as e:  # noqa: BLE001 - an unreachable store must not block a local resume
@@ -134,134 +140,10 @@ def durable_view(manager: Any) -> DurableView:
     return DurableView(newest=healthy[-1] if healthy else None, healthy_steps=healthy)
 
 
-# -- the collective resume ------------------------------------------------------------------------
-@dataclass(slots=True)
-class Outcome:
-    source: str | None  # LOCAL, DURABLE or None (nothing loaded)
-    step: int | None
-    #: the step whose state durable storage already holds (the controller skips re-saving it)
-    saved_step: int | None
-    reason: str
-    nbytes: int = 0
-
-
-class _Group:
-    def __init__(self, group: Any, world_size: int) -> None:
-        self.group, self.world_size = group, world_size
-
-    def gather(self, obj: Any) -> list:
-        if self.world_size == 1:
-            return [obj]
-        out: list = [None] * self.world_size
-        # the training group: resume() is collective on it and nothing else uses it meanwhile
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-
-def resume_from_tiers(
-    *,
-    tier: Any,
-    manager: Any,
-    group: Any,
-    rank: int,
-    world_size: int,
-    load_durable: Callable[[], int | None],
-    check_local: Callable[[dict], str | None],
-    restore_local: Callable[[dict], None],
-    host: str,
-) -> Outcome:
-    """Collective (every rank of ``group``): choose, verify, load; activate the tier's writer.
-
-    ``load_durable()`` loads the newest usable durable checkpoint (``CheckpointManager.load``);
-    ``check_local(payload)`` says why a local payload does not fit the live objects (None: it
-    fits); ``restore_local(payload)`` puts a verified payload into them.
-    """
-    g = _Group(group, world_size)
-    t0 = time.monotonic()
-    cands, notes = tier.candidates()
-    view = durable_view(manager) if rank == 0 else None
-    token = uuid.uuid4().hex[:12] if rank == 0 else None
-    gathered = g.gather((host, cands, notes, view, token))
-    hosts = [x[0] for x in gathered]
-    local = [x[1] for x in gathered]
-    all_notes = [x[2] for x in gathered]
-    view, token = gathered[0][3], gathered[0][4]
-
-    rejected: set[tuple[int, str]] = set()
-    while True:
-        choice = choose_source(local, view, rejected, all_notes)
-        if choice.source != LOCAL:
-            break
-        payload, why = tier.read(choice.step, choice.lineage)
-        if why is None:
-            why = check_local(payload)
-        problems = g.gather(why)
-        if not any(problems):
-            break
-        rejected.add((choice.step, choice.lineage))
-        all_notes = [[f"step_{choice.step}: {p}"] if p else [] for p in problems]
-        if rank == 0:
-            bad = ", ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
-            log.warning("arc_dist: local snapshot step_%d is unusable (%s)", choice.step, bad)
-
-    outcome: Outcome
-    if choice.source == LOCAL:
-        why = None
-        try:
-            restore_local(payload)
-        except Exception as e:  # noqa: BLE001 - validated already: a failure here is a surprise
-            why = f"{type(e).__name__}: {e}"
-        problems = g.gather(why)
-        payload = None
-        if not any(problems):
-            saved = choice.step if choice.step in view.healthy_steps else None
-            outcome = Outcome(LOCAL, choice.step, saved, choice.reason)
-        else:
-            bad = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
-            # the live objects are half restored, maybe differently on each rank: only a full
-            # durable load over them gives every rank one consistent state
-            step = load_durable() if manager is not None else None
-            if step is None:
-                from ..errors import CheckpointError
-
-                raise CheckpointError(
-                    f"arc_dist: restoring the local snapshot step_{choice.step} failed midway "
-                    f"({bad}) and no durable checkpoint exists to load over the half-restored "
-                    f"state; training does not start from it. Fix: remove {tier.root} (or set "
-                    "ArcConfig.local_snapshots=False) to start fresh, and report this"
-                )
-            outcome = Outcome(
-                DURABLE, step, step, f"restoring local step_{choice.step} failed ({bad})"
-            )
-    elif choice.source == DURABLE:
-        step = load_durable() if manager is not None else None
-        outcome = Outcome(DURABLE if step is not None else None, step, step, choice.reason)
-
-    # every rank learns who writes its host's replicated state: the lowest rank on the host
-    leader = min(r for r, h in enumerate(hosts) if h == host)
-    tier.prune(outcome.step if outcome.source == LOCAL else None, host_leader=rank == leader)
-    tier.activate(token, shared_writer=leader)
-    if rank == 0:
-        elapsed = time.monotonic() - t0
-        if outcome.source == LOCAL:
-            log.info(
-                "arc_dist: resumed from the local snapshot tier at step %d (%s) in %.2fs; %s",
-                outcome.step, tier.root, elapsed, outcome.reason,
-            )  # fmt: skip
-        elif outcome.step is not None or any(local) or any(all_notes):  # not a fresh start
-            log.info(
-                "arc_dist: local snapshot tier not used: %s; resuming from durable storage%s",
-                outcome.reason, f" (step {outcome.step})" if outcome.step is not None else "",
-            )  # fmt: skip
-    return outcome
-
-
 def model_keys(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, local shape, dtype) of every tensor a snapshot holds, in snapshot order."""
-    from ..layout import local_tensor as _local
-
     return [
-        (k, tuple(_local(t).shape), str(t.dtype))
+        (k, tuple(local_tensor(t).shape), str(t.dtype))
         for k, t in model.state_dict(keep_vars=True).items()
     ]
 

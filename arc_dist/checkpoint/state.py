@@ -21,7 +21,6 @@ Every value is a tensor or a plain Python number/list/dict, so nothing is ever u
 from __future__ import annotations
 
 import logging
-import random
 from enum import Enum
 from typing import Any
 
@@ -36,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from .. import rng as rng_streams
+from ..errors import ReshardError
 from ..snapshot import load_scaler_state
 
 log = logging.getLogger("arc_dist")
@@ -58,63 +59,6 @@ def _rank_keys(available: set[str], prefix: str) -> set[int]:
             if head.isdigit():
                 ranks.add(int(head))
     return ranks
-
-
-# -- RNG ------------------------------------------------------------------------------------
-def rng_state() -> dict[str, torch.Tensor]:
-    """This process's RNG streams as tensors (no pickled tuples or NumPy arrays)."""
-    version, mt, gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": torch.tensor([version, *mt], dtype=torch.int64),
-        "python_gauss": torch.tensor(
-            [float("nan") if gauss is None else gauss], dtype=torch.float64
-        ),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda_{i}"] = s
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        if kind == "MT19937":
-            state["numpy_keys"] = torch.from_numpy(keys.astype("int64"))
-            state["numpy_meta"] = torch.tensor([pos, has_gauss, cached], dtype=torch.float64)
-    except ImportError:
-        pass
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].to(torch.uint8))
-    if "python" in state:
-        values = [int(x) for x in state["python"].tolist()]
-        gauss = float(state["python_gauss"].item()) if "python_gauss" in state else float("nan")
-        random.setstate((values[0], tuple(values[1:]), None if gauss != gauss else gauss))
-    cuda = sorted(k for k in state if k.startswith("cuda_"))
-    if cuda and torch.cuda.is_available():
-        for k in cuda:
-            i = int(k[5:])
-            if i < torch.cuda.device_count():
-                torch.cuda.set_rng_state(state[k].to(torch.uint8), device=i)
-    if "numpy_keys" in state:
-        try:
-            import numpy as np
-
-            pos, has_gauss, cached = state["numpy_meta"].tolist()
-            np.random.set_state(
-                (
-                    "MT19937",
-                    state["numpy_keys"].numpy().astype("uint32"),
-                    int(pos),
-                    int(has_gauss),
-                    cached,
-                )
-            )
-        except ImportError:
-            pass
 
 
 # -- training state -------------------------------------------------------------------------
@@ -182,7 +126,7 @@ class TrainState:
         if self._scaler_enabled():
             sd["scaler"] = self.scaler.state_dict()
         if self.rng:
-            sd["rng"] = {f"rank_{_global_rank()}": rng_state()}
+            sd["rng"] = {f"rank_{_global_rank()}": rng_streams.encode(rng_streams.capture())}
         return sd
 
     def state_dict_for_load(self, available: set[str]) -> dict[str, Any]:
@@ -223,9 +167,9 @@ class TrainState:
             self.scheduler.load_state_dict(sd["scheduler"])
         if self._scaler_enabled() and sd.get("scaler"):
             load_scaler_state(self.scaler, sd["scaler"])
-        rng = sd.get("rng", {}).get(f"rank_{_global_rank()}")
-        if rng is not None:
-            set_rng_state(rng)
+        saved_rng = sd.get("rng", {}).get(f"rank_{_global_rank()}")
+        if saved_rng is not None:
+            rng_streams.restore(rng_streams.decode(saved_rng))
 
 
 class Reshard(str, Enum):
@@ -273,8 +217,6 @@ class PerRank:
             return self.state_dict()  # nothing saved (reported as missing), or no resize
         if self.reshard is Reshard.ERROR:
             # every rank sees the same keys: all raise here, before any collective of the load
-            from ..errors import ReshardError
-
             raise ReshardError(
                 f"arc_dist: per-rank state {self.name!r} was saved at world size {len(saved)} and "
                 f"rank {rank} resumes it at world size {world}: each rank's state is its own share "

@@ -5,30 +5,20 @@ from __future__ import annotations
 import math
 import os
 import socket
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from .events import EventLog, number
 
 
-def _checkpoint_bytes(manager: Any, step: int) -> int | None:
-    """Size of checkpoint ``step`` from one listing of the checkpoint root (rank 0, at resume)."""
-    try:
-        from ..checkpoint.catalog import scan
-
-        return next(
-            (i.nbytes for i in scan(manager.storage, read_manifests=False) if i.step == step), None
-        )
-    except Exception:  # noqa: BLE001 - a size is nice to have, never worth failing a resume
-        return None
-
-
 class Recorder:
     """What :class:`~arc_dist.Arc` records, and when. Every method is a no-op off rank 0.
 
-    Keeps the small state the records need (step time, the checkpoint manager's counters last
-    seen) so the controller makes one call per occurrence and no call does I/O on a healthy
+    Keeps the small state the records need (step time, checkpoint outcomes reported from writer
+    threads) so the controller makes one call per occurrence and no call does I/O on a healthy
     step beyond :meth:`EventLog.emit`'s buffered append.
     """
 
@@ -37,11 +27,10 @@ class Recorder:
         events: EventLog,
         *,
         metrics_every: int = 10,
-        checkpoints: Any = None,
         context: Callable[[], dict] | None = None,
     ) -> None:
-        """``checkpoints``: the run's ``CheckpointManager`` (its ``stats()`` counters are watched);
-        ``context()``: extra values for each ``metrics`` record (called on those steps only)."""
+        """``context()``: extra values for each ``metrics`` record (called on those steps only);
+        checkpoint outcomes arrive through :meth:`checkpoint_event`."""
         if not isinstance(metrics_every, int) or metrics_every < 0:
             raise ValueError(
                 f"metrics_every={metrics_every!r} is invalid: use an integer >= 0 (0 = off)"
@@ -49,11 +38,9 @@ class Recorder:
         self.events = events
         self.on = events.enabled
         self.metrics_every = metrics_every
-        self._checkpoints = checkpoints
         self._context = context
-        self._ckpt_stats = checkpoints.stats if checkpoints is not None else None
-        self._ckpt_seen: dict = self._ckpt_stats() if (self._ckpt_stats and self.on) else {}
-        self._ckpt_step: int | None = None
+        self._owner = threading.get_ident()  # the training thread: the only one that emits
+        self._pending: deque = deque()  # checkpoint records reported from other threads
         self._mark_time = time.monotonic()
         self._mark_step: int | None = None
         self.step_s = math.nan  # mean seconds per step over the last metrics period
@@ -68,8 +55,8 @@ class Recorder:
         """After every step: a ``metrics`` record every ``metrics_every`` steps; checkpoint news."""
         if not self.on:
             return
-        if self._ckpt_stats is not None:
-            self.poll_checkpoints()
+        if self._pending:
+            self.drain()
         if action.should_skip or not self.metrics_every:
             return
         # means over the period's applied updates (one sampled step is too noisy to plot), of
@@ -209,51 +196,24 @@ class Recorder:
         self.events.emit("snapshot", step, values={"bytes": nbytes, "seconds": seconds})
 
     # -- checkpoints ---------------------------------------------------------------------
-    def checkpoint_start(self, step: int, blocking: bool) -> None:
-        if self.on:
-            self._ckpt_step = step
-            self.events.emit("checkpoint_start", step, values={"blocking": blocking})
-
-    def poll_checkpoints(self) -> None:
-        """Turn changes of the checkpoint manager's counters into records (rank 0, no I/O)."""
-        if not self.on or self._ckpt_stats is None:
+    def checkpoint_event(self, kind: str, step: int | None, values: dict) -> None:
+        """The checkpoint components' ``on_event`` sink (every rank, any thread). Records are
+        written from the training thread only: one reported from a writer thread waits for
+        the next call there (:meth:`drain`, each step, ``close``)."""
+        if not self.on:
             return
-        now = self._ckpt_stats()
-        seen, self._ckpt_seen = self._ckpt_seen, now
+        self._pending.append((kind, step, values))
+        if threading.get_ident() == self._owner:
+            self.drain()
 
-        def grew(key: str) -> int:
-            return int(now.get(key, 0) or 0) - int(seen.get(key, 0) or 0)
-
-        if grew("checkpoint_failures") > 0:
-            self.events.emit(
-                "checkpoint_failure",
-                self._ckpt_step,
-                values={
-                    "attempts_failed": grew("checkpoint_failures"),
-                    "abandoned": grew("checkpoints_abandoned") > 0,
-                },
-            )
-        if grew("checkpoints") > 0:
-            nbytes = int(now.get("checkpoint_bytes") or 0)
-            secs = float(now.get("checkpoint_write_s") or 0.0)
-            self.events.emit(
-                "checkpoint_commit",
-                now.get("last_committed_step"),
-                values={
-                    "bytes": nbytes,
-                    "seconds": secs,
-                    "stall_s": now.get("checkpoint_stall_s"),
-                    "MB_per_s": nbytes / 1e6 / secs if secs > 0 else None,
-                },
-            )
-        if grew("checkpoints_confirmed") > 0:
-            self.events.emit("checkpoint_confirm", now.get("last_confirmed_step"))
-        if grew("checkpoints_skipped") > 0:
-            self.events.emit("checkpoint_skip", self._ckpt_step)
-        if grew("checkpoints_rejected") > 0:
-            self.events.emit(
-                "checkpoint_reject", None, values={"count": grew("checkpoints_rejected")}
-            )
+    def drain(self) -> None:
+        """Training thread: write the checkpoint records reported since the last call."""
+        while self._pending:
+            kind, step, values = self._pending.popleft()
+            if kind == "checkpoint_commit":
+                nbytes, secs = int(values.get("bytes") or 0), float(values.get("seconds") or 0.0)
+                values = {**values, "MB_per_s": nbytes / 1e6 / secs if secs > 0 else None}
+            self.events.emit(kind, step, values=values)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, **values: Any) -> None:
@@ -262,14 +222,17 @@ class Recorder:
             values.setdefault("pid", os.getpid())
             self.events.emit("start", None, values=values, flush=True)
 
-    def resumed(self, step: int | None, seconds: float, source: str = "durable") -> None:
+    def resumed(
+        self, step: int | None, seconds: float, source: str = "durable", nbytes: int = 0
+    ) -> None:
         """After ``resume()``: a ``load`` record when a checkpoint was loaded (``source``:
-        ``"durable"`` or ``"local"``, the node-local snapshot tier), and a ``restart`` record when
-        this process continues an earlier one (restart count > 0 or an older log)."""
+        ``"durable"`` or ``"local"``, the node-local snapshot tier; ``nbytes`` read from durable
+        storage), and a ``restart`` record when this process continues an earlier one (restart
+        count > 0 or an older log)."""
         if not self.on:
             return
         if step is not None:
-            nbytes = _checkpoint_bytes(self._checkpoints, step) if source == "durable" else None
+            nbytes = nbytes or None
             self.events.emit(
                 "load",
                 step,
@@ -307,6 +270,6 @@ class Recorder:
 
     def close(self, stats: dict) -> None:
         if self.on:
-            self.poll_checkpoints()
+            self.drain()
             self.events.emit("close", stats.get("steps"), values=stats)
             self.events.close()
