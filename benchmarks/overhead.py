@@ -7,6 +7,12 @@ latency.
 
     python benchmarks/overhead.py                    # 1 process
     torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py   # 2-rank DDP (gloo)
+    torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py --paired 300 --sizes 1M,4M
+
+``--paired N`` alternates single steps of the twins (plain, Arc, and a naive one-collective
+design: a per-step all-reduce of the loss and gradient norm plus its host sync, benchmark code
+only) for N pairs and reports the median and p99 of the per-pair ratios to the plain step, which
+stays meaningful when other jobs load the machine.
 
 With the original single-process ARC installed (``pip install arc-training scipy``: AGPL,
 used here as a benchmark baseline only, never a dependency), ``--with-arc-training`` adds a
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -64,6 +71,85 @@ def run(model, opt, arc, x, y, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def naive_step(model, opt, x, y) -> float:
+    """One step of the naive design: after backward, one small all-reduce of (loss, gradient
+    squared norm) and the host sync to read it; skip the update on a non-finite value."""
+    t0 = time.perf_counter()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if CLIP:
+        sq = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).square()
+    else:
+        sq = torch.stack(torch._foreach_norm(grads)).square().sum()
+    sig = torch.stack([loss.detach(), sq])
+    if dist.is_initialized():
+        dist.all_reduce(sig)
+    if all(math.isfinite(v) for v in sig.tolist()):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
+
+
+def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -> dict:
+    """Single steps of plain, Arc, naive (and the original ARC) twins in alternation; per-pair
+    ratios to the plain step. The twins' order rotates so no twin always follows another."""
+    distributed = dist.is_initialized()
+
+    def job():
+        net = mlp(width)
+        model = DDP(net) if distributed else net
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    g = torch.Generator().manual_seed(dist.get_rank() if distributed else 0)
+    x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
+    plain, with_arc, naive = job(), job(), job()
+    arc = Arc(*with_arc, config=ArcConfig(snapshot_every=100), chaos="")
+    steps = {
+        "plain": lambda: run(*plain, None, x, y, 1),
+        "arc": lambda: run(*with_arc, arc, x, y, 1),
+        "naive": lambda: naive_step(*naive, x, y),
+    }
+    if other:
+        from arc.core.controller import Controller  # the original ARC (arc-training)
+
+        o_model, o_opt = job()
+        ctrl = Controller(o_model, o_opt)
+        steps["arc-training"] = lambda: run(o_model, o_opt, ctrl, x, y, 1)
+    for _ in range(5):  # warm-up (and Arc's first snapshot)
+        for f in steps.values():
+            f()
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    snapshot_pair: list[bool] = []
+    for i in range(pairs):
+        snapshot_pair.append(arc.global_step % arc.config.snapshot_every == 0)
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(steps[n]())
+    arc.close()
+    base = times["plain"]
+    out = dict(model=name, params=sum(p.numel() for p in plain[0].parameters()), pairs=pairs)
+    out["plain_ms"] = 1e3 * statistics.median(base)
+    for n in names[1:]:
+        r = [t / b for t, b in zip(times[n], base)]
+        r_ns = [v for v, snap in zip(r, snapshot_pair) if not snap]
+        out[n] = dict(
+            ms=1e3 * statistics.median(times[n]),
+            median=statistics.median(r),
+            p99=pct(r, 0.99),
+            max_no_snapshot=max(r_ns),
+            over_1_5=sum(v > 1.5 for v in r_ns),
+        )
+    return out
 
 
 def bench(
@@ -159,6 +245,24 @@ def bench(
     )
 
 
+def print_paired(rows: list[dict], world: int, args) -> None:
+    if args.json:
+        print(json.dumps(rows))
+    clip = f", every twin clips to {args.clip} (Arc reuses the norm)" if args.clip else ""
+    print(f"world size {world}, batch {args.batch}/rank, {args.paired} pairs of single steps{clip}")
+    print("| model | params | twin | plain ms | twin ms | median ratio | p99 ratio | "
+          "max ratio (no snapshot) | steps > 1.5x |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for n in [k for k in ("arc", "naive", "arc-training") if k in r]:
+            t = r[n]
+            print(
+                f"| {r['model']} | {r['params'] / 1e6:.1f}M | {n} | {r['plain_ms']:.1f} | "
+                f"{t['ms']:.1f} | {t['median']:.3f} | {t['p99']:.3f} | "
+                f"{t['max_no_snapshot']:.2f} | {t['over_1_5']} |"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1M,4M,25M")
@@ -183,6 +287,14 @@ def main() -> None:
         action="store_true",
         help="also time the original ARC (pip install arc-training scipy)",
     )
+    ap.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="N",
+        help="alternate single steps of the plain, Arc and naive twins for N pairs (e.g. 300); "
+        "report the median and p99 of per-pair ratios",
+    )
     args = ap.parse_args()
     if "RANK" in __import__("os").environ:
         dist.init_process_group("gloo")
@@ -192,6 +304,16 @@ def main() -> None:
     global CLIP
     CLIP = args.clip
     divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
+    if args.paired:
+        prow = [
+            paired(s, SIZES[s], args.paired, args.batch, args.with_arc_training)
+            for s in args.sizes.split(",")
+        ]
+        if rank == 0:
+            print_paired(prow, world, args)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     rows = [
         bench(s, SIZES[s], args.rounds, args.steps, args.batch, args.with_arc_training, divergence)
         for s in args.sizes.split(",")
