@@ -12,7 +12,10 @@ latency.
 ``--paired N`` alternates single steps of the twins (plain, Arc, and a naive one-collective
 design: a per-step all-reduce of the loss and gradient norm plus its host sync, benchmark code
 only) for N pairs and reports the median and p99 of the per-pair ratios to the plain step, which
-stays meaningful when other jobs load the machine.
+stays meaningful when other jobs load the machine. ``--attribution N`` times the parts of the
+overhead over N steps of each twin (DDP's C++ hook against Arc's Python hook with and without
+the per-bucket norms, one fused norm pass, ``Arc.step`` on fast, deep-check and snapshot steps,
+a naive all-reduce + host sync, Python heap and torch ops per ``Arc.step``).
 
 With the original single-process ARC installed (``pip install arc-training scipy``: AGPL,
 used here as a benchmark baseline only, never a dependency), ``--with-arc-training`` adds a
@@ -28,9 +31,11 @@ import json
 import math
 import statistics
 import time
+import tracemalloc
 
 import torch
 import torch.distributed as dist
+import torch.utils._python_dispatch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -150,6 +155,150 @@ def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -
             over_1_5=sum(v > 1.5 for v in r_ns),
         )
     return out
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops dispatched inside it."""
+
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def attribution(name: str, width: int, steps: int, batch: int) -> dict:
+    """Where Arc's step overhead goes: each part timed in one run, twins in alternation."""
+    distributed = dist.is_initialized()
+    if not distributed:
+        raise SystemExit("--attribution needs torchrun (2 ranks): the parts are DDP's")
+
+    def job():
+        model = DDP(mlp(width))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
+    plain, with_arc, hooked, hooked_nonorm = job(), job(), job(), job()
+    cfg = ArcConfig(snapshot_every=100)
+    arc = Arc(*with_arc, config=cfg, chaos="")
+    rides = {}
+    for key, twin in (("hook", hooked), ("hook_nonorm", hooked_nonorm)):
+        rides[key] = Arc(*twin, config=cfg, chaos="")._ride  # its hook only; step() never runs
+    t: dict[str, list[float]] = {
+        k: [] for k in ("plain_bwd", "norm", "naive_coll", "hook_bwd", "hook_nonorm_bwd", "arc_bwd")
+    }
+    by_kind: dict[str, list[float]] = {"fast": [], "deep": [], "snapshot": []}
+    sig = torch.zeros(2)
+
+    def fwd_bwd(model) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss, time.perf_counter() - t0
+
+    for i in range(steps + 5):
+        keep = i >= 5  # the first five warm up
+        model, opt = plain
+        loss, dt = fwd_bwd(model)
+        t0 = time.perf_counter()
+        sq = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).square().sum()
+        t1 = time.perf_counter()
+        sig[0], sig[1] = loss.detach(), sq
+        dist.all_reduce(sig)
+        sig.tolist()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if keep:
+            t["plain_bwd"].append(dt)
+            t["norm"].append(t1 - t0)
+            t["naive_coll"].append(t2 - t1)
+        for key, (model, opt) in (("hook", hooked), ("hook_nonorm", hooked_nonorm)):
+            rides[key].measure = key == "hook"
+            _, dt = fwd_bwd(model)
+            rides[key].take()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if keep:
+                t[key + "_bwd"].append(dt)
+        model, opt = with_arc
+        kind = (
+            "snapshot"
+            if arc.global_step % cfg.snapshot_every == 0
+            else "deep"
+            if arc._calls % cfg.deep_check_every == 0
+            else "fast"
+        )
+        loss, dt = fwd_bwd(model)
+        t0 = time.perf_counter()
+        skip = arc.step(loss).should_skip
+        t1 = time.perf_counter()
+        if not skip:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if keep:
+            t["arc_bwd"].append(dt)
+            by_kind[kind].append(t1 - t0)
+    # Python heap and torch ops inside Arc.step on fast-path steps (traced apart: tracing slows)
+    heap, ops = [], []
+    model, opt = with_arc
+    for _ in range(20):
+        if arc._calls % cfg.deep_check_every == 0 or arc.global_step % cfg.snapshot_every == 0:
+            loss, _ = fwd_bwd(model)
+            arc.step(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            continue
+        loss, _ = fwd_bwd(model)
+        tracemalloc.start()
+        with _CountOps() as counter:
+            arc.step(loss)
+        heap.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        ops.append(counter.n)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    arc.close()
+    med = {k: 1e3 * statistics.median(v) for k, v in t.items()}
+    kinds = {k: 1e3 * statistics.median(v) if v else float("nan") for k, v in by_kind.items()}
+    n = sum(len(v) for v in by_kind.values())
+    share = {k: len(v) / n for k, v in by_kind.items()}
+    return dict(
+        model=name,
+        params=sum(p.numel() for p in plain[0].parameters()),
+        steps=steps,
+        **med,
+        arc_step=kinds,
+        arc_step_share=share,
+        heap_bytes_per_arc_step=statistics.median(heap) if heap else 0,
+        torch_ops_per_arc_step=statistics.median(ops) if ops else 0,
+    )
+
+
+def print_attribution(rows: list[dict]) -> None:
+    for r in rows:
+        k, s = r["arc_step"], r["arc_step_share"]
+        amort = {kind: k[kind] * s[kind] for kind in k if s[kind]}
+        print(f"\n{r['model']} ({r['params'] / 1e6:.1f}M params), medians of {r['steps']} steps")
+        print("| part | ms/step |\n|---|---|")
+        for label, v in (
+            ("plain DDP forward+backward (C++ all-reduce hook)", r["plain_bwd"]),
+            ("+ Arc's Python comm hook, no norms", r["hook_nonorm_bwd"] - r["plain_bwd"]),
+            ("+ per-bucket norms of the reduced buckets", r["hook_bwd"] - r["hook_nonorm_bwd"]),
+            ("Arc twin forward+backward, minus plain", r["arc_bwd"] - r["plain_bwd"]),
+            ("one fused norm pass (_foreach_norm + stack), standalone", r["norm"]),
+            ("naive: all-reduce of 2 floats + host sync", r["naive_coll"]),
+            (f"Arc.step, fast path ({100 * s['fast']:.0f}% of steps)", k["fast"]),
+            (f"Arc.step, deep-check steps ({100 * s['deep']:.0f}%)", k["deep"]),
+            (f"Arc.step, snapshot steps ({100 * s['snapshot']:.0f}%)", k["snapshot"]),
+            ("Arc.step amortised", sum(amort.values())),
+        ):
+            print(f"| {label} | {v:.3f} |")
+        print(
+            f"| Python heap peak per fast Arc.step | {r['heap_bytes_per_arc_step'] / 1e3:.1f} kB |"
+        )
+        print(f"| torch ops per fast Arc.step | {r['torch_ops_per_arc_step']:.0f} |")
 
 
 def bench(
@@ -295,6 +444,13 @@ def main() -> None:
         help="alternate single steps of the plain, Arc and naive twins for N pairs (e.g. 300); "
         "report the median and p99 of per-pair ratios",
     )
+    ap.add_argument(
+        "--attribution",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time the parts of the overhead over N steps of each twin (2-rank torchrun)",
+    )
     args = ap.parse_args()
     if "RANK" in __import__("os").environ:
         dist.init_process_group("gloo")
@@ -304,6 +460,16 @@ def main() -> None:
     global CLIP
     CLIP = args.clip
     divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
+    if args.attribution:
+        arow = [
+            attribution(s, SIZES[s], args.attribution, args.batch) for s in args.sizes.split(",")
+        ]
+        if rank == 0:
+            if args.json:
+                print(json.dumps(arow))
+            print_attribution(arow)
+        dist.destroy_process_group()
+        return
     if args.paired:
         prow = [
             paired(s, SIZES[s], args.paired, args.batch, args.with_arc_training)
