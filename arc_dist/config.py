@@ -135,6 +135,11 @@ class ArcConfig:
     deep_check_every: int = 10
     #: steps between replica-divergence checks (DDP only; also on every snapshot step); 0 = off
     divergence_every: int = 100
+    #: under DDP, carry the step's signals inside DDP's gradient all-reduce through a Python comm
+    #: hook (ddp_hook.py). False: keep DDP's C++ all-reduce hook and run one small all-reduce of
+    #: Arc's own every step. On 2-rank CPU/gloo the two measured within noise of each other
+    #: (docs/performance.md); not yet measured on a GPU, where they may differ either way
+    ride_ddp: bool = True
     #: include the optimizer state in the divergence fingerprint
     divergence_check_optimizer: bool = False
     #: divergence incidents on one rank before it is reported as suspect hardware

@@ -12,7 +12,7 @@ latency.
 ``--paired N`` alternates single steps of the twins (plain, Arc, and a naive one-collective
 design: a per-step all-reduce of the loss and gradient norm plus its host sync, benchmark code
 only) for N pairs and reports the median and p99 of the per-pair ratios to the plain step, which
-stays meaningful when other jobs load the machine. ``--attribution N`` times the parts of the
+stays meaningful when other jobs load the machine; an Arc twin with ``ride_ddp=True`` runs too. ``--attribution N`` times the parts of the
 overhead over N steps of each twin (DDP's C++ hook against Arc's Python hook with and without
 the per-bucket norms, one fused norm pass, ``Arc.step`` on fast, deep-check and snapshot steps,
 a naive all-reduce + host sync, Python heap and torch ops per ``Arc.step``).
@@ -118,9 +118,12 @@ def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -
     x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
     plain, with_arc, naive = job(), job(), job()
     arc = Arc(*with_arc, config=ArcConfig(snapshot_every=100), chaos="")
+    riding = job()
+    arc_ride = Arc(*riding, config=ArcConfig(snapshot_every=100, ride_ddp=True), chaos="")
     steps = {
         "plain": lambda: run(*plain, None, x, y, 1),
         "arc": lambda: run(*with_arc, arc, x, y, 1),
+        "arc, ride_ddp": lambda: run(*riding, arc_ride, x, y, 1),
         "naive": lambda: naive_step(*naive, x, y),
     }
     if other:
@@ -141,6 +144,7 @@ def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -
         for n in names[k:] + names[:k]:
             times[n].append(steps[n]())
     arc.close()
+    arc_ride.close()
     base = times["plain"]
     out = dict(model=name, params=sum(p.numel() for p in plain[0].parameters()), pairs=pairs)
     out["plain_ms"] = 1e3 * statistics.median(base)
@@ -179,16 +183,24 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
 
     g = torch.Generator().manual_seed(dist.get_rank())
     x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
-    plain, with_arc, hooked, hooked_nonorm = job(), job(), job(), job()
+    plain, hooked, hooked_nonorm = job(), job(), job()
     cfg = ArcConfig(snapshot_every=100)
-    arc = Arc(*with_arc, config=cfg, chaos="")
+    ride = ArcConfig(snapshot_every=100, ride_ddp=True)
+    arcs = {}  # Arc's own collective per step, and riding on DDP's all-reduce
+    for key, c in (("arc", cfg), ("arc_ride", ride)):
+        m_, o_ = job()
+        arcs[key] = (m_, o_, Arc(m_, o_, config=c, chaos=""))
     rides = {}
     for key, twin in (("hook", hooked), ("hook_nonorm", hooked_nonorm)):
-        rides[key] = Arc(*twin, config=cfg, chaos="")._ride  # its hook only; step() never runs
+        rides[key] = Arc(*twin, config=ride, chaos="")._ride  # its hook only; step() never runs
     t: dict[str, list[float]] = {
-        k: [] for k in ("plain_bwd", "norm", "naive_coll", "hook_bwd", "hook_nonorm_bwd", "arc_bwd")
-    }
-    by_kind: dict[str, list[float]] = {"fast": [], "deep": [], "snapshot": []}
+        k: []
+        for k in (
+            "plain_bwd", "norm", "naive_coll", "hook_bwd", "hook_nonorm_bwd", "arc_bwd",
+            "arc_ride_bwd",
+        )
+    }  # fmt: skip
+    by_kind = {key: {"fast": [], "deep": [], "snapshot": []} for key in arcs}
     sig = torch.zeros(2)
 
     def fwd_bwd(model) -> tuple[torch.Tensor, float]:
@@ -222,27 +234,27 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
             opt.zero_grad(set_to_none=True)
             if keep:
                 t[key + "_bwd"].append(dt)
-        model, opt = with_arc
-        kind = (
-            "snapshot"
-            if arc.global_step % cfg.snapshot_every == 0
-            else "deep"
-            if arc._calls % cfg.deep_check_every == 0
-            else "fast"
-        )
-        loss, dt = fwd_bwd(model)
-        t0 = time.perf_counter()
-        skip = arc.step(loss).should_skip
-        t1 = time.perf_counter()
-        if not skip:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        if keep:
-            t["arc_bwd"].append(dt)
-            by_kind[kind].append(t1 - t0)
+        for key, (model, opt, arc) in arcs.items():
+            kind = (
+                "snapshot"
+                if arc.global_step % cfg.snapshot_every == 0
+                else "deep"
+                if arc._calls % cfg.deep_check_every == 0
+                else "fast"
+            )
+            loss, dt = fwd_bwd(model)
+            t0 = time.perf_counter()
+            skip = arc.step(loss).should_skip
+            t1 = time.perf_counter()
+            if not skip:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            if keep:
+                t[key + "_bwd"].append(dt)
+                by_kind[key][kind].append(t1 - t0)
     # Python heap and torch ops inside Arc.step on fast-path steps (traced apart: tracing slows)
     heap, ops = [], []
-    model, opt = with_arc
+    model, opt, arc = arcs["arc"]
     for _ in range(20):
         if arc._calls % cfg.deep_check_every == 0 or arc.global_step % cfg.snapshot_every == 0:
             loss, _ = fwd_bwd(model)
@@ -259,11 +271,15 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
         ops.append(counter.n)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    arc.close()
+    for _, _, a in arcs.values():
+        a.close()
     med = {k: 1e3 * statistics.median(v) for k, v in t.items()}
-    kinds = {k: 1e3 * statistics.median(v) if v else float("nan") for k, v in by_kind.items()}
-    n = sum(len(v) for v in by_kind.values())
-    share = {k: len(v) / n for k, v in by_kind.items()}
+    kinds = {
+        key: {k: 1e3 * statistics.median(v) if v else float("nan") for k, v in kv.items()}
+        for key, kv in by_kind.items()
+    }
+    n = sum(len(v) for v in by_kind["arc"].values())
+    share = {k: len(v) / n for k, v in by_kind["arc"].items()}
     return dict(
         model=name,
         params=sum(p.numel() for p in plain[0].parameters()),
@@ -278,8 +294,7 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
 
 def print_attribution(rows: list[dict]) -> None:
     for r in rows:
-        k, s = r["arc_step"], r["arc_step_share"]
-        amort = {kind: k[kind] * s[kind] for kind in k if s[kind]}
+        s = r["arc_step_share"]
         print(f"\n{r['model']} ({r['params'] / 1e6:.1f}M params), medians of {r['steps']} steps")
         print("| part | ms/step |\n|---|---|")
         for label, v in (
@@ -287,12 +302,23 @@ def print_attribution(rows: list[dict]) -> None:
             ("+ Arc's Python comm hook, no norms", r["hook_nonorm_bwd"] - r["plain_bwd"]),
             ("+ per-bucket norms of the reduced buckets", r["hook_bwd"] - r["hook_nonorm_bwd"]),
             ("Arc twin forward+backward, minus plain", r["arc_bwd"] - r["plain_bwd"]),
+            ("Arc ride_ddp twin forward+backward, minus plain", r["arc_ride_bwd"] - r["plain_bwd"]),
             ("one fused norm pass (_foreach_norm + stack), standalone", r["norm"]),
             ("naive: all-reduce of 2 floats + host sync", r["naive_coll"]),
-            (f"Arc.step, fast path ({100 * s['fast']:.0f}% of steps)", k["fast"]),
-            (f"Arc.step, deep-check steps ({100 * s['deep']:.0f}%)", k["deep"]),
-            (f"Arc.step, snapshot steps ({100 * s['snapshot']:.0f}%)", k["snapshot"]),
-            ("Arc.step amortised", sum(amort.values())),
+            *(
+                row
+                for key in ("arc", "arc_ride")
+                for k in (r["arc_step"][key],)
+                for row in (
+                    (f"{key}: Arc.step, other steps ({100 * s['fast']:.0f}%)", k["fast"]),
+                    (f"{key}: Arc.step, deep-check steps ({100 * s['deep']:.0f}%)", k["deep"]),
+                    (
+                        f"{key}: Arc.step, snapshot steps ({100 * s['snapshot']:.0f}%)",
+                        k["snapshot"],
+                    ),
+                    (f"{key}: Arc.step amortised", sum(k[x] * s[x] for x in k if s[x])),
+                )
+            ),
         ):
             print(f"| {label} | {v:.3f} |")
         print(
@@ -403,7 +429,7 @@ def print_paired(rows: list[dict], world: int, args) -> None:
           "max ratio (no snapshot) | steps > 1.5x |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        for n in [k for k in ("arc", "naive", "arc-training") if k in r]:
+        for n in [k for k in ("arc", "arc, ride_ddp", "naive", "arc-training") if k in r]:
             t = r[n]
             print(
                 f"| {r['model']} | {r['params'] / 1e6:.1f}M | {n} | {r['plain_ms']:.1f} | "
