@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.utils._python_dispatch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
@@ -183,7 +184,9 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
 
     g = torch.Generator().manual_seed(dist.get_rank())
     x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
-    plain, hooked, hooked_nonorm = job(), job(), job()
+    plain, hooked, hooked_nonorm, py_hook = job(), job(), job(), job()
+    # torch's own Python all-reduce hook: what any Python comm hook costs against DDP's C++ one
+    py_hook[0].register_comm_hook(None, default_hooks.allreduce_hook)
     cfg = ArcConfig(snapshot_every=100)
     ride = ArcConfig(snapshot_every=100, ride_ddp=True)
     arcs = {}  # Arc's own collective per step, and riding on DDP's all-reduce
@@ -196,7 +199,8 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
     t: dict[str, list[float]] = {
         k: []
         for k in (
-            "plain_bwd", "norm", "naive_coll", "hook_bwd", "hook_nonorm_bwd", "arc_bwd",
+            "plain_bwd", "norm", "naive_coll", "hook_bwd", "hook_nonorm_bwd", "py_hook_bwd",
+            "arc_bwd",
             "arc_ride_bwd",
         )
     }  # fmt: skip
@@ -226,10 +230,14 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
             t["plain_bwd"].append(dt)
             t["norm"].append(t1 - t0)
             t["naive_coll"].append(t2 - t1)
-        for key, (model, opt) in (("hook", hooked), ("hook_nonorm", hooked_nonorm)):
-            rides[key].measure = key == "hook"
+        for key, (model, opt) in (
+            ("hook", hooked), ("hook_nonorm", hooked_nonorm), ("py_hook", py_hook)
+        ):  # fmt: skip
+            if key in rides:
+                rides[key].measure = key == "hook"
             _, dt = fwd_bwd(model)
-            rides[key].take()
+            if key in rides:
+                rides[key].take()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if keep:
@@ -299,6 +307,7 @@ def print_attribution(rows: list[dict]) -> None:
         print("| part | ms/step |\n|---|---|")
         for label, v in (
             ("plain DDP forward+backward (C++ all-reduce hook)", r["plain_bwd"]),
+            ("+ torch's Python allreduce_hook instead", r["py_hook_bwd"] - r["plain_bwd"]),
             ("+ Arc's Python comm hook, no norms", r["hook_nonorm_bwd"] - r["plain_bwd"]),
             ("+ per-bucket norms of the reduced buckets", r["hook_bwd"] - r["hook_nonorm_bwd"]),
             ("Arc twin forward+backward, minus plain", r["arc_bwd"] - r["plain_bwd"]),
