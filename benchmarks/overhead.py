@@ -12,7 +12,7 @@ latency.
 ``--paired N`` alternates single steps of the twins (plain, Arc, and a naive one-collective
 design: a per-step all-reduce of the loss and gradient norm plus its host sync, benchmark code
 only) for N pairs and reports the median and p99 of the per-pair ratios to the plain step, which
-stays meaningful when other jobs load the machine; an Arc twin with ``ride_ddp=True`` runs too. ``--attribution N`` times the parts of the
+stays meaningful when other jobs load the machine; an Arc twin with ``ride_ddp=False`` runs too. ``--attribution N`` times the parts of the
 overhead over N steps of each twin (DDP's C++ hook against Arc's Python hook with and without
 the per-bucket norms, one fused norm pass, ``Arc.step`` on fast, deep-check and snapshot steps,
 a naive all-reduce + host sync, Python heap and torch ops per ``Arc.step``).
@@ -120,11 +120,11 @@ def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -
     plain, with_arc, naive = job(), job(), job()
     arc = Arc(*with_arc, config=ArcConfig(snapshot_every=100), chaos="")
     riding = job()
-    arc_ride = Arc(*riding, config=ArcConfig(snapshot_every=100, ride_ddp=True), chaos="")
+    arc_ride = Arc(*riding, config=ArcConfig(snapshot_every=100, ride_ddp=False), chaos="")
     steps = {
         "plain": lambda: run(*plain, None, x, y, 1),
         "arc": lambda: run(*with_arc, arc, x, y, 1),
-        "arc, ride_ddp": lambda: run(*riding, arc_ride, x, y, 1),
+        "arc, ride_ddp=False": lambda: run(*riding, arc_ride, x, y, 1),
         "naive": lambda: naive_step(*naive, x, y),
     }
     if other:
@@ -187,7 +187,7 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
     plain, hooked, hooked_nonorm, py_hook = job(), job(), job(), job()
     # torch's own Python all-reduce hook: what any Python comm hook costs against DDP's C++ one
     py_hook[0].register_comm_hook(None, default_hooks.allreduce_hook)
-    cfg = ArcConfig(snapshot_every=100)
+    cfg = ArcConfig(snapshot_every=100, ride_ddp=False)
     ride = ArcConfig(snapshot_every=100, ride_ddp=True)
     arcs = {}  # Arc's own collective per step, and riding on DDP's all-reduce
     for key, c in (("arc", cfg), ("arc_ride", ride)):
@@ -260,7 +260,8 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
             if keep:
                 t[key + "_bwd"].append(dt)
                 by_kind[key][kind].append(t1 - t0)
-    # Python heap and torch ops inside Arc.step on fast-path steps (traced apart: tracing slows)
+    # Python heap and torch ops inside Arc.step on ordinary steps of the ride_ddp=False twin
+    # (traced apart: tracing slows; no comm-hook callbacks run on other threads meanwhile)
     heap, ops = [], []
     model, opt, arc = arcs["arc"]
     for _ in range(20):
@@ -310,30 +311,32 @@ def print_attribution(rows: list[dict]) -> None:
             ("+ torch's Python allreduce_hook instead", r["py_hook_bwd"] - r["plain_bwd"]),
             ("+ Arc's Python comm hook, no norms", r["hook_nonorm_bwd"] - r["plain_bwd"]),
             ("+ per-bucket norms of the reduced buckets", r["hook_bwd"] - r["hook_nonorm_bwd"]),
-            ("Arc twin forward+backward, minus plain", r["arc_bwd"] - r["plain_bwd"]),
-            ("Arc ride_ddp twin forward+backward, minus plain", r["arc_ride_bwd"] - r["plain_bwd"]),
+            ("ride_ddp=False twin forward+backward, minus plain", r["arc_bwd"] - r["plain_bwd"]),
+            ("riding Arc twin forward+backward, minus plain", r["arc_ride_bwd"] - r["plain_bwd"]),
             ("one fused norm pass (_foreach_norm + stack), standalone", r["norm"]),
             ("naive: all-reduce of 2 floats + host sync", r["naive_coll"]),
             *(
                 row
-                for key in ("arc", "arc_ride")
+                for key, twin in (("arc", "ride_ddp=False"), ("arc_ride", "riding"))
                 for k in (r["arc_step"][key],)
                 for row in (
-                    (f"{key}: Arc.step, other steps ({100 * s['fast']:.0f}%)", k["fast"]),
-                    (f"{key}: Arc.step, deep-check steps ({100 * s['deep']:.0f}%)", k["deep"]),
+                    (f"{twin}: Arc.step, other steps ({100 * s['fast']:.0f}%)", k["fast"]),
+                    (f"{twin}: Arc.step, deep-check steps ({100 * s['deep']:.0f}%)", k["deep"]),
                     (
-                        f"{key}: Arc.step, snapshot steps ({100 * s['snapshot']:.0f}%)",
+                        f"{twin}: Arc.step, snapshot steps ({100 * s['snapshot']:.0f}%)",
                         k["snapshot"],
                     ),
-                    (f"{key}: Arc.step amortised", sum(k[x] * s[x] for x in k if s[x])),
+                    (f"{twin}: Arc.step amortised", sum(k[x] * s[x] for x in k if s[x])),
                 )
             ),
         ):
             print(f"| {label} | {v:.3f} |")
         print(
-            f"| Python heap peak per fast Arc.step | {r['heap_bytes_per_arc_step'] / 1e3:.1f} kB |"
+            f"| Python heap peak per ordinary Arc.step (ride_ddp=False) | {r['heap_bytes_per_arc_step'] / 1e3:.1f} kB |"
         )
-        print(f"| torch ops per fast Arc.step | {r['torch_ops_per_arc_step']:.0f} |")
+        print(
+            f"| torch ops per ordinary Arc.step (ride_ddp=False) | {r['torch_ops_per_arc_step']:.0f} |"
+        )
 
 
 def bench(
@@ -438,7 +441,7 @@ def print_paired(rows: list[dict], world: int, args) -> None:
           "max ratio (no snapshot) | steps > 1.5x |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        for n in [k for k in ("arc", "arc, ride_ddp", "naive", "arc-training") if k in r]:
+        for n in [k for k in ("arc", "arc, ride_ddp=False", "naive", "arc-training") if k in r]:
             t = r[n]
             print(
                 f"| {r['model']} | {r['params'] / 1e6:.1f}M | {n} | {r['plain_ms']:.1f} | "
