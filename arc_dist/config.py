@@ -138,8 +138,8 @@ class ArcConfig:
     #: under DDP, carry the step's signals inside DDP's gradient all-reduce through a Python comm
     #: hook (ddp_hook.py). False: keep DDP's C++ all-reduce hook and run one small all-reduce of
     #: Arc's own every step; Arc then sees only averaged gradients, so a gradient fault is
-    #: blamed on every rank rather than the one it came from. On 2-rank CPU/gloo the two
-    #: measured within noise of each other (docs/performance.md); not yet measured on a GPU
+    #: blamed on every rank rather than the one it came from. On 2-rank CPU/gloo False was as
+    #: fast or faster in most paired runs (docs/performance.md); not yet measured on a GPU
     ride_ddp: bool = True
     #: include the optimizer state in the divergence fingerprint
     divergence_check_optimizer: bool = False
