@@ -135,6 +135,12 @@ class ArcConfig:
     deep_check_every: int = 10
     #: steps between replica-divergence checks (DDP only; also on every snapshot step); 0 = off
     divergence_every: int = 100
+    #: under DDP, carry the step's signals inside DDP's gradient all-reduce through a Python comm
+    #: hook (ddp_hook.py). False: keep DDP's C++ all-reduce hook and run one small all-reduce of
+    #: Arc's own every step; Arc then sees only averaged gradients, so a gradient fault is
+    #: blamed on every rank rather than the one it came from. On 2-rank CPU/gloo False was as
+    #: fast or faster in most paired runs (docs/performance.md); not yet measured on a GPU
+    ride_ddp: bool = True
     #: include the optimizer state in the divergence fingerprint
     divergence_check_optimizer: bool = False
     #: divergence incidents on one rank before it is reported as suspect hardware

@@ -149,11 +149,12 @@ class Arc:
         self._preemption = PreemptionHandler()
         if self.config.handle_sigterm:
             self._preemption.install()
-        # under DDP the signals ride on DDP's gradient all-reduce (ddp_hook.py)
-        self._ride = DDPRide.attach(model, rank=self.rank, world_size=self.world_size,
-                                    agree=self._agree, policy=self._policy, lr=self._lr,
-                                    preemption=self._preemption, amp=scaler is not None,
-                                    explain=self._failfast.explain)  # fmt: skip
+        self._ride: DDPRide | None = None
+        if self.config.ride_ddp:  # under DDP the signals ride on its all-reduce (ddp_hook.py)
+            self._ride = DDPRide.attach(model, rank=self.rank, world_size=self.world_size,
+                                        agree=self._agree, policy=self._policy, lr=self._lr,
+                                        preemption=self._preemption, amp=scaler is not None,
+                                        explain=self._failfast.explain)  # fmt: skip
         self._closed = False
         self._stats = dict(
             rollbacks=0, skips=0, failures=0, warnings=0, escalations=0, snapshots=0, checkpoints=0

@@ -22,8 +22,8 @@ every rank reaches the same conclusion.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections import deque
 
 import numpy as np
 import torch
@@ -100,12 +100,16 @@ class DivergenceTracker:
 
 
 class StragglerTracker:
-    """Flags ranks persistently slower than the others (shared history: same on every rank)."""
+    """Flags ranks persistently slower than the others (shared history: same on every rank).
+
+    Runs after every step's collective, so it keeps its window in a preallocated ring (a median
+    does not depend on the rows' order) and takes medians with one partition each."""
 
     def __init__(self, world_size: int, ratio: float, window: int, rank: int = 0):
         self.world_size, self.ratio, self.rank = world_size, ratio, rank
         self.window = window
-        self.history: deque[np.ndarray] = deque(maxlen=window)
+        self._ring = np.empty((window, world_size))
+        self._count = 0  # steps added so far; the ring holds the last ``window`` of them
         self.flagged: set[int] = set()
 
     def relative(self, times: np.ndarray) -> np.ndarray | None:
@@ -115,18 +119,18 @@ class StragglerTracker:
             return None
         if n >= 5:
             return times / np.median(times)
-        others = np.array([np.median(np.delete(times, r)) for r in range(n)])
-        return times / others
+        return times / _median0(times[_others(n)].T)
 
     def update(self, times: np.ndarray) -> tuple[list[int], list[int]]:
         """Add one step's busy times; returns (newly flagged ranks, ranks no longer flagged)."""
         rel = self.relative(times)
         if rel is None:
             return [], []
-        self.history.append(rel)
-        if len(self.history) < self.history.maxlen:
+        self._ring[self._count % self.window] = rel
+        self._count += 1
+        if self._count < self.window:
             return [], []
-        persistent = np.median(np.stack(self.history), axis=0)
+        persistent = _median0(self._ring)
         now = {int(r) for r in np.nonzero(persistent > self.ratio)[0]}
         new, cleared = sorted(now - self.flagged), sorted(self.flagged - now)
         self.flagged = now
@@ -152,9 +156,24 @@ class StragglerTracker:
         return new, cleared
 
     def persistent_ratios(self) -> list[float]:
-        if not self.history:
+        if not self._count:
             return []
-        return [float(x) for x in np.median(np.stack(self.history), axis=0)]
+        return [float(x) for x in _median0(self._ring[: self._count])]
+
+
+def _median0(a: np.ndarray) -> np.ndarray:
+    """``np.median(a, axis=0)`` (same values) for finite ``a``, without its per-call overhead."""
+    h = a.shape[0] // 2
+    if a.shape[0] % 2:
+        return np.partition(a, h, axis=0)[h]
+    p = np.partition(a, (h - 1, h), axis=0)
+    return (p[h - 1] + p[h]) / 2
+
+
+@functools.cache
+def _others(n: int) -> np.ndarray:
+    """Row r: the indices of every rank but r."""
+    return np.array([[j for j in range(n) if j != r] for r in range(n)])
 
 
 def replica_digest(module: torch.nn.Module) -> str:

@@ -7,6 +7,16 @@ latency.
 
     python benchmarks/overhead.py                    # 1 process
     torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py   # 2-rank DDP (gloo)
+    torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py --paired 300 --sizes 1M,4M
+
+``--paired N`` alternates single steps of the twins (plain, Arc, Arc with ``ride_ddp=False``
+and a naive one-collective design: a per-step all-reduce of the loss and gradient norm plus its
+host sync, benchmark code only) for N pairs and reports the median and p99 of the per-pair
+ratios to the plain step, which stays meaningful when other jobs load the machine.
+``--attribution N`` times the parts of the overhead over N steps of each twin (DDP's C++ hook
+against torch's and Arc's Python hooks, with and without the per-bucket norms, one fused norm
+pass, ``Arc.step`` on ordinary, deep-check and snapshot steps with and without the ride, a naive
+all-reduce + host sync, Python heap and torch ops per ``Arc.step``).
 
 With the original single-process ARC installed (``pip install arc-training scipy``: AGPL,
 used here as a benchmark baseline only, never a dependency), ``--with-arc-training`` adds a
@@ -19,12 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
+import tracemalloc
 
 import torch
 import torch.distributed as dist
+import torch.utils._python_dispatch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
@@ -64,6 +78,266 @@ def run(model, opt, arc, x, y, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def naive_step(model, opt, x, y) -> float:
+    """One step of the naive design: after backward, one small all-reduce of (loss, gradient
+    squared norm) and the host sync to read it; skip the update on a non-finite value."""
+    t0 = time.perf_counter()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if CLIP:
+        sq = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).square()
+    else:
+        sq = torch.stack(torch._foreach_norm(grads)).square().sum()
+    sig = torch.stack([loss.detach(), sq])
+    if dist.is_initialized():
+        dist.all_reduce(sig)
+    if all(math.isfinite(v) for v in sig.tolist()):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
+
+
+def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -> dict:
+    """Single steps of plain, Arc, naive (and the original ARC) twins in alternation; per-pair
+    ratios to the plain step. The twins' order rotates so no twin always follows another."""
+    distributed = dist.is_initialized()
+
+    def job():
+        net = mlp(width)
+        model = DDP(net) if distributed else net
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    g = torch.Generator().manual_seed(dist.get_rank() if distributed else 0)
+    x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
+    plain, with_arc, naive = job(), job(), job()
+    arc = Arc(*with_arc, config=ArcConfig(snapshot_every=100), chaos="")
+    riding = job()
+    arc_ride = Arc(*riding, config=ArcConfig(snapshot_every=100, ride_ddp=False), chaos="")
+    steps = {
+        "plain": lambda: run(*plain, None, x, y, 1),
+        "arc": lambda: run(*with_arc, arc, x, y, 1),
+        "arc, ride_ddp=False": lambda: run(*riding, arc_ride, x, y, 1),
+        "naive": lambda: naive_step(*naive, x, y),
+    }
+    if other:
+        from arc.core.controller import Controller  # the original ARC (arc-training)
+
+        o_model, o_opt = job()
+        ctrl = Controller(o_model, o_opt)
+        steps["arc-training"] = lambda: run(o_model, o_opt, ctrl, x, y, 1)
+    for _ in range(5):  # warm-up (and Arc's first snapshot)
+        for f in steps.values():
+            f()
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    snapshot_pair: list[bool] = []
+    for i in range(pairs):
+        snapshot_pair.append(arc.global_step % arc.config.snapshot_every == 0)
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(steps[n]())
+    arc.close()
+    arc_ride.close()
+    base = times["plain"]
+    out = dict(model=name, params=sum(p.numel() for p in plain[0].parameters()), pairs=pairs)
+    out["plain_ms"] = 1e3 * statistics.median(base)
+    for n in names[1:]:
+        r = [t / b for t, b in zip(times[n], base)]
+        r_ns = [v for v, snap in zip(r, snapshot_pair) if not snap]
+        out[n] = dict(
+            ms=1e3 * statistics.median(times[n]),
+            median=statistics.median(r),
+            p99=pct(r, 0.99),
+            max_no_snapshot=max(r_ns),
+            over_1_5=sum(v > 1.5 for v in r_ns),
+        )
+    return out
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops dispatched inside it."""
+
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def attribution(name: str, width: int, steps: int, batch: int) -> dict:
+    """Where Arc's step overhead goes: each part timed in one run, twins in alternation."""
+    distributed = dist.is_initialized()
+    if not distributed:
+        raise SystemExit("--attribution needs torchrun (2 ranks): the parts are DDP's")
+
+    def job():
+        model = DDP(mlp(width))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
+    plain, hooked, hooked_nonorm, py_hook = job(), job(), job(), job()
+    # torch's own Python all-reduce hook: what any Python comm hook costs against DDP's C++ one
+    py_hook[0].register_comm_hook(None, default_hooks.allreduce_hook)
+    cfg = ArcConfig(snapshot_every=100, ride_ddp=False)
+    ride = ArcConfig(snapshot_every=100, ride_ddp=True)
+    arcs = {}  # Arc's own collective per step, and riding on DDP's all-reduce
+    for key, c in (("arc", cfg), ("arc_ride", ride)):
+        m_, o_ = job()
+        arcs[key] = (m_, o_, Arc(m_, o_, config=c, chaos=""))
+    rides = {}
+    for key, twin in (("hook", hooked), ("hook_nonorm", hooked_nonorm)):
+        rides[key] = Arc(*twin, config=ride, chaos="")._ride  # its hook only; step() never runs
+    t: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "plain_bwd", "norm", "naive_coll", "hook_bwd", "hook_nonorm_bwd", "py_hook_bwd",
+            "arc_bwd",
+            "arc_ride_bwd",
+        )
+    }  # fmt: skip
+    by_kind = {key: {"fast": [], "deep": [], "snapshot": []} for key in arcs}
+    sig = torch.zeros(2)
+
+    def fwd_bwd(model) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss, time.perf_counter() - t0
+
+    for i in range(steps + 5):
+        keep = i >= 5  # the first five warm up
+        model, opt = plain
+        loss, dt = fwd_bwd(model)
+        t0 = time.perf_counter()
+        sq = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).square().sum()
+        t1 = time.perf_counter()
+        sig[0], sig[1] = loss.detach(), sq
+        dist.all_reduce(sig)
+        sig.tolist()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if keep:
+            t["plain_bwd"].append(dt)
+            t["norm"].append(t1 - t0)
+            t["naive_coll"].append(t2 - t1)
+        for key, (model, opt) in (
+            ("hook", hooked), ("hook_nonorm", hooked_nonorm), ("py_hook", py_hook)
+        ):  # fmt: skip
+            if key in rides:
+                rides[key].measure = key == "hook"
+            _, dt = fwd_bwd(model)
+            if key in rides:
+                rides[key].take()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if keep:
+                t[key + "_bwd"].append(dt)
+        for key, (model, opt, arc) in arcs.items():
+            kind = (
+                "snapshot"
+                if arc.global_step % cfg.snapshot_every == 0
+                else "deep"
+                if arc._calls % cfg.deep_check_every == 0
+                else "fast"
+            )
+            loss, dt = fwd_bwd(model)
+            t0 = time.perf_counter()
+            skip = arc.step(loss).should_skip
+            t1 = time.perf_counter()
+            if not skip:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            if keep:
+                t[key + "_bwd"].append(dt)
+                by_kind[key][kind].append(t1 - t0)
+    # Python heap and torch ops inside Arc.step on ordinary steps of the ride_ddp=False twin
+    # (traced apart: tracing slows; no comm-hook callbacks run on other threads meanwhile)
+    heap, ops = [], []
+    model, opt, arc = arcs["arc"]
+    for _ in range(20):
+        if arc._calls % cfg.deep_check_every == 0 or arc.global_step % cfg.snapshot_every == 0:
+            loss, _ = fwd_bwd(model)
+            arc.step(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            continue
+        loss, _ = fwd_bwd(model)
+        tracemalloc.start()
+        with _CountOps() as counter:
+            arc.step(loss)
+        heap.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        ops.append(counter.n)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _, _, a in arcs.values():
+        a.close()
+    med = {k: 1e3 * statistics.median(v) for k, v in t.items()}
+    kinds = {
+        key: {k: 1e3 * statistics.median(v) if v else float("nan") for k, v in kv.items()}
+        for key, kv in by_kind.items()
+    }
+    n = sum(len(v) for v in by_kind["arc"].values())
+    share = {k: len(v) / n for k, v in by_kind["arc"].items()}
+    return dict(
+        model=name,
+        params=sum(p.numel() for p in plain[0].parameters()),
+        steps=steps,
+        **med,
+        arc_step=kinds,
+        arc_step_share=share,
+        heap_bytes_per_arc_step=statistics.median(heap) if heap else 0,
+        torch_ops_per_arc_step=statistics.median(ops) if ops else 0,
+    )
+
+
+def print_attribution(rows: list[dict]) -> None:
+    for r in rows:
+        s = r["arc_step_share"]
+        print(f"\n{r['model']} ({r['params'] / 1e6:.1f}M params), medians of {r['steps']} steps")
+        print("| part | ms/step |\n|---|---|")
+        for label, v in (
+            ("plain DDP forward+backward (C++ all-reduce hook)", r["plain_bwd"]),
+            ("+ torch's Python allreduce_hook instead", r["py_hook_bwd"] - r["plain_bwd"]),
+            ("+ Arc's Python comm hook, no norms", r["hook_nonorm_bwd"] - r["plain_bwd"]),
+            ("+ per-bucket norms of the reduced buckets", r["hook_bwd"] - r["hook_nonorm_bwd"]),
+            ("ride_ddp=False twin forward+backward, minus plain", r["arc_bwd"] - r["plain_bwd"]),
+            ("riding Arc twin forward+backward, minus plain", r["arc_ride_bwd"] - r["plain_bwd"]),
+            ("one fused norm pass (_foreach_norm + stack), standalone", r["norm"]),
+            ("naive: all-reduce of 2 floats + host sync", r["naive_coll"]),
+            *(
+                row
+                for key, twin in (("arc", "ride_ddp=False"), ("arc_ride", "riding"))
+                for k in (r["arc_step"][key],)
+                for row in (
+                    (f"{twin}: Arc.step, other steps ({100 * s['fast']:.0f}%)", k["fast"]),
+                    (f"{twin}: Arc.step, deep-check steps ({100 * s['deep']:.0f}%)", k["deep"]),
+                    (
+                        f"{twin}: Arc.step, snapshot steps ({100 * s['snapshot']:.0f}%)",
+                        k["snapshot"],
+                    ),
+                    (f"{twin}: Arc.step amortised", sum(k[x] * s[x] for x in k if s[x])),
+                )
+            ),
+        ):
+            print(f"| {label} | {v:.3f} |")
+        print(
+            f"| Python heap peak per ordinary Arc.step (ride_ddp=False) | {r['heap_bytes_per_arc_step'] / 1e3:.1f} kB |"
+        )
+        print(
+            f"| torch ops per ordinary Arc.step (ride_ddp=False) | {r['torch_ops_per_arc_step']:.0f} |"
+        )
 
 
 def bench(
@@ -159,6 +433,24 @@ def bench(
     )
 
 
+def print_paired(rows: list[dict], world: int, args) -> None:
+    if args.json:
+        print(json.dumps(rows))
+    clip = f", every twin clips to {args.clip} (Arc reuses the norm)" if args.clip else ""
+    print(f"world size {world}, batch {args.batch}/rank, {args.paired} pairs of single steps{clip}")
+    print("| model | params | twin | plain ms | twin ms | median ratio | p99 ratio | "
+          "max ratio (no snapshot) | steps > 1.5x |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for n in [k for k in ("arc", "arc, ride_ddp=False", "naive", "arc-training") if k in r]:
+            t = r[n]
+            print(
+                f"| {r['model']} | {r['params'] / 1e6:.1f}M | {n} | {r['plain_ms']:.1f} | "
+                f"{t['ms']:.1f} | {t['median']:.3f} | {t['p99']:.3f} | "
+                f"{t['max_no_snapshot']:.2f} | {t['over_1_5']} |"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1M,4M,25M")
@@ -183,6 +475,21 @@ def main() -> None:
         action="store_true",
         help="also time the original ARC (pip install arc-training scipy)",
     )
+    ap.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="N",
+        help="alternate single steps of the plain, Arc and naive twins for N pairs (e.g. 300); "
+        "report the median and p99 of per-pair ratios",
+    )
+    ap.add_argument(
+        "--attribution",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time the parts of the overhead over N steps of each twin (2-rank torchrun)",
+    )
     args = ap.parse_args()
     if "RANK" in __import__("os").environ:
         dist.init_process_group("gloo")
@@ -192,6 +499,26 @@ def main() -> None:
     global CLIP
     CLIP = args.clip
     divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
+    if args.attribution:
+        arow = [
+            attribution(s, SIZES[s], args.attribution, args.batch) for s in args.sizes.split(",")
+        ]
+        if rank == 0:
+            if args.json:
+                print(json.dumps(arow))
+            print_attribution(arow)
+        dist.destroy_process_group()
+        return
+    if args.paired:
+        prow = [
+            paired(s, SIZES[s], args.paired, args.batch, args.with_arc_training)
+            for s in args.sizes.split(",")
+        ]
+        if rank == 0:
+            print_paired(prow, world, args)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     rows = [
         bench(s, SIZES[s], args.rounds, args.steps, args.batch, args.with_arc_training, divergence)
         for s in args.sizes.split(",")

@@ -51,6 +51,7 @@ def test_dict_round_trip_nested_and_flat():
         ({"max_skips": "3"}, TypeError, ["ArcConfig.max_skips='3'", "int"]),
         ({"max_skips": True}, TypeError, ["max_skips"]),
         ({"async_checkpoint": 1}, TypeError, ["async_checkpoint", "bool"]),
+        ({"ride_ddp": 1}, TypeError, ["ride_ddp", "bool"]),
         ({"thresholds": {"window": 2.5}}, TypeError, ["thresholds.window"]),
         ({"max_skips": -1}, ValueError, ["max_skips=-1", ">= 0"]),
         ({"metrics_every": -1}, ValueError, ["metrics_every"]),

@@ -58,7 +58,13 @@ def _run(rank, world, sc: dict) -> dict:
     elif sc.get("constant_schedule"):  # an LR spike on every rank is evidence against it
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     data = Data(sc["model"], rank, sc.get("seed", 0))
-    config = ArcConfig(snapshot_every=10, deep_check_every=10, max_rollbacks=2, recovery_steps=10)
+    config = ArcConfig(
+        snapshot_every=10,
+        deep_check_every=10,
+        max_rollbacks=2,
+        recovery_steps=10,
+        ride_ddp=sc.get("ride_ddp", True),
+    )
     group = None
     if sc.get("own_group"):  # a process group of its own instead of the default one
         import torch.distributed as dist
@@ -127,6 +133,9 @@ TWO_RANK = {
     "own-group-nan_loss": dict(model="mlp", own_group=True, chaos=f"nan_loss@{FAULT_STEP}/1"),
     "clip-clean": dict(model="lm", opt="adamw", warmup=True, clip=1.0, steps=120),
     "clip-grad_explosion": dict(model="mlp", clip=1.0, chaos="grad_explosion@43/1"),
+    # DDP's own C++ hook, one all-reduce of Arc's own per step
+    "no-ride-clean": dict(model="lm", opt="adamw", warmup=True, ride_ddp=False, steps=120),
+    "no-ride-grad_explosion": dict(model="mlp", ride_ddp=False, chaos="grad_explosion@43/1"),
 }
 FOUR_RANK = {
     "reference-mlp": dict(model="mlp"),
@@ -285,6 +294,19 @@ def test_reusing_the_clipping_norm(two):
         assert res["clip-clean"]["events"] == [] and res["clip-clean"]["error"] is None
     first = _assert_recovered(two, "clip-grad_explosion", "reference-mlp")
     assert _handled(first["events"]) == [("grad_explosion", (1,), "skip")]
+
+
+@pytest.mark.timeout(300)
+def test_without_the_ride_every_step_takes_one_collective(two):
+    for res in two:
+        clean = res["no-ride-clean"]
+        assert clean["events"] == [] and clean["error"] is None and clean["step"] == 120
+        assert clean["stats"]["fast_steps"] == 0
+        assert clean["stats"]["collectives"] >= 120
+        assert res["clip-clean"]["stats"]["fast_steps"] > 0  # the default rides DDP's all-reduce
+    first = _assert_recovered(two, "no-ride-grad_explosion", "reference-mlp")
+    # only averaged gradients are seen without the ride: no single rank is blamed
+    assert _handled(first["events"]) == [("grad_explosion", (0, 1), "skip")]
 
 
 @pytest.mark.timeout(300)
