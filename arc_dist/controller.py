@@ -190,6 +190,7 @@ class Arc:
         )
         self._rec = Recorder(
             self.events,
+            speak=self.rank == 0,
             metrics_every=metrics_every,
             context=lambda: {"lr": self._lr.lrs()[0], "lr_scale": self._lr.scale},
         )
@@ -356,7 +357,6 @@ class Arc:
             self._policy.observe(m, verdict)
             if verdict.status != HEALTHY:
                 self._stats["warnings"] += 1
-                self._log_verdict(verdict)
             newest = self._snapshots.newest
             if (
                 self.global_step % self.config.snapshot_every == 0
@@ -371,7 +371,6 @@ class Arc:
         if decision.kind == DecisionKind.SKIP:
             self._policy.observe(m, verdict, applied=False)
             self._stats["skips"] += 1
-            self._log_verdict(verdict)
             if self.scaler is not None:
                 # the update is skipped, so scaler.step/update are not called; lower the scale
                 # as GradScaler.update would after an overflow (a finite outlier keeps it)
@@ -383,7 +382,6 @@ class Arc:
             return Action(self.global_step, verdict.status, True, False, **base)
         self._stats["failures"] += 1
         if decision.kind == DecisionKind.RAISE:
-            self._log_verdict(verdict)
             message = (
                 f"arc_dist: training cannot recover at step {self.global_step}: {verdict.reason} "
                 f"on ranks {list(verdict.bad_ranks)} after {self._stats['rollbacks']} rollbacks "
@@ -417,43 +415,8 @@ class Arc:
         self._lr.after_restore(snap.extra["lr_scale"], failed_at, decision.back_off)
         self.global_step = snap.step
         self._stats["rollbacks"] += 1
-        self._rec.rollback(
-            failed_at,
-            snap.step,
-            verdict.reason,
-            verdict.bad_ranks,
-            time.monotonic() - t0,
-            drop,
-            self._lr.scale,
-        )
-        if self.rank == 0:
-            log.warning(
-                "arc_dist: failure at step %d (%s, ranks %s, loss=%.4g, grad_norm=%.4g)%s: rolled "
-                "back to step %d in %.3fs, lr x%.3g (cumulative %.3g)",
-                failed_at,
-                verdict.reason,
-                list(verdict.bad_ranks),
-                verdict.loss,
-                verdict.grad_norm,
-                " escalated to an older snapshot" if drop else "",
-                snap.step,
-                time.monotonic() - t0,
-                self.config.lr_backoff if decision.back_off else 1.0,
-                self._lr.scale,
-            )
-
-    def _log_verdict(self, verdict: Verdict) -> None:
-        if self.rank == 0:
-            log.warning(
-                "arc_dist: %s at step %d: %s on ranks %s (loss=%.4g, grad_norm=%.4g) %s",
-                verdict.status,
-                self.global_step,
-                verdict.reason,
-                list(verdict.bad_ranks),
-                verdict.loss,
-                verdict.grad_norm,
-                verdict.details or "",
-            )
+        self._rec.rollback(failed_at, snap.step, verdict, time.monotonic() - t0, drop,
+                           self._lr.scale, self.config.lr_backoff if decision.back_off else 1.0)  # fmt: skip
 
     def _preempt(self, m, verdict: Verdict) -> None:
         """Every rank: write a final checkpoint if the state is healthy, then exit for a retry."""

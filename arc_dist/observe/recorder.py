@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .events import EventLog, number
+
+log = logging.getLogger("arc_dist")
 
 
 class Recorder:
@@ -28,15 +31,18 @@ class Recorder:
         *,
         metrics_every: int = 10,
         context: Callable[[], dict] | None = None,
+        speak: bool = True,
     ) -> None:
         """``context()``: extra values for each ``metrics`` record (called on those steps only);
-        checkpoint outcomes arrive through :meth:`checkpoint_event`."""
+        checkpoint outcomes arrive through :meth:`checkpoint_event`. ``speak``: this process
+        logs verdicts and rollbacks (rank 0: every rank reaches the same verdict)."""
         if not isinstance(metrics_every, int) or metrics_every < 0:
             raise ValueError(
                 f"metrics_every={metrics_every!r} is invalid: use an integer >= 0 (0 = off)"
             )
         self.events = events
         self.on = events.enabled
+        self.speak = speak
         self.metrics_every = metrics_every
         self._context = context
         self._owner = threading.get_ident()  # the training thread: the only one that emits
@@ -113,7 +119,15 @@ class Recorder:
             )
 
     def verdict(self, step: int, verdict, decision: str) -> None:
-        if not self.on or verdict.healthy:
+        if verdict.healthy:
+            return
+        if self.speak and decision != "rollback":  # a rollback says what it cost instead
+            log.warning(
+                "arc_dist: %s at step %d: %s on ranks %s (loss=%.4g, grad_norm=%.4g) %s",
+                verdict.status, step, verdict.reason, list(verdict.bad_ranks), verdict.loss,
+                verdict.grad_norm, verdict.details or "",
+            )  # fmt: skip
+        if not self.on:
             return
         if verdict.status == "failure" and self._episode_start is None:
             self._episode_start = time.monotonic()
@@ -128,12 +142,23 @@ class Recorder:
         self,
         failed_step: int,
         restored_step: int,
-        reason: str | None,
-        ranks,
+        verdict,
         seconds: float,
         dropped: int,
         lr_scale: float,
+        backoff: float,
     ) -> None:
+        """``backoff``: the LR factor this rollback applied (1.0: none); ``lr_scale``: all of
+        them together."""
+        reason, ranks = verdict.reason, verdict.bad_ranks
+        if self.speak:
+            log.warning(
+                "arc_dist: failure at step %d (%s, ranks %s, loss=%.4g, grad_norm=%.4g)%s: rolled "
+                "back to step %d in %.3fs, lr x%.3g (cumulative %.3g)",
+                failed_step, reason, list(ranks), verdict.loss, verdict.grad_norm,
+                " escalated to an older snapshot" if dropped else "", restored_step, seconds,
+                backoff, lr_scale,
+            )  # fmt: skip
         if not self.on:
             return
         lost = max(0, failed_step - restored_step)
