@@ -15,7 +15,7 @@ predictor the same way:
   earlier than that, and every alarm on a healthy run, are false alarms, per 10,000 healthy
   steps; 95% intervals from a bootstrap over runs.
 
-    python benchmarks/early_warning.py                     # ~1 min on one core
+    python benchmarks/early_warning.py                     # a few minutes on one core
     python benchmarks/early_warning.py --out table.md
 """
 

@@ -1,9 +1,9 @@
 """A corpus of organic training failures: small runs that go bad on their own, and their twins.
 
 No fault is injected. Each failing setting trains a small model where it is known to be
-unstable (a learning rate past the edge of stability, a deep post-LN transformer without
-warm-up, attention logits that grow without qk-norm, a tiny Adam epsilon, batch size 1 at a
-high LR); its healthy twin is the same run (model, seed, data order) at a stable setting. Which
+unstable (an LR just past the edge of stability, a warm-up that ramps past it, float16 without
+loss scaling, attention logits that grow without qk-norm, a deep post-LN transformer without
+warm-up); its healthy twin is the same run (model, seed, data order) at a stable setting. Which
 runs *did* fail is decided afterwards by the label rule of docs/early_warning.md, not by the
 setting's intent. Every step records the signals a predictor may use (``COLUMNS``).
 

@@ -107,8 +107,8 @@ def test_every_shipped_predictor_is_causal():
     preds = [p for p in ew.predictors() if not isinstance(p, ew.SeedClassifier)]
     preds.append(ew.SeedClassifier("logistic"))
     for p in preds:
-        p.fit(runs)
-        ew.check_causal(p, runs[:2], edges=3)
+        p.fit(runs[:4])
+        ew.check_causal(p, runs[:2], fracs=(0.5,), edges=2)
 
 
 def test_outcome_counts_leads_and_false_alarms():
