@@ -82,6 +82,13 @@ class Run:
         """A run and its twin form one group: they share everything but the setting's knob."""
         return (self.spec.setting, self.spec.seed)
 
+    @property
+    def family(self) -> str:
+        """The kind of setting, whatever its knob's value (``warmup_past_edge_0.5`` ->
+        ``warmup_past_edge``): the stricter split keeps a whole family on one side."""
+        head, _, tail = self.spec.setting.rpartition("_")
+        return head if head and tail.replace(".", "").isdigit() else self.spec.setting
+
 
 def load_runs(path: Path = organic.DATA) -> list[Run]:
     return [Run(s, x, onset(x[:, C["loss"]])) for s, x in organic.load(path)]
@@ -114,16 +121,19 @@ def check_causal(pred, runs: list[Run], fracs=(0.3, 0.6, 0.9), edges: int = 20) 
                 raise LeakError(f"{pred.name}: steps before {cut} of {r.spec} use later steps")
 
 
-def folds(runs: list[Run], k: int = 5, seed: int = 0) -> list[tuple[list[int], list[int]]]:
-    """k train/test splits of run indices, by group: no group (so no run, no twin pair) on both
-    sides of a split, and every run tested exactly once."""
-    groups = sorted({r.group for r in runs})
+def folds(
+    runs: list[Run], k: int = 5, seed: int = 0, by: str = "group"
+) -> list[tuple[list[int], list[int]]]:
+    """k train/test splits of run indices by ``Run.group`` (or ``Run.family``): no group (so no
+    run, no twin pair) on both sides of a split, and every run tested exactly once."""
+    key = {i: getattr(r, by) for i, r in enumerate(runs)}
+    groups = sorted(set(key.values()))
     order = np.random.default_rng(seed).permutation(len(groups))
     fold_of = {groups[g]: i % k for i, g in enumerate(order)}
     out = []
     for f in range(k):
-        test = [i for i, r in enumerate(runs) if fold_of[r.group] == f]
-        train = [i for i, r in enumerate(runs) if fold_of[r.group] != f]
+        test = [i for i in key if fold_of[key[i]] == f]
+        train = [i for i in key if fold_of[key[i]] != f]
         out.append((train, test))
     return out
 
@@ -148,9 +158,9 @@ def outcome(run: Run, alarms: np.ndarray) -> Outcome:
     return Outcome(True, o, lead, int(alarms[:early].sum()), early)
 
 
-def evaluate(pred, runs: list[Run], k: int = 5) -> list[Outcome]:
+def evaluate(pred, runs: list[Run], k: int = 5, by: str = "group") -> list[Outcome]:
     out: list[Outcome | None] = [None] * len(runs)
-    for train, test in folds(runs, k):
+    for train, test in folds(runs, k, by=by):
         pred.fit([runs[i] for i in train])
         # on a sample of the fold's runs, failing and healthy: the check recomputes prefixes
         fail = [runs[i] for i in test if runs[i].failing][:2]
@@ -507,14 +517,14 @@ def _pct(v, lo_hi) -> str:
     return f"{100 * v:.0f}% ({100 * lo_hi[0]:.0f}-{100 * lo_hi[1]:.0f})"
 
 
-def table(runs: list[Run], preds: list[Predictor]) -> str:
+def table(runs: list[Run], preds: list[Predictor], by: str = "group") -> str:
     lines = [
         "| predictor | reads | recall lead>=0 | lead>=10 | lead>=100 | lead>=100, onset>=100 | "
         "median lead | false alarms /10k healthy steps | CPU ms/step |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in preds:
-        outs = evaluate(p, runs)
+        outs = evaluate(p, runs, k=len({r.family for r in runs}) if by == "family" else 5, by=by)
         t0 = time.process_time()  # the cost of the alarms alone, offline, per recorded step
         for r in runs:
             p.alarms(r.x)
@@ -550,6 +560,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=organic.DATA)
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--split",
+        choices=("group", "family"),
+        default="group",
+        help="group: a run and its twin stay together (default); family: leave one kind of "
+        "setting out, all its runs together (tests whether a predictor generalises)",
+    )
+    ap.add_argument("--only", default="", help="comma-separated substrings of predictor names")
     a = ap.parse_args()
     warnings.filterwarnings("ignore")  # NaN slices of diverged steps, sklearn convergence
     if not a.data.exists():
@@ -565,7 +583,8 @@ def main() -> None:
     print(head)
     corpus = corpus_summary(runs)
     print(corpus)
-    result = table(runs, predictors())
+    preds = [p for p in predictors() if not a.only or any(w in p.name for w in a.only.split(","))]
+    result = table(runs, preds, by=a.split)
     if a.out:
         a.out.write_text(f"{head}\n\n{corpus}\n\n{result}\n")
 

@@ -73,6 +73,15 @@ def test_split_never_puts_one_run_or_its_twin_on_both_sides():
         assert {runs[i].group for i in train}.isdisjoint({runs[i].group for i in test})
         tested += test
     assert sorted(tested) == list(range(len(runs)))  # every run is tested exactly once
+    for train, test in ew.folds(runs, k=3, by="family"):  # the stricter split: whole settings
+        assert {runs[i].family for i in train}.isdisjoint({runs[i].family for i in test})
+
+
+def test_family_strips_only_the_knob_value():
+    spec = organic.Spec("warmup_past_edge_0.5", "fail", 0)
+    assert ew.Run(spec, np.zeros((1, 1)), None).family == "warmup_past_edge"
+    spec = organic.Spec("fp16_adam_no_scaling", "fail", 0)
+    assert ew.Run(spec, np.zeros((1, 1)), None).family == "fp16_adam_no_scaling"
 
 
 class _NormalisedByRun(ew.Thresholded):
