@@ -140,3 +140,16 @@ def test_outcome_counts_leads_and_false_alarms():
     s = ew.summarize([out, late, h], n_boot=50)
     assert s["recall@100"] == 0.5 and s["recall@0"] == 1.0
     assert s["fa"] == pytest.approx(1e4 * 3 / 300)
+
+
+def test_a_corpus_run_past_the_edge_records_every_step_until_it_diverges():
+    """A real run of the corpus: the regression MLP at plain-SGD LR 0.4 (past its edge of ~0.28)
+    blows up on its own within a few dozen steps; the twin at 0.2 does not."""
+    bad = organic.run(organic.Spec("t", "fail", 0, model="reg", opt="sgd", momentum=0.0, lr=0.4,
+                                   steps=60), None)  # fmt: skip
+    good = organic.run(organic.Spec("t", "twin", 0, model="reg", opt="sgd", momentum=0.0, lr=0.2,
+                                    steps=60), None)  # fmt: skip
+    assert bad.shape[1] == good.shape[1] == len(organic.COLUMNS)
+    assert len(good) == 60 and ew.onset(good[:, ew.C["loss"]]) is None
+    assert len(bad) < 60 and not np.isfinite(bad[-1, ew.C["loss"]])  # rows stop at the Inf/NaN
+    assert ew.onset(bad[:, ew.C["loss"]]) == len(bad) - 1
