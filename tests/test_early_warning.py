@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("pandas")
+pytest.importorskip("sklearn")  # the digits of the corpus, the seed's classifiers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import early_warning as ew  # noqa: E402
 import organic  # noqa: E402
-
-pytest.importorskip("pandas")
 
 
 def _flat(n: int, seed: int = 0) -> np.ndarray:
