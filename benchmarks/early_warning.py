@@ -327,6 +327,11 @@ def _slope(a: np.ndarray, w: int) -> np.ndarray:
     return (s.rolling(w, min_periods=3).cov(t) / t.rolling(w, min_periods=3).var()).to_numpy()
 
 
+def _max_upd(x: np.ndarray) -> np.ndarray:
+    """The largest update/weight ratio over the parameter groups, per step."""
+    return np.nanmax(x[:, [C[f"upd_{g}"] for g in organic.GROUPS]], axis=1)
+
+
 def _log(a):
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.log(np.maximum(a.astype(np.float64), 1e-30))
@@ -337,7 +342,7 @@ def seed_features(x: np.ndarray) -> np.ndarray:
     variance, weight norm, optimizer-state norm, update size), each computed from steps <= t."""
     loss, gn = x[:, C["loss"]].astype(np.float64), _log(x[:, C["grad_norm"]])
     wn, v = _log(x[:, C["weight_norm"]]), _log(x[:, C["v_rms"]])
-    upd = _log(np.nanmax(x[:, [C[f"upd_{g}"] for g in organic.GROUPS]], axis=1))
+    upd = _log(_max_upd(x))
     ls = pd.Series(loss)
     feats = [
         loss,
@@ -436,17 +441,18 @@ class Score(Thresholded):
         return self.fn(x)
 
 
+def _log_growth(a: np.ndarray, halflife: float = 50) -> np.ndarray:
+    """log(a) against the EMA of log(a) before the step."""
+    la = _log(a)
+    return la - _ema_prev(la, halflife)
+
+
 def _upd_growth(x):
-    upd = _log(np.nanmax(x[:, [C[f"upd_{g}"] for g in organic.GROUPS]], axis=1))
-    return upd - _ema_prev(upd, 50)
+    return _log_growth(_max_upd(x))
 
 
-def _growth(col: str, halflife: float = 50):
-    def f(x):
-        a = _log(x[:, C[col]])
-        return a - _ema_prev(a, halflife)
-
-    return f
+def _growth(col: str):
+    return lambda x: _log_growth(x[:, C[col]])
 
 
 def _loss_slope(x):
@@ -469,7 +475,7 @@ def _fft_power(x, w: int = 64):
 
 def _lyapunov(x, w: int = 20):
     """The seed's Lyapunov exponent, from parameter velocity: the growth rate of log ||dw||."""
-    upd = np.nanmax(x[:, [C[f"upd_{g}"] for g in organic.GROUPS]], axis=1)
+    upd = _max_upd(x)
     dw = _log(upd * x[:, C["weight_norm"]])
     return _slope(dw, w)
 
