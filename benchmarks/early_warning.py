@@ -337,8 +337,8 @@ def _log(a):
         return np.log(np.maximum(a.astype(np.float64), 1e-30))
 
 
-def seed_features(x: np.ndarray) -> np.ndarray:
-    """The seed's 12 signal features as its README describes them (gradient norm, loss trend and
+def arc_features(x: np.ndarray) -> np.ndarray:
+    """The original ARC's 12 signal features as its README describes them (gradient norm, loss trend and
     variance, weight norm, optimizer-state norm, update size), each computed from steps <= t."""
     loss, gn = x[:, C["loss"]].astype(np.float64), _log(x[:, C["grad_norm"]])
     wn, v = _log(x[:, C["weight_norm"]]), _log(x[:, C["v_rms"]])
@@ -393,8 +393,8 @@ class Thresholded(Predictor):
             return (s > self.thr) | ~np.isfinite(x[:, C["loss"]])
 
 
-class SeedClassifier(Thresholded):
-    """The seed's 12-feature classifier, evaluated honestly: trained per fold on training runs
+class OriginalArcClassifier(Thresholded):
+    """The original ARC's 12-feature classifier, evaluated honestly: trained per fold on training runs
     only (scaling included), to say "the onset is at most 100 steps away" from features of
     steps <= t; the alarm threshold is fitted on training runs like every other score."""
 
@@ -402,7 +402,7 @@ class SeedClassifier(Thresholded):
 
     def __init__(self, kind: str):
         self.kind = kind
-        self.name = f"seed 12-feature {'logistic' if kind == 'logistic' else 'MLP'} (honest)"
+        self.name = f"ARC 12-feature {'logistic' if kind == 'logistic' else 'MLP'} (honest)"
 
     def fit(self, runs):
         from sklearn.linear_model import LogisticRegression
@@ -412,7 +412,7 @@ class SeedClassifier(Thresholded):
 
         xs, ys = [], []
         for r in runs:
-            f = seed_features(r.x)
+            f = arc_features(r.x)
             y = np.zeros(len(f), dtype=int)
             if r.failing:
                 f = f[: r.onset]  # the onset step itself is detection, not prediction
@@ -430,7 +430,7 @@ class SeedClassifier(Thresholded):
         super().fit(runs)
 
     def score(self, x):
-        return self.model.predict_proba(seed_features(x))[:, 1]
+        return self.model.predict_proba(arc_features(x))[:, 1]
 
 
 class Score(Thresholded):
@@ -460,7 +460,7 @@ def _loss_slope(x):
 
 
 def _fft_power(x, w: int = 64):
-    """The seed's FFT oscillation power: share of the loss's spectral power above a quarter of
+    """The original ARC's FFT oscillation power: share of the loss's spectral power above a quarter of
     the Nyquist frequency over the last ``w`` steps."""
     loss = x[:, C["loss"]].astype(np.float64)
     out = np.full(len(loss), np.nan)
@@ -474,14 +474,14 @@ def _fft_power(x, w: int = 64):
 
 
 def _lyapunov(x, w: int = 20):
-    """The seed's Lyapunov exponent, from parameter velocity: the growth rate of log ||dw||."""
+    """The original ARC's Lyapunov exponent, from parameter velocity: the growth rate of log ||dw||."""
     upd = _max_upd(x)
     dw = _log(upd * x[:, C["weight_norm"]])
     return _slope(dw, w)
 
 
 def _fisher(x):
-    """The seed's Fisher information, as the trace of the empirical Fisher: an EMA of the
+    """The original ARC's Fisher information, as the trace of the empirical Fisher: an EMA of the
     squared gradient norm, against its longer-term EMA."""
     g2 = x[:, C["grad_norm"]].astype(np.float64) ** 2
     short = pd.Series(g2).ewm(halflife=5, adjust=False).mean().to_numpy()
@@ -489,7 +489,7 @@ def _fisher(x):
 
 
 def _conformal(x, w: int = 100):
-    """The seed's conformal bound: the loss's rank among the last ``w`` losses (a split
+    """The original ARC's conformal bound: the loss's rank among the last ``w`` losses (a split
     conformal p-value, as a score: 1 - p)."""
     loss = pd.Series(x[:, C["loss"]].astype(np.float64))
     return loss.rolling(w + 1, min_periods=21).rank(pct=True).to_numpy()
@@ -502,17 +502,17 @@ def predictors() -> list[Predictor]:
         OlmoSkipStep(),
         KillLossSpike(),
         LightningSpike(),
-        SeedClassifier("logistic"),
-        SeedClassifier("mlp"),
+        OriginalArcClassifier("logistic"),
+        OriginalArcClassifier("mlp"),
         Score("update/weight ratio growth", "weight deltas (a copy of the weights)", _upd_growth),
         Score("grad-norm growth", "grad norm", _growth("grad_norm")),
         Score("Adam second-moment growth (max)", "Adam state", _growth("v_max")),
         Score("max attention logit growth", "attention logits", _growth("max_logit")),
         Score("loss slope (20 steps)", "loss", _loss_slope),
-        Score("seed: FFT oscillation power", "loss", _fft_power),
-        Score("seed: Lyapunov (velocity growth)", "weight deltas", _lyapunov),
-        Score("seed: Fisher trace growth", "grad norm", _fisher),
-        Score("seed: conformal loss rank", "loss", _conformal),
+        Score("ARC: FFT oscillation power", "loss", _fft_power),
+        Score("ARC: Lyapunov (velocity growth)", "weight deltas", _lyapunov),
+        Score("ARC: Fisher trace growth", "grad norm", _fisher),
+        Score("ARC: conformal loss rank", "loss", _conformal),
     ]
 
 

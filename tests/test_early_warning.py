@@ -113,8 +113,8 @@ def test_a_predictor_that_peeks_is_rejected():
 
 def test_every_shipped_predictor_is_causal():
     runs = _runs()
-    preds = [p for p in ew.predictors() if not isinstance(p, ew.SeedClassifier)]
-    preds.append(ew.SeedClassifier("logistic"))
+    preds = [p for p in ew.predictors() if not isinstance(p, ew.OriginalArcClassifier)]
+    preds.append(ew.OriginalArcClassifier("logistic"))
     for p in preds:
         p.fit(runs[:4])
         ew.check_causal(p, runs[:2], fracs=(0.5,), edges=2)
