@@ -1,0 +1,155 @@
+"""The early-warning harness (benchmarks/early_warning.py): the label rule, the split by run, and
+the check that rejects a predictor that reads steps after the one it alarms on."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pandas")
+pytest.importorskip("sklearn")  # the digits of the corpus, the seed's classifiers
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import early_warning as ew  # noqa: E402
+import organic  # noqa: E402
+
+
+def _flat(n: int, seed: int = 0) -> np.ndarray:
+    """A healthy loss trace: a slow decline with 1% noise."""
+    rng = np.random.default_rng(seed)
+    return np.linspace(2.0, 1.5, n) * (1 + 0.01 * rng.standard_normal(n))
+
+
+def test_label_rule_on_hand_made_traces():
+    healthy = _flat(400)
+    assert ew.onset(healthy) is None
+
+    nan = healthy.copy()
+    nan[10] = np.nan
+    assert ew.onset(nan) == 10  # a non-finite loss counts from step 0 on
+
+    two = healthy.copy()
+    two[200:202] = 5.0  # two steps above the bar, then back: a spike, not a failure
+    assert ew.onset(two) is None
+
+    three = two.copy()
+    three[300:303] = 5.0  # three in a row: the onset is the first of them
+    assert ew.onset(three) == 300
+
+    early = healthy.copy()
+    early[20:30] = 5.0  # before step 50 only a non-finite loss labels
+    assert ew.onset(early) is None
+
+    rise = healthy.copy()
+    rise[250:253] = 5.0
+    rise[253] = np.inf  # the streak's start is the onset, not the Inf after it
+    assert ew.onset(rise) == 250
+
+
+def _runs() -> list[ew.Run]:
+    runs = []
+    for setting in ("a", "b", "c"):
+        for seed in range(4):
+            for variant in ("fail", "twin"):
+                loss = _flat(300, seed)
+                if variant == "fail":
+                    loss[200:] = np.inf
+                x = np.ones((300, len(organic.COLUMNS)), dtype=np.float32)
+                x[:, ew.C["loss"]] = loss
+                x[:, ew.C["grad_norm"]] = 1 + 0.01 * np.arange(300)
+                spec = organic.Spec(setting, variant, seed)
+                runs.append(ew.Run(spec, x, ew.onset(loss)))
+    return runs
+
+
+def test_split_never_puts_one_run_or_its_twin_on_both_sides():
+    runs = _runs()
+    tested = []
+    for train, test in ew.folds(runs, k=5):
+        assert not set(train) & set(test)
+        assert {runs[i].group for i in train}.isdisjoint({runs[i].group for i in test})
+        tested += test
+    assert sorted(tested) == list(range(len(runs)))  # every run is tested exactly once
+    for train, test in ew.folds(runs, k=3, by="family"):  # the stricter split: whole settings
+        assert {runs[i].family for i in train}.isdisjoint({runs[i].family for i in test})
+
+
+def test_family_strips_only_the_knob_value():
+    spec = organic.Spec("warmup_past_edge_0.5", "fail", 0)
+    assert ew.Run(spec, np.zeros((1, 1)), None).family == "warmup_past_edge"
+    spec = organic.Spec("fp16_adam_no_scaling", "fail", 0)
+    assert ew.Run(spec, np.zeros((1, 1)), None).family == "fp16_adam_no_scaling"
+
+
+class _NormalisedByRun(ew.Thresholded):
+    """Peeks: scales each step's loss by the maximum over the whole trace."""
+
+    name = "peeks at the run's maximum"
+
+    def score(self, x):
+        loss = np.nan_to_num(x[:, ew.C["loss"]], posinf=1e9)
+        return loss / loss.max()
+
+
+class _LooksAhead(ew.Predictor):
+    """Peeks: alarms when the loss five steps later is not finite."""
+
+    name = "looks five steps ahead"
+
+    def alarms(self, x):
+        bad = ~np.isfinite(x[:, ew.C["loss"]])
+        return np.concatenate([bad[5:], np.zeros(min(5, len(x)), dtype=bool)])
+
+
+def test_a_predictor_that_peeks_is_rejected():
+    runs = _runs()
+    for cheat in (_NormalisedByRun(), _LooksAhead()):
+        with pytest.raises(ew.LeakError):
+            ew.evaluate(cheat, runs)
+
+
+def test_every_shipped_predictor_is_causal():
+    runs = _runs()
+    preds = [p for p in ew.predictors() if not isinstance(p, ew.OriginalArcClassifier)]
+    preds.append(ew.OriginalArcClassifier("logistic"))
+    for p in preds:
+        p.fit(runs[:4])
+        ew.check_causal(p, runs[:2], fracs=(0.5,), edges=2)
+
+
+def test_outcome_counts_leads_and_false_alarms():
+    runs = _runs()
+    fail = next(r for r in runs if r.failing)
+    assert fail.onset == 200
+    alarms = np.zeros(len(fail.x), dtype=bool)
+    alarms[[0, 150]] = True
+    out = ew.outcome(fail, alarms)
+    assert out.lead == 200 and out.false_alarms == 0  # step 0 is within HORIZON (300)
+    long = replace(fail, x=np.ones((400, fail.x.shape[1]), dtype=np.float32), onset=350)
+    far = ew.outcome(long, np.isin(np.arange(400), [10, 300]))
+    # step 10 is more than HORIZON before the onset: a false alarm among 50 healthy steps
+    assert (far.lead, far.false_alarms, far.healthy_steps) == (50, 1, 50)
+    late = ew.outcome(fail, np.arange(len(fail.x)) == 200)
+    assert late.lead == 0
+    healthy = next(r for r in runs if not r.failing)
+    h = ew.outcome(healthy, np.arange(300) % 100 == 0)
+    assert (h.false_alarms, h.healthy_steps, h.lead) == (3, 300, None)
+    s = ew.summarize([out, late, h], n_boot=50)
+    assert s["recall@100"] == 0.5 and s["recall@0"] == 1.0
+    assert s["fa"] == pytest.approx(1e4 * 3 / 300)
+
+
+def test_a_corpus_run_past_the_edge_records_every_step_until_it_diverges():
+    """A real run of the corpus: the regression MLP at plain-SGD LR 0.4 (past its edge of ~0.28)
+    blows up on its own within a few dozen steps; the twin at 0.2 does not."""
+    bad = organic.run(organic.Spec("t", "fail", 0, model="reg", opt="sgd", momentum=0.0, lr=0.4,
+                                   steps=60), None)  # fmt: skip
+    good = organic.run(organic.Spec("t", "twin", 0, model="reg", opt="sgd", momentum=0.0, lr=0.2,
+                                    steps=60), None)  # fmt: skip
+    assert bad.shape[1] == good.shape[1] == len(organic.COLUMNS)
+    assert len(good) == 60 and ew.onset(good[:, ew.C["loss"]]) is None
+    assert len(bad) < 60 and not np.isfinite(bad[-1, ew.C["loss"]])  # rows stop at the Inf/NaN
+    assert ew.onset(bad[:, ew.C["loss"]]) == len(bad) - 1
