@@ -161,7 +161,7 @@ def test_jsonargparse_builds_it():
 
 def test_arc_keywords_override_the_new_fields(tmp_path):
     from arc_dist import Arc
-    from arc_dist.controller import _digest
+    from arc_dist.checkpoint.manifest import config_digest
 
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -175,4 +175,4 @@ def test_arc_keywords_override_the_new_fields(tmp_path):
     with Arc(model, opt) as arc:  # the old defaults
         assert arc._rec.metrics_every == 10 and arc.log_dir is None and arc.chaos is None
     # logging and fault injection do not change what a checkpoint holds: same digest
-    assert _digest(cfg) == _digest(ArcConfig())
+    assert config_digest(cfg.digest_fields()) == config_digest(ArcConfig().digest_fields())
