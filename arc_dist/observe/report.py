@@ -297,30 +297,14 @@ def plot(events: list[dict], path: str, *, title: str = "arc-dist run") -> None:
             )
     if any(r.get("kind") == "rollback" for r in events):
         ax_loss.plot([], [], color="tab:orange", lw=1.5, label="rollback (failed -> restored)")
-    xs, _ = marks("checkpoint_commit")
-    if xs:
-        ax_loss.scatter(
-            xs,
-            [0.02] * len(xs),
-            transform=ax_loss.get_xaxis_transform(),
-            marker="^",
-            color="tab:green",
-            s=30,
-            zorder=3,
-            label="checkpoint committed",
-        )
-    xs, _ = marks("checkpoint_failure")
-    if xs:
-        ax_loss.scatter(
-            xs,
-            [0.02] * len(xs),
-            transform=ax_loss.get_xaxis_transform(),
-            marker="v",
-            color="black",
-            s=30,
-            zorder=3,
-            label="checkpoint failed",
-        )
+    for kind, marker, color, label in (
+        ("checkpoint_commit", "^", "tab:green", "checkpoint committed"),
+        ("checkpoint_failure", "v", "black", "checkpoint failed"),
+    ):
+        xs, _ = marks(kind)
+        if xs:
+            ax_loss.scatter(xs, [0.02] * len(xs), transform=ax_loss.get_xaxis_transform(),
+                            marker=marker, color=color, s=30, zorder=3, label=label)  # fmt: skip
     ax_loss.set_ylabel("loss")
     ax_grad.set_ylabel("grad norm")
     ax_grad.set_xlabel("global step")
