@@ -9,6 +9,7 @@ setting's intent. Every step records the signals a predictor may use (``COLUMNS`
 
     python benchmarks/organic.py                  # writes benchmarks/data/organic.npz
     python benchmarks/organic.py --quick          # one seed per setting, to try settings
+    python benchmarks/organic.py --sharp-every 0  # without the sharpness (half the time)
 
 The data is the Python standard library's own source text (character level) and
 scikit-learn's handwritten digits, both shipped with the environment.
