@@ -42,6 +42,7 @@ LEADS = (0, 10, 100)
 #: the target: >= 60% of failures flagged >= 100 steps ahead at <= 0.5 false alarms per 10k
 FA_TARGET = 0.5
 TRAIN_LEAD = 100  # trained predictors learn "the onset is at most this many steps away"
+SHARP = "Hessian-vector products (every 10 steps)"
 
 # -- the label rule -------------------------------------------------------------------------
 
@@ -400,9 +401,21 @@ class OriginalArcClassifier(Thresholded):
 
     needs = "loss, grad norm, weight norm, Adam state norm, update norm"
 
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, sharp: bool = False):
+        self.kind, self.sharp = kind, sharp
         self.name = f"ARC 12-feature {'logistic' if kind == 'logistic' else 'MLP'} (honest)"
+        if sharp:
+            self.name = self.name.replace(" (honest)", " + sharpness (honest)")
+            self.needs += ", " + SHARP
+
+    def features(self, x):
+        """The 12 features; with ``sharp``, also the edge-of-stability ratio and the sharpness
+        growth (0 where not measured)."""
+        f = arc_features(x)
+        if not self.sharp:
+            return f
+        extra = np.stack([x[:, C["eos"]].astype(np.float64), _growth("sharpness")(x)], axis=1)
+        return np.concatenate([f, np.nan_to_num(np.clip(extra, -1e6, 1e6), nan=0.0)], axis=1)
 
     def fit(self, runs):
         from sklearn.linear_model import LogisticRegression
@@ -412,7 +425,7 @@ class OriginalArcClassifier(Thresholded):
 
         xs, ys = [], []
         for r in runs:
-            f = arc_features(r.x)
+            f = self.features(r.x)
             y = np.zeros(len(f), dtype=int)
             if r.failing:
                 f = f[: r.onset]  # the onset step itself is detection, not prediction
@@ -430,7 +443,7 @@ class OriginalArcClassifier(Thresholded):
         super().fit(runs)
 
     def score(self, x):
-        return self.model.predict_proba(arc_features(x))[:, 1]
+        return self.model.predict_proba(self.features(x))[:, 1]
 
 
 class Score(Thresholded):
@@ -495,6 +508,17 @@ def _conformal(x, w: int = 100):
     return loss.rolling(w + 1, min_periods=21).rank(pct=True).to_numpy()
 
 
+class EdgeOfStability(Predictor):
+    """The theory's own bar, untrained: alarm while the edge-of-stability ratio (the LR times
+    the sharpness against the optimizer's stability bound, ``organic._sharpness``) is above 1."""
+
+    name, needs = "edge-of-stability ratio > 1 (untrained)", SHARP
+
+    def alarms(self, x):
+        with np.errstate(invalid="ignore"):
+            return (x[:, C["eos"]] > 1.0) | ~np.isfinite(x[:, C["loss"]])
+
+
 def predictors() -> list[Predictor]:
     return [
         ArcPolicy(rollback=True),
@@ -513,6 +537,10 @@ def predictors() -> list[Predictor]:
         Score("ARC: Lyapunov (velocity growth)", "weight deltas", _lyapunov),
         Score("ARC: Fisher trace growth", "grad norm", _fisher),
         Score("ARC: conformal loss rank", "loss", _conformal),
+        Score("sharpness growth", SHARP, _growth("sharpness")),
+        Score("edge-of-stability ratio", SHARP, lambda x: x[:, C["eos"]].astype(np.float64)),
+        EdgeOfStability(),
+        OriginalArcClassifier("mlp", sharp=True),
     ]
 
 

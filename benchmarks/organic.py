@@ -9,6 +9,7 @@ setting's intent. Every step records the signals a predictor may use (``COLUMNS`
 
     python benchmarks/organic.py                  # writes benchmarks/data/organic.npz
     python benchmarks/organic.py --quick          # one seed per setting, to try settings
+    python benchmarks/organic.py --sharp-every 0  # without the sharpness (half the time)
 
 The data is the Python standard library's own source text (character level) and
 scikit-learn's handwritten digits, both shipped with the environment.
@@ -33,7 +34,9 @@ from false_positives import digits, stdlib_text  # noqa: E402
 DATA = Path(__file__).parent / "data" / "organic.npz"
 
 #: per-step signals; ``upd_*`` is ||w_t - w_{t-1}|| / ||w_{t-1}|| over a parameter group,
-#: ``v_*`` are statistics of Adam's second moment (sqrt of its mean / of its max)
+#: ``v_*`` are statistics of Adam's second moment (sqrt of its mean / of its max);
+#: ``sharpness`` and ``eos`` are measured every few steps and held in between (see
+#: :func:`_sharpness`)
 COLUMNS = (
     "lr",
     "loss",
@@ -46,6 +49,8 @@ COLUMNS = (
     "v_rms",
     "v_max",
     "max_logit",
+    "sharpness",
+    "eos",
 )
 GROUPS = ("embed", "attn", "mlp", "head")
 
@@ -131,12 +136,81 @@ def _group(name: str) -> int:
     return 2
 
 
+# -- sharpness ------------------------------------------------------------------------------
+
+
+def _top_eig(grads, params, v, iters: int, scale=None):
+    """Power iteration for the top eigenvalue of ``S H S`` (``H`` the Hessian whose gradient
+    graph is ``grads``, ``S`` a diagonal scaling, the identity when None), warm started from
+    ``v`` (unit norm). Each iteration is one Hessian-vector product by double backward.
+    Returns the last Rayleigh quotient and the next ``v``."""
+    lam = torch.tensor(math.nan)
+    for _ in range(iters):
+        u = v if scale is None else torch._foreach_mul(v, scale)
+        hv = torch.autograd.grad(grads, params, u, retain_graph=True)
+        if scale is not None:
+            hv = torch._foreach_mul(hv, scale)
+        lam = torch.stack([(a * b).sum() for a, b in zip(v, hv)]).sum()
+        n = torch.stack(torch._foreach_norm(hv)).norm()
+        v = torch._foreach_div(hv, n)
+    return lam, list(v)
+
+
+def _unit(params, gen):
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    n = torch.stack(torch._foreach_norm(v)).norm()
+    return list(torch._foreach_div(v, n))
+
+
+def _sharpness(loss, params, vecs, gen, spec: Spec, lr: float, opt, iters: int):
+    """Sharpness (the top Hessian eigenvalue of the loss on this step's batch) and the edge of
+    stability ratio, above 1 where a quadratic model of the loss says the step diverges.
+
+    SGD with heavy-ball momentum ``b`` is stable while ``lr * sharpness < 2 + 2b``, so the
+    ratio is ``lr * sharpness / (2 + 2b)`` (``lr * sharpness / 2`` without momentum). For Adam
+    it is the preconditioned sharpness, the top eigenvalue of ``D^1/2 H D^1/2`` with ``D`` the
+    per-coordinate step ``lr / ((1 - b1^t)(sqrt(v_hat) + eps))`` of the previous step's state,
+    against Adam's bound ``(2 + 2 b1) / (1 - b1)``; it costs a second power iteration on the
+    same graph (NaN at step 0, before Adam has a state). ``vecs`` holds the warm starts.
+    """
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    first = iters if vecs else 4 * iters
+    if not vecs:
+        vecs.update(h=_unit(params, gen), p=_unit(params, gen))
+    lam, vecs["h"] = _top_eig(grads, params, vecs["h"], first)
+    if spec.opt == "sgd":
+        eos = lr * lam / (2 + 2 * spec.momentum)
+    elif opt.state:
+        b1, b2 = opt.defaults["betas"]
+        st = [opt.state[p] for p in params]
+        t = float(st[0]["step"])
+        vhat = torch._foreach_div([s["exp_avg_sq"] for s in st], 1 - b2**t)
+        den = torch._foreach_add(torch._foreach_sqrt(vhat), spec.eps)
+        scale = torch._foreach_sqrt(torch._foreach_reciprocal(den))
+        scale = torch._foreach_mul(scale, math.sqrt(lr / (1 - b1**t)))
+        plam, vecs["p"] = _top_eig(grads, params, vecs["p"], first, scale)
+        eos = plam * (1 - b1) / (2 + 2 * b1)
+    else:
+        eos = torch.tensor(math.nan)
+    out = [float(lam), float(eos)]
+    if not math.isfinite(out[0]):
+        vecs.clear()  # a diverged estimate restarts from random vectors
+    return out
+
+
 # -- one run ------------------------------------------------------------------------------
 
 
-def run(spec: Spec, text) -> np.ndarray:
+def run(spec: Spec, text, sharp_every: int = 10, iters: int = 5, cost: list | None = None):
     """Train one run; returns ``[steps, len(COLUMNS)]`` float32 (rows stop at a non-finite
-    loss: the run is over)."""
+    loss: the run is over).
+
+    Every ``sharp_every`` steps (0: never; never in float16) the sharpness is measured by
+    ``iters`` steps of power iteration (four times as many the first time) on a fresh forward
+    of the step's batch at the step's weights, before the update: the training step itself
+    and its random streams are untouched, so the other columns are the same with or without
+    it. ``cost``, when given, receives the CPU seconds of the training steps and of the
+    sharpness measurements."""
     torch.manual_seed(spec.seed)
     g = torch.Generator().manual_seed(spec.seed)
     ce = nn.functional.cross_entropy
@@ -188,11 +262,17 @@ def run(spec: Spec, text) -> np.ndarray:
         opt = torch.optim.Adam(params, lr=spec.lr, eps=spec.eps)
     gid_t = torch.tensor(gid)
     rows = []
+    sharp, vecs, gen = [math.nan, math.nan], {}, torch.Generator().manual_seed(spec.seed)
+    t_train = t_sharp = 0.0
     for step in range(spec.steps):
         lr = spec.lr * min(1.0, (step + 1) / spec.warmup) if spec.warmup else spec.lr
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = batch()
+        t0 = time.process_time()
+        if sharp_every and not spec.half and step % sharp_every == 0:
+            sharp = _sharpness(ce(fwd(x), y), params, vecs, gen, spec, lr, opt, iters)
+        t1 = time.process_time()
         loss = ce(fwd(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,9 +302,12 @@ def run(spec: Spec, text) -> np.ndarray:
                     torch.stack([v_rms, v_max, ml]).float(),
                 ]
             )
-        rows.append(row.tolist())  # the one host sync of the step
+        rows.append(row.tolist() + sharp)  # the one host sync of the step
+        t_sharp, t_train = t_sharp + t1 - t0, t_train + time.process_time() - t1
         if not math.isfinite(rows[-1][1]):
             break
+    if cost is not None:
+        cost[:] = [t_train, t_sharp]
     return np.asarray(rows, dtype=np.float32)
 
 
@@ -297,11 +380,12 @@ def text_data():
     return torch.tensor([idx[c] for c in text], dtype=torch.long), len(chars)
 
 
-def save(path: Path, runs: list[tuple[Spec, np.ndarray]]) -> None:
+def save(path: Path, runs: list[tuple[Spec, np.ndarray]], cost: np.ndarray) -> None:
+    """``cost``: per run, the CPU seconds of its training steps and of its sharpness."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = np.array([repr(asdict(s)) for s, _ in runs])
     arrays = {f"r{i}": a.astype(np.float32) for i, (_, a) in enumerate(runs)}
-    np.savez_compressed(path, meta=meta, columns=np.array(COLUMNS), **arrays)
+    np.savez_compressed(path, meta=meta, columns=np.array(COLUMNS), cost=cost, **arrays)
 
 
 def load(path: Path = DATA) -> list[tuple[Spec, np.ndarray]]:
@@ -317,26 +401,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one seed per setting, not saved")
     ap.add_argument("--only", default="", help="comma-separated setting names")
     ap.add_argument("--out", type=Path, default=DATA)
+    ap.add_argument("--sharp-every", type=int, default=10, help="steps between sharpness "
+                    "measurements (0: none, the columns stay NaN)")  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(1)
     text = text_data()
     todo = specs(list(range(1 if a.quick else a.seeds)))
     if a.only:
         todo = [s for s in todo if s.setting in a.only.split(",")]
-    runs = []
+    runs, costs = [], []
     for s in todo:
         t0 = time.monotonic()
-        r = run(s, text)
+        costs.append([])
+        r = run(s, text, a.sharp_every, cost=costs[-1])
         runs.append((s, r))
         last = r[-1, 1]
         print(
             f"{s.setting:24s} {s.variant:4s} seed={s.seed} steps={len(r)} "
             f"loss0={r[0, 1]:.2f} min={np.nanmin(r[:, 1]):.2f} last={last:.3g} "
-            f"{time.monotonic() - t0:.1f}s",
+            f"{time.monotonic() - t0:.1f}s, sharpness {costs[-1][1] / costs[-1][0]:.2f} x",
             flush=True,
         )
     if not a.quick:
-        save(a.out, runs)
+        save(a.out, runs, np.asarray(costs))
         print(f"wrote {a.out} ({a.out.stat().st_size / 1e6:.2f} MB, {len(runs)} runs)")
 
 

@@ -153,3 +153,36 @@ def test_a_corpus_run_past_the_edge_records_every_step_until_it_diverges():
     assert len(good) == 60 and ew.onset(good[:, ew.C["loss"]]) is None
     assert len(bad) < 60 and not np.isfinite(bad[-1, ew.C["loss"]])  # rows stop at the Inf/NaN
     assert ew.onset(bad[:, ew.C["loss"]]) == len(bad) - 1
+
+
+def test_power_iteration_finds_the_top_eigenvalue_of_a_known_hessian():
+    """On ``0.5 * sum(a * w^2)`` the Hessian is ``diag(a)``: power iteration by double backward
+    finds its top eigenvalue, and that of ``S H S`` under a diagonal scaling ``S``."""
+    torch = pytest.importorskip("torch")
+    a = [torch.tensor([1.0, 3.0, 0.5]), torch.tensor([[2.0, 7.0], [0.1, 4.0]])]
+    w = [torch.ones_like(t, requires_grad=True) for t in a]
+    loss = sum(0.5 * (t * p * p).sum() for t, p in zip(a, w))
+    grads = torch.autograd.grad(loss, w, create_graph=True)
+    v = organic._unit(w, torch.Generator().manual_seed(0))
+    lam, v = organic._top_eig(grads, w, v, 60)
+    assert float(lam) == pytest.approx(7.0, rel=1e-4)
+    assert float(v[1][0, 1].abs()) == pytest.approx(1.0, rel=1e-3)  # the eigenvector
+    scale = [torch.tensor([1.0, 2.0, 1.0]), torch.ones(2, 2)]  # 3 * 2^2 = 12 now leads
+    v = organic._unit(w, torch.Generator().manual_seed(1))
+    lam, _ = organic._top_eig(grads, w, v, 60, scale)
+    assert float(lam) == pytest.approx(12.0, rel=1e-4)
+
+
+def test_measuring_sharpness_leaves_the_training_run_untouched():
+    spec = organic.Spec("t", "twin", 0, model="reg", opt="sgd", momentum=0.0, lr=0.2, steps=25)
+    plain = organic.run(spec, None, sharp_every=0)
+    cost: list = []
+    sharp = organic.run(spec, None, sharp_every=10, cost=cost)
+    s, e = ew.C["sharpness"], ew.C["eos"]
+    assert np.array_equal(plain[:, :s], sharp[:, :s], equal_nan=True)  # the others, bit for bit
+    assert np.isnan(plain[:, s:]).all()
+    assert np.isfinite(sharp[:, s:]).all() and (sharp[:, s] > 0).all()
+    # held between measurements (steps 0, 10, 20); the ratio is lr * sharpness / 2 here
+    assert (sharp[:10, s] == sharp[0, s]).all() and sharp[10, s] != sharp[9, s]
+    np.testing.assert_allclose(sharp[:, e], 0.2 * sharp[:, s] / 2, rtol=1e-5)
+    assert len(cost) == 2 and min(cost) > 0
