@@ -8,7 +8,9 @@ only.
 One process-wide handler (``_on_sigterm``) does the counting and then calls the Python handler it
 replaced (Lightning's, a user's), so installing arc-dist's takes nothing away; ``SIG_DFL`` and
 ``SIG_IGN`` are not called (the process would die before its final checkpoint, or the previous
-setting ignored the signal anyway).
+setting ignored the signal anyway). While an ``Arc`` watches, a replaced handler that ends the
+process (``sys.exit``, as Ray's driver handler does) is held back: its exit is the one ``Arc``
+takes at the next step, after the agreed final checkpoint (:class:`~arc_dist.Preempted`).
 
 Python runs signal handlers in the main thread only, and only the main thread may install them.
 ``Arc`` built in another thread polls the process-wide handler when the main thread installed it
@@ -34,13 +36,20 @@ log = logging.getLogger("arc_dist")
 _count = 0
 #: the handler ``_on_sigterm`` replaced; called after counting when it is a Python callable
 _previous: Any = None
+#: PreemptionHandlers watching now: while any does, the previous handler may not end the process
+_watchers = 0
 
 
 def _on_sigterm(signum, frame) -> None:
     global _count
     _count += 1
     if callable(_previous):  # SIG_DFL / SIG_IGN / None (a handler not set from Python) are not
-        _previous(signum, frame)
+        try:
+            _previous(signum, frame)
+        except (SystemExit, KeyboardInterrupt):
+            if not _watchers:
+                raise
+            # an Arc exits at its next step, after the final checkpoint this exit would lose
 
 
 def _main_thread() -> bool:
@@ -85,6 +94,9 @@ class PreemptionHandler:
                 "arc_dist.preemption.install_process_handler() in the main thread first"
             )
             return
+        global _watchers
+        if self._seen is None:
+            _watchers += 1
         self._seen = _count
 
     @property
@@ -92,6 +104,9 @@ class PreemptionHandler:
         return self._seen is not None and _count > self._seen
 
     def uninstall(self) -> None:
+        global _watchers
+        if self._seen is not None:
+            _watchers -= 1
         self._seen = None
         if self._installed and _main_thread():
             if signal.getsignal(signal.SIGTERM) is _on_sigterm:
