@@ -22,13 +22,18 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from arc_dist import Arc, ArcConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from demo import CharLM as GPT  # noqa: E402 - the main job's model
 
 
 @dataclass(frozen=True)
@@ -105,24 +110,6 @@ class TwoHeads(nn.Module):
 
     def forward(self, x):
         return self.heads[self.active](self.trunk(x))
-
-
-class GPT(nn.Module):
-    """A one-block causal transformer over characters."""
-
-    def __init__(self, vocab: int, dim: int = 64, ctx: int = 32):
-        super().__init__()
-        self.emb, self.pos = nn.Embedding(vocab, dim), nn.Parameter(torch.zeros(ctx, dim))
-        self.block = nn.TransformerEncoderLayer(
-            dim, 4, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.head = nn.Linear(dim, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(ctx))
-
-    def forward(self, x):
-        n = x.shape[1]
-        h = self.emb(x) + self.pos[:n]
-        return self.head(self.block(h, src_mask=self.mask[:n, :n], is_causal=True))
 
 
 # -- one run ------------------------------------------------------------------------------

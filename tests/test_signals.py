@@ -146,17 +146,19 @@ def test_in_another_thread_without_it_says_so_and_leaves_sigterm_alone():
     assert "install_process_handler()" in r.stderr
 
 
-def test_arc_checkpoints_on_sigterm_and_the_previous_handler_still_runs(tmp_path):
-    r = _run(
-        f"""
+def _train_until_preempted(ckpt, previous: str, after: str = "") -> subprocess.CompletedProcess:
+    """A script: ``previous`` installed as the SIGTERM handler, then Arc trains and gets SIGTERM
+    before step 5; prints ``preempted CODE STEP CALLS`` and runs ``after``."""
+    return _run(
+        textwrap.dedent(f"""
         import torch
         from arc_dist import Arc, ArcConfig, Preempted
         calls = []
-        signal.signal(signal.SIGTERM, lambda s, f: calls.append(s))
+        signal.signal(signal.SIGTERM, {previous})
         model = torch.nn.Linear(4, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         cfg = ArcConfig(async_checkpoint=False)
-        arc = Arc(model, opt, checkpoint_dir={str(tmp_path / "ck")!r}, config=cfg)
+        arc = Arc(model, opt, checkpoint_dir={str(ckpt)!r}, config=cfg)
         try:
             for step in range(50):
                 if step == 5:
@@ -168,8 +170,13 @@ def test_arc_checkpoints_on_sigterm_and_the_previous_handler_still_runs(tmp_path
                 opt.zero_grad()
         except Preempted as e:
             print("preempted", e.code, arc.global_step, calls)
-        """
+        """)
+        + textwrap.dedent(after)
     )
+
+
+def test_arc_checkpoints_on_sigterm_and_the_previous_handler_still_runs(tmp_path):
+    r = _train_until_preempted(tmp_path / "ck", "lambda s, f: calls.append(s)")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("preempted 10 ") and r.stdout.strip().endswith("[15]"), r.stdout
     assert any(p.name.startswith("step_") for p in (tmp_path / "ck").iterdir())
@@ -178,29 +185,13 @@ def test_arc_checkpoints_on_sigterm_and_the_previous_handler_still_runs(tmp_path
 def test_a_previous_handler_that_exits_waits_for_arcs_final_checkpoint(tmp_path):
     """Ray's driver installs a SIGTERM handler that calls ``sys.exit``: chained to, it would end
     the process inside the handler, before the agreed final checkpoint."""
-    r = _run(
-        f"""
-        import torch
-        from arc_dist import Arc, ArcConfig, Preempted
-        signal.signal(signal.SIGTERM, lambda s, f: sys.exit(s))
-        model = torch.nn.Linear(4, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        cfg = ArcConfig(async_checkpoint=False)
-        arc = Arc(model, opt, checkpoint_dir={str(tmp_path / "ck")!r}, config=cfg)
-        try:
-            for step in range(50):
-                if step == 5:
-                    deliver()
-                loss = model(torch.ones(2, 4)).pow(2).mean()
-                loss.backward()
-                if not arc.step(loss).should_skip:
-                    opt.step()
-                opt.zero_grad()
-        except Preempted as e:
-            print("preempted", e.code, arc.global_step)
+    r = _train_until_preempted(
+        tmp_path / "ck",
+        "lambda s, f: sys.exit(s)",
+        after="""
         deliver()  # no Arc watches any more: the previous handler ends the process as before
         print("not reached")
-        """
+        """,
     )
     assert r.returncode == 15, r.stderr
     assert r.stdout.split()[:3] == ["preempted", "10", "5"], r.stdout
