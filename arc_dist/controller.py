@@ -367,8 +367,10 @@ class Arc:
             self._durability.on_step(self.global_step, verdict.status)
             self.global_step += 1
             self._lr.maybe_restore(self.global_step, self.rank)
-            status = verdict.status
-            if self._forecast.observe(self.global_step - 1, verdict, self._lr, self._rec):
+            judged, status = self.global_step - 1, verdict.status
+            score = self._forecast.observe(judged, verdict)
+            if score is not None:  # the update is applied; the next state is pinned
+                self._forecast.act(judged, score, verdict.grad_norm, self._lr, self._rec)
                 self._stats["forecasts"] += 1
                 status, base["reason"] = WARNING, FORECAST
             self._lr.remember()

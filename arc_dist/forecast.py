@@ -82,9 +82,11 @@ class Forecaster:
     """Arc's side of the rule: when to forecast, when to pin, and the cooldown.
 
     Fed with every applied step's verdict (identical on every rank), so its state, and with it
-    every forecast, is the same on every rank. A forecast fires on a healthy step once the
-    score passes the threshold, at least ``min_steps`` fed steps in and ``cooldown`` steps after
-    the previous one. The pin is due on the next step, which Arc then treats as a snapshot step
+    every forecast, is the same on every rank. A forecast fires on a healthy step whose score
+    passes the threshold, at least ``min_steps`` fed steps in, ``cooldown`` steps after the
+    previous one, and only once per excursion: the score must fall back to the threshold first
+    (a level shift that stays, such as layers unfrozen, is one forecast, not one per cooldown;
+    one that starts within ``min_steps`` or the cooldown is none). The pin is due on the next step, which Arc then treats as a snapshot step
     (deep and divergence checks run), and is taken only if that step is judged healthy.
     """
 
@@ -93,28 +95,34 @@ class Forecaster:
         self.rule = GradGrowth()
         self.pin_due = False
         self._quiet_until = 0  # no forecast before this step (cooldown)
+        self._armed = True  # the score was at or below the threshold since the last forecast
 
-    def observe(self, step: int, verdict: Verdict, lr: LRGuard, rec: Recorder) -> bool:
-        """After an applied update at ``step``: is it a forecast? If so, lower the LR when
-        configured and record it. Does nothing when early warning is off."""
+    def observe(self, step: int, verdict: Verdict) -> float | None:
+        """After an applied update at ``step``: its score when it is a forecast, else None.
+        Does nothing when early warning is off."""
         c = self.config
         if not c.enabled:
-            return False
+            return None
         score = self.rule.update(verdict.grad_norm)
-        if (
-            verdict.status != HEALTHY
-            or not score > c.threshold
-            or self.rule.seen <= c.min_steps
-            or step < self._quiet_until
-        ):
-            return False
+        if not score > c.threshold:
+            self._armed = True  # NaN included: a missing value ends an excursion too
+            return None
+        if not self._armed or verdict.status != HEALTHY:
+            return None
+        self._armed = False  # an excursion that starts too early or in the cooldown is not one
+        if self.rule.seen <= c.min_steps or step < self._quiet_until:
+            return None
         self._quiet_until = step + c.cooldown
         self.pin_due = True
-        factor = 1.0 if c.lr_factor is None else c.lr_factor
+        return score
+
+    def act(self, step: int, score: float, grad_norm: float, lr: LRGuard, rec: Recorder) -> None:
+        """What Arc does about a forecast besides the pin: lower the LR when configured (from
+        the next update on: ``step + 1``), and record it."""
+        factor = 1.0 if self.config.lr_factor is None else self.config.lr_factor
         lr.lower(factor, step + 1)
-        rec.forecast(step, {"score": score, "threshold": c.threshold, "grad_norm":
-                            verdict.grad_norm, "lr_factor": factor, "lr_scale": lr.scale})  # fmt: skip
-        return True
+        rec.forecast(step, {"score": score, "threshold": self.config.threshold,
+                            "grad_norm": grad_norm, "lr_factor": factor, "lr_scale": lr.scale})  # fmt: skip
 
     def pinned(self, verdict: Verdict) -> bool:
         """On the step after a forecast (an applied update): pin now? Only a healthy state is
@@ -127,13 +135,13 @@ class Forecaster:
         self.pin_due = False
 
     def state_dict(self) -> dict:
-        return {"rule": self.rule.state_dict(), "quiet_until": self._quiet_until}
+        return {"rule": self.rule.state_dict(), "quiet_until": self._quiet_until,
+                "armed": self._armed}  # fmt: skip
 
     def load_state_dict(self, sd: dict | None) -> None:
         """``None``: a checkpoint from before early warning existed; start afresh."""
         self.rule = GradGrowth()
-        self._quiet_until = 0
-        self.pin_due = False
+        self._quiet_until, self._armed, self.pin_due = 0, True, False
         if sd:
             self.rule.load_state_dict(sd["rule"])
-            self._quiet_until = int(sd["quiet_until"])
+            self._quiet_until, self._armed = int(sd["quiet_until"]), bool(sd["armed"])

@@ -519,6 +519,54 @@ class EdgeOfStability(Predictor):
             return (x[:, C["eos"]] > 1.0) | ~np.isfinite(x[:, C["loss"]])
 
 
+class ArcForecast(Predictor):
+    """Arc's shipped early warning (``arc_dist.forecast.Forecaster`` with the default
+    ``EarlyWarning``, threshold fixed), fed as Arc feeds it: the verdicts of Arc's policy on
+    the steps whose update Arc applies (``ArcPolicy``'s matrix). The alarm is a forecast alone:
+    Arc's own skips and rollbacks are the rows above."""
+
+    needs = "grad norm"
+
+    def __init__(self):
+        from arc_dist.config import EarlyWarning
+
+        self.name = f"Arc early warning (shipped, threshold {EarlyWarning().threshold:g})"
+
+    def alarms(self, x):
+        from arc_dist.config import EarlyWarning, Thresholds
+        from arc_dist.forecast import Forecaster
+        from arc_dist.layout import Layout
+        from arc_dist.policy import FAILURE, HealthPolicy
+        from arc_dist.signals import NUM_COLS, Col
+
+        p = HealthPolicy(Thresholds(), Layout.REPLICATED, 1)
+        f = Forecaster(EarlyWarning(enabled=True))
+        out = np.zeros(len(x), dtype=bool)
+        m = np.zeros((1, NUM_COLS))
+        m[0, Col.LOSS_VALID] = m[0, Col.LR_RATIO] = 1.0
+        for t, row in enumerate(x.astype(np.float64)):
+            m[0, Col.LOSS] = row[C["loss"]]
+            m[0, Col.GRAD_SQ] = m[0, Col.LOCAL_GRAD_SQ] = row[C["grad_norm"]] ** 2
+            m[0, Col.LR] = row[C["lr"]]
+            v = p.judge(m)
+            if v.status == FAILURE:
+                p.on_rollback()
+                f.on_rollback()
+                continue
+            p.observe(m, v, applied=not v.skip)
+            if not v.skip:
+                out[t] = f.observe(t, v) is not None
+        return out
+
+
+def _arc_forecast_score(x):
+    """The shipped rule's score (``arc_dist.forecast.GradGrowth``) over the recorded grad norms."""
+    from arc_dist.forecast import GradGrowth
+
+    rule = GradGrowth()
+    return np.array([rule.update(g) for g in x[:, C["grad_norm"]].astype(np.float64).tolist()])
+
+
 def predictors() -> list[Predictor]:
     return [
         ArcPolicy(rollback=True),
@@ -541,6 +589,8 @@ def predictors() -> list[Predictor]:
         Score("edge-of-stability ratio", SHARP, lambda x: x[:, C["eos"]].astype(np.float64)),
         EdgeOfStability(),
         OriginalArcClassifier("mlp", sharp=True),
+        ArcForecast(),
+        Score("Arc early warning score, threshold fitted", "grad norm", _arc_forecast_score),
     ]
 
 
