@@ -216,3 +216,54 @@ def test_forecast_state_is_checkpointed():
     arc2.load_state_dict(legacy)
     assert arc2._forecast.rule.seen == 0
     arc2.close()
+
+
+# -- the healthy loops of the usage matrix -----------------------------------------------------
+def _matrix_run(pattern, workdir: str, early: EarlyWarning) -> dict:
+    from ._matrix import SNAPSHOT_EVERY, Ctx, _train
+
+    s = pattern.build(Ctx("single", 0, 1, workdir))
+    config = ArcConfig(snapshot_every=SNAPSHOT_EVERY, early_warning=early, **s.config)
+    arc = Arc(s.model, s.optimizer, s.scheduler, scaler=s.scaler, config=config, chaos="",
+              **s.arc_kwargs)  # fmt: skip
+    try:
+        if s.attach is not None:
+            s.attach(arc)
+        events = _train(s, arc)
+        return dict(events=events, stats=arc.stats(), digest=params_digest(s.model))
+    finally:
+        arc.close()
+
+
+#: loops whose gradient norm jumps (layers unfrozen), or is noisy (GradScaler skips, SGD
+#: momentum, small batches); all 19 single-process loops had no forecast at the default threshold
+HEALTHY_LOOPS = ("unfreeze_in_optimizer", "fp16_grad_scaler", "sgd_momentum", "noisy_small_batches")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", HEALTHY_LOOPS)
+def test_healthy_loops_with_early_warning_on(tmp_path, name):
+    """Healthy loops of tests/_matrix.py (one process), forecasts on and without ``lr_factor``:
+    the training is bit for bit the run without them, with no rollback, skip or LR change; at
+    the default threshold there is no forecast, and at one 20 times lower (forecasts on noise)
+    the training is still untouched."""
+    from ._matrix import BY_NAME
+
+    runs = {
+        label: _matrix_run(BY_NAME[name], str(tmp_path / label), early)
+        for label, early in (
+            ("off", EarlyWarning()),
+            ("on", EarlyWarning(enabled=True)),
+            ("low", EarlyWarning(enabled=True, threshold=0.05, cooldown=5)),
+        )
+    }
+    off = runs["off"]
+    assert off["stats"]["rollbacks"] == 0 and off["stats"]["lr_scale"] == 1.0
+    assert runs["on"]["stats"]["forecasts"] == 0
+    assert runs["low"]["stats"]["forecasts"] > 0
+    for label in ("on", "low"):
+        r = runs[label]
+        assert r["digest"] == off["digest"], label
+        assert [e for e in r["events"] if e[2] != REASON] == off["events"], label
+        for key in ("rollbacks", "skips", "failures", "lr_scale"):
+            assert r["stats"][key] == off["stats"][key], (label, key)
