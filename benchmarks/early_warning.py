@@ -567,6 +567,42 @@ def _arc_forecast_score(x):
     return np.array([rule.update(g) for g in x[:, C["grad_norm"]].astype(np.float64).tolist()])
 
 
+def _log_growth_ema(x, col: str, short: float, long: float):
+    """A short EMA of log(col) (the step included) against a long one of the steps before."""
+    la = _log(x[:, C[col]])
+    return pd.Series(la).ewm(halflife=short, adjust=False).mean().to_numpy() - _ema_prev(la, long)
+
+
+def _log_loss_slope(x, w: int = 20):
+    """The log loss's change over ``w`` steps, from its least-squares slope."""
+    return _slope(_log(x[:, C["loss"]]), w) * w
+
+
+def forecast_candidates() -> list[Predictor]:
+    """The rules Arc's early warning was chosen from (``--candidates``): scores of what Arc
+    agrees on every step (loss, grad norm), each with a threshold fitted on the training folds."""
+    g, lo, both = "grad norm", "loss", "loss, grad norm"
+    out = [(f"grad-norm growth, half-life {h}", g, _growth_hl("grad_norm", h)) for h in (20, 100)]
+    out += [
+        (f"grad norm: EMA {a} against EMA {b}", g,
+         lambda x, a=a, b=b: _log_growth_ema(x, "grad_norm", a, b))
+        for a, b in ((3, 50), (5, 100), (10, 100))
+    ]  # fmt: skip
+    out += [
+        (f"log-loss slope ({w} steps)", lo, lambda x, w=w: _log_loss_slope(x, w)) for w in (10, 20)
+    ]
+    out.append(("loss growth, half-life 50", lo, _growth_hl("loss", 50)))
+    out.append(("grad-norm growth + log-loss slope", both,
+                lambda x: _growth("grad_norm")(x) + _log_loss_slope(x)))  # fmt: skip
+    out.append(("min(grad-norm growth, 5 x log-loss slope)", both,
+                lambda x: np.minimum(_growth("grad_norm")(x), 5 * _log_loss_slope(x))))  # fmt: skip
+    return [Score(name, needs, fn) for name, needs, fn in out]
+
+
+def _growth_hl(col: str, halflife: float):
+    return lambda x: _log_growth(x[:, C[col]], halflife)
+
+
 def predictors() -> list[Predictor]:
     return [
         ArcPolicy(rollback=True),
@@ -652,6 +688,11 @@ def main() -> None:
         "setting out, all its runs together (tests whether a predictor generalises)",
     )
     ap.add_argument("--only", default="", help="comma-separated substrings of predictor names")
+    ap.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also the rules Arc's early warning was chosen from (docs/early_warning.md)",
+    )
     a = ap.parse_args()
     warnings.filterwarnings("ignore")  # NaN slices of diverged steps, sklearn convergence
     if not a.data.exists():
@@ -667,7 +708,8 @@ def main() -> None:
     print(head)
     corpus = corpus_summary(runs)
     print(corpus)
-    preds = [p for p in predictors() if not a.only or any(w in p.name for w in a.only.split(","))]
+    preds = predictors() + (forecast_candidates() if a.candidates else [])
+    preds = [p for p in preds if not a.only or any(w in p.name for w in a.only.split(","))]
     result = table(runs, preds, by=a.split)
     if a.out:
         a.out.write_text(f"{head}\n\n{corpus}\n\n{result}\n")
