@@ -214,6 +214,25 @@ class Predictor:
         raise NotImplementedError
 
 
+def _policy_steps(x):
+    """Arc's :class:`~arc_dist.policy.HealthPolicy` (default thresholds, one rank, no deep
+    checks) over the recorded rows: ``(step, policy, matrix, verdict)`` per step, the verdict
+    judged from the step's loss, gradient norm and LR; the caller observes it."""
+    from arc_dist.config import Thresholds
+    from arc_dist.layout import Layout
+    from arc_dist.policy import HealthPolicy
+    from arc_dist.signals import NUM_COLS, Col
+
+    p = HealthPolicy(Thresholds(), Layout.REPLICATED, 1)
+    m = np.zeros((1, NUM_COLS))
+    m[0, Col.LOSS_VALID] = m[0, Col.LR_RATIO] = 1.0
+    for t, row in enumerate(x.astype(np.float64)):
+        m[0, Col.LOSS] = row[C["loss"]]
+        m[0, Col.GRAD_SQ] = m[0, Col.LOCAL_GRAD_SQ] = row[C["grad_norm"]] ** 2
+        m[0, Col.LR] = row[C["lr"]]
+        yield t, p, m, p.judge(m)
+
+
 class ArcPolicy(Predictor):
     """Arc's :class:`~arc_dist.policy.HealthPolicy` with its default thresholds, driven offline
     from the recorded loss, gradient norm and LR (one rank, no deep checks). ``rollback``: the
@@ -227,20 +246,10 @@ class ArcPolicy(Predictor):
         self.name = "Arc policy: rollback" if rollback else "Arc policy: skip or rollback"
 
     def alarms(self, x):
-        from arc_dist.config import Thresholds
-        from arc_dist.layout import Layout
-        from arc_dist.policy import FAILURE, HealthPolicy
-        from arc_dist.signals import NUM_COLS, Col
+        from arc_dist.policy import FAILURE
 
-        p = HealthPolicy(Thresholds(), Layout.REPLICATED, 1)
         out = np.zeros(len(x), dtype=bool)
-        m = np.zeros((1, NUM_COLS))
-        m[0, Col.LOSS_VALID] = m[0, Col.LR_RATIO] = 1.0
-        for t, row in enumerate(x.astype(np.float64)):
-            m[0, Col.LOSS] = row[C["loss"]]
-            m[0, Col.GRAD_SQ] = m[0, Col.LOCAL_GRAD_SQ] = row[C["grad_norm"]] ** 2
-            m[0, Col.LR] = row[C["lr"]]
-            v = p.judge(m)
+        for t, p, m, v in _policy_steps(x):
             p.observe(m, v, applied=not v.skip)
             failed = v.status == FAILURE
             out[t] = failed or (v.skip and not self.rollback)
@@ -533,22 +542,13 @@ class ArcForecast(Predictor):
         self.name = f"Arc early warning (shipped, threshold {EarlyWarning().threshold:g})"
 
     def alarms(self, x):
-        from arc_dist.config import EarlyWarning, Thresholds
+        from arc_dist.config import EarlyWarning
         from arc_dist.forecast import Forecaster
-        from arc_dist.layout import Layout
-        from arc_dist.policy import FAILURE, HealthPolicy
-        from arc_dist.signals import NUM_COLS, Col
+        from arc_dist.policy import FAILURE
 
-        p = HealthPolicy(Thresholds(), Layout.REPLICATED, 1)
         f = Forecaster(EarlyWarning(enabled=True))
         out = np.zeros(len(x), dtype=bool)
-        m = np.zeros((1, NUM_COLS))
-        m[0, Col.LOSS_VALID] = m[0, Col.LR_RATIO] = 1.0
-        for t, row in enumerate(x.astype(np.float64)):
-            m[0, Col.LOSS] = row[C["loss"]]
-            m[0, Col.GRAD_SQ] = m[0, Col.LOCAL_GRAD_SQ] = row[C["grad_norm"]] ** 2
-            m[0, Col.LR] = row[C["lr"]]
-            v = p.judge(m)
+        for t, p, m, v in _policy_steps(x):
             if v.status == FAILURE:
                 p.on_rollback()
                 f.on_rollback()
