@@ -86,8 +86,9 @@ class Forecaster:
     passes the threshold, at least ``min_steps`` fed steps in, ``cooldown`` steps after the
     previous one, and only once per excursion: the score must fall back to the threshold first
     (a level shift that stays, such as layers unfrozen, is one forecast, not one per cooldown;
-    one that starts within ``min_steps`` or the cooldown is none). The pin is due on the next step, which Arc then treats as a snapshot step
-    (deep and divergence checks run), and is taken only if that step is judged healthy.
+    one that starts within ``min_steps`` or the cooldown is none). The pin is due on the next
+    step, which Arc then treats as a snapshot step (deep and divergence checks run), and is
+    taken only if that step is judged healthy.
     """
 
     def __init__(self, config: EarlyWarning) -> None:
@@ -121,8 +122,8 @@ class Forecaster:
         the next update on: ``step + 1``), and record it."""
         factor = 1.0 if self.config.lr_factor is None else self.config.lr_factor
         lr.lower(factor, step + 1)
-        rec.forecast(step, {"score": score, "threshold": self.config.threshold,
-                            "grad_norm": grad_norm, "lr_factor": factor, "lr_scale": lr.scale})  # fmt: skip
+        values = dict(score=score, threshold=self.config.threshold, grad_norm=grad_norm)
+        rec.forecast(step, {**values, "lr_factor": factor, "lr_scale": lr.scale})
 
     def pinned(self, verdict: Verdict) -> bool:
         """On the step after a forecast (an applied update): pin now? Only a healthy state is

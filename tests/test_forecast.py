@@ -101,8 +101,8 @@ def _grow_run(rank: int, world: int, logdir: str | None, early: dict | None, fau
     if world > 1:
         model = DDP(model)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    config = ArcConfig(snapshot_every=50, max_skips=0, recovery_steps=20,
-                       early_warning=EarlyWarning(**early) if early else EarlyWarning())  # fmt: skip
+    ew = EarlyWarning(**early) if early else EarlyWarning()
+    config = ArcConfig(snapshot_every=50, max_skips=0, recovery_steps=20, early_warning=ew)
     arc = Arc(model, opt, config=config, log_dir=logdir, chaos="")
     data = Data("mlp", rank)
     actions, lrs, pins, forecast_at = [], {}, {}, None
