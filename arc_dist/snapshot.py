@@ -56,6 +56,8 @@ class Snapshot:
     rng: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # the controller's step and LR scale then
     nbytes: int = 0
+    #: held on top of ``keep`` until the next snapshot (an instability forecast, forecast.py)
+    pinned: bool = False
 
 
 class TensorRef:
@@ -156,12 +158,17 @@ class SnapshotStore:
         # when modules share them; local_tensor() maps FSDP2's DTensors to this rank's shard
         return [local_tensor(t.detach()) for t in self.model.state_dict(keep_vars=True).values()]
 
-    def take(self, step: int, extra: dict) -> Snapshot:
-        """Copy the live state into a snapshot slot (reusing the oldest buffers when full)."""
+    def take(self, step: int, extra: dict, pin: bool = False) -> Snapshot:
+        """Copy the live state into a snapshot slot (reusing the oldest buffers when full).
+
+        ``pin``: held on top of the ``keep`` others, so that it evicts none of the older targets
+        an escalation may need; the next snapshot replaces it."""
         # a rollback abandoned the trajectory of any snapshot at or after ``step``
         while self._ring and self._ring[-1].step >= step:
             self._spare.append(self._ring.pop())
-        if len(self._ring) >= self.keep:
+        if self._ring and self._ring[-1].pinned:
+            self._spare.append(self._ring.pop())
+        if not pin and len(self._ring) >= self.keep:
             self._spare.append(self._ring.pop(0))
         live = self._model_tensors()
         optim_live: list[torch.Tensor] = []
@@ -172,7 +179,7 @@ class SnapshotStore:
             torch._foreach_copy_(snap.model, live, non_blocking=True)
             if optim_local:
                 torch._foreach_copy_(snap.optim_tensors, optim_local, non_blocking=True)
-        snap.step = step
+        snap.step, snap.pinned = step, pin
         snap.optim_skeleton = skeleton
         snap.scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler else None
         snap.scaler = copy.deepcopy(self.scaler.state_dict()) if self.scaler else None
