@@ -277,7 +277,7 @@ class Arc:
             user_sq = job_grad_sq(grad_norm, self._agree.device, self.layout, self.world_size)
         route.collective = collective
         if self._ride is not None:
-            ride = self._ride.with_grad_norm(ride, user_sq, self._signals.grad_sq)
+            ride = self._ride.with_grad_norm(ride, user_sq)
         route.ride = ride  # what the ride verdict is judged from, as on every rank
         check_loss(loss)
         if ride is None and last is None:  # the first step: was there a backward at all?

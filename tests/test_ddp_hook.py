@@ -1,0 +1,117 @@
+"""The DDP ride (arc_dist/ddp_hook.py) on a real 2-rank gloo group: what it carries is exact,
+and its backward allocates nothing of its own once its buffers exist."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.utils._python_dispatch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from arc_dist import Arc, ArcConfig
+from arc_dist.signals import Col
+
+from ._dist import run_ranks
+
+STEPS = 6
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The torch ops dispatched inside it, by name, and whether each allocated its result."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, bool] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] = not (func.is_view or func._schema.is_mutable)
+        return func(*args, **(kwargs or {}))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.Linear(256, 8))
+
+
+def _run(rank: int, world: int) -> dict:
+    out: dict = {}
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(rank))
+    # one bucket (bucket 0 holds every gradient), and several buckets in both gradient layouts
+    for name, cap, view in (("one", 100, False), ("many", 0.05, False), ("view", 0.05, True)):
+        model = DDP(_model(), bucket_cap_mb=cap, gradient_as_bucket_view=view)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        arc = Arc(model, opt, config=ArcConfig(snapshot_every=1000), chaos="")
+        ride = arc._ride
+        rows, ops, ptrs, prev_loss = [], {}, set(), None
+        for step in range(STEPS):
+            if name == "one":  # this rank's own gradients, before DDP averages them
+                with model.no_sync():
+                    model(x).square().mean().backward()
+                own_sq = sum(float(p.grad.double().square().sum()) for p in model.parameters())
+                opt.zero_grad(set_to_none=True)
+            loss = model(x).square().mean()
+            with _Ops() as seen:
+                loss.backward()
+            reduced_sq = sum(float(p.grad.double().square().sum()) for p in model.parameters())
+            taken = ride.with_grad_norm(ride.take(), None)
+            mine = taken.matrix[rank].tolist()
+            rows.append(dict(grad_sq=float(taken.grad_sq), reduced_sq=reduced_sq, row=mine,
+                             prev_loss=prev_loss, own_sq=own_sq if name == "one" else None,
+                             lr=opt.param_groups[0]["lr"]))  # fmt: skip
+            if step >= 2:  # DDP rebuilt its buckets after the first backward: buffers settled
+                ptrs.add((taken.matrix.data_ptr(), ride._both.data_ptr()))
+                ops.update(seen.ops)
+            ride._arrived = True  # hand the same ride to Arc.step, as if not yet taken
+            arc.step(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            prev_loss = float(loss)
+        arc.close()
+        out[name] = dict(rows=rows, ops=ops, ptrs=ptrs)
+    # the same backward under DDP's own hook: the ops a ride adds to it
+    model = DDP(_model(), bucket_cap_mb=0.05)
+    for _ in range(3):
+        with _Ops() as seen:
+            model(x).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+    out["plain_ops"] = seen.ops
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return run_ranks(_run, 2, timeout=180)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", ["one", "many", "view"])
+def test_the_ride_carries_the_reduced_norm_and_this_ranks_row(ranks, name):
+    for rank, res in enumerate(ranks):
+        for step, r in enumerate(res[name]["rows"]):
+            assert math.isclose(r["grad_sq"], r["reduced_sq"], rel_tol=1e-5), (rank, step, r)
+            row = r["row"]
+            assert row[Col.LR] == pytest.approx(r["lr"]) and row[Col.LR_RATIO] == 1.0
+            assert row[Col.PREEMPT] == 0.0
+            if r["prev_loss"] is None:
+                assert row[Col.LOSS_VALID] == 0.0
+            else:
+                assert row[Col.LOSS_VALID] == 1.0
+                assert row[Col.LOSS] == pytest.approx(r["prev_loss"], rel=1e-6)
+            if r["own_sq"] is not None:
+                assert row[Col.LOCAL_GRAD_SQ] == pytest.approx(r["own_sq"], rel=1e-5)
+    # the replicas' matrices agree
+    for a, b in zip(ranks[0][name]["rows"], ranks[1][name]["rows"]):
+        assert a["grad_sq"] == pytest.approx(b["grad_sq"], rel=1e-6)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", ["one", "many", "view"])
+def test_the_ride_allocates_nothing_per_step(ranks, name):
+    for res in ranks:
+        assert len(res[name]["ptrs"]) == 1  # one matrix and one bucket-0 buffer, reused
+        plain = res["plain_ops"]
+        added = {op for op, allocates in res[name]["ops"].items() if allocates and op not in plain}
+        assert not added, f"the ride's backward allocates through {sorted(added)}"
