@@ -143,6 +143,7 @@ class Arc:
         self.global_step = 0
         exitcodes.track_progress(self, 0)  # error files report how far this process got
         self._calls = 0  # step() calls, rollbacks included: decides deep-check steps
+        self._deep_memo: tuple[int, list[torch.Tensor]] | None = None  # see _deep_values
         self._lr = LRGuard(optimizer, scheduler, backoff=self.config.lr_backoff,
                            restore=self.config.lr_restore, recovery_steps=self.config.recovery_steps)  # fmt: skip
         self._last_step_end: float | None = None
@@ -154,7 +155,8 @@ class Arc:
             self._ride = DDPRide.attach(model, rank=self.rank, world_size=self.world_size,
                                         agree=self._agree, policy=self._policy, lr=self._lr,
                                         preemption=self._preemption, amp=scaler is not None,
-                                        explain=self._failfast.explain)  # fmt: skip
+                                        explain=self._failfast.explain,
+                                        deep=self._riding_deep)  # fmt: skip
         self._closed = False
         self._stats = dict(
             rollbacks=0, skips=0, failures=0, warnings=0, escalations=0, snapshots=0, checkpoints=0
@@ -256,16 +258,17 @@ class Arc:
         # Snapshot steps always run the deep (and divergence) checks: only verified states,
         # identical across replicas, become rollback targets. So does the step after a skip:
         # damaged state behind a one-step anomaly is then found at once.
+        # Other deep-check steps ride on DDP's all-reduce when it carries them (ddp_hook.py).
         snapshot_step = self.global_step % self.config.snapshot_every == 0
-        last = self._last
-        after_skip = last is not None and last.should_skip and not last.rolled_back
-        deep = snapshot_step or after_skip or self._calls % self.config.deep_check_every == 0
+        last, calls = self._last, self._calls
+        deep = snapshot_step or self._after_skip() or calls % self.config.deep_check_every == 0
         compare = self._check_divergence and (
-            snapshot_step or self._calls % self.config.divergence_every == 0
+            snapshot_step or calls % self.config.divergence_every == 0
         )
         self._calls += 1
         ride = self._ride.take() if self._ride is not None else None
-        collective = True if ride is None or deep or compare else None
+        rode_deep = ride is not None and ride.deep
+        collective = True if ride is None or compare or (deep and not rode_deep) else None
         # under FSDP2 the others may be inside the collective of the job's DTensor norm
         sharded_norm = grad_norm is not None and self.layout == Layout.SHARDED
         route = self._failfast.route = Route(None, None if sharded_norm else collective)
@@ -289,7 +292,7 @@ class Arc:
         if last_end is not None:
             busy = (self._ride.work_end(start, last_end) if self._ride else start) - last_end
         m = verdict = None
-        if ride is not None and not (deep or compare):
+        if ride is not None and not compare and (rode_deep or not deep):
             m, verdict = self._ride.judge(ride)
             route.collective = m is None
         fast = m is not None
@@ -307,6 +310,7 @@ class Arc:
                 fingerprint=compare,
                 # the previous step's loss if it rode here unjudged: judged now, never dropped
                 late_loss=self._ride.late_loss() if self._ride is not None else None,
+                deep_values=self._deep_values(calls) if deep else None,
             )
             self._failfast.phase = Phase.JOINED
             m = self._agree.reduce(row)  # one collective and one host sync
@@ -345,6 +349,29 @@ class Arc:
         if self._watchdog is not None:
             self._watchdog.beat()
         return action
+
+    def _after_skip(self) -> bool:
+        last = self._last
+        return last is not None and last.should_skip and not last.rolled_back
+
+    def _deep_values(self, calls: int) -> list[torch.Tensor]:
+        """The deep check of the ``calls``-th step, taken once (it moves the optimizer-state
+        baseline; a second backward before the same step reuses it)."""
+        if self._deep_memo is None or self._deep_memo[0] != calls:
+            self._deep_memo = (calls, self._signals.deep_values())
+        return self._deep_memo[1]
+
+    def _riding_deep(self) -> list[torch.Tensor] | None:
+        """Asked by the DDP hook during backward: the coming step's deep check when it rides.
+        Snapshot steps and the step after a skip take theirs on the collective path, from the
+        state as ``step()`` finds it: only verified states become rollback targets."""
+        if (
+            self._calls % self.config.deep_check_every
+            or self.global_step % self.config.snapshot_every == 0
+            or self._after_skip()
+        ):
+            return None
+        return self._deep_values(self._calls)
 
     def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
         base = dict(

@@ -25,9 +25,12 @@ from .layout import uncompiled
 from .lr import LRGuard
 from .policy import HealthPolicy, Status, Verdict
 from .preemption import PreemptionHandler
-from .signals import NUM_COLS, Col, sq_norm
+from .signals import DEEP_COLS, NUM_COLS, Col, sq_norm
 
 log = logging.getLogger("arc_dist")
+
+#: the squared norms that lead DEEP_COLS (the state flags follow)
+_NORMS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,8 @@ class Ride:
     local_grad_norm: torch.Tensor
     #: the agreed ``[world_size, NUM_COLS]`` float64 matrix, one row per rank
     matrix: torch.Tensor
+    #: the matrix holds this step's deep check (``Col.DEEP``)
+    deep: bool = False
 
     @property
     def local_grad_sq(self) -> torch.Tensor:
@@ -58,9 +63,11 @@ class DDPRide:
     ``[world_size, NUM_COLS]`` matrix in which this rank filled its own row (see agreement.py):
     what is known before backward (this step's LR ratio, SIGTERM) and what the previous step
     measured (its loss, busy time), plus the norm of this rank's own bucket-0 gradients before
-    averaging (which rank a NaN or an explosion came from). Every rank judges from these
-    replicated values and the matrix; only an anomaly, a deep-check step or a missing ride costs
-    a collective of its own.
+    averaging (which rank a NaN or an explosion came from). On a deep-check step the row also
+    carries the deep check (``deep()``, see signals.py: the weights and optimizer state, which
+    backward does not change), so that step needs no collective of its own either. Every rank
+    judges from these replicated values and the matrix; only an anomaly, a snapshot or
+    divergence-check step, the step after a skip or a missing ride costs a collective of its own.
 
     Nothing is allocated per step once the buffers exist: bucket 0 and the matrix share one
     buffer, the host-known columns one host row, the float64 matrix one tensor, all reused
@@ -75,12 +82,16 @@ class DDPRide:
     def __init__(self, ddp: nn.parallel.DistributedDataParallel, process_group, *,
                  agree: Agreement, policy: HealthPolicy, lr: LRGuard,
                  preemption: PreemptionHandler, amp: bool = False,
-                 explain: Callable[[Exception], Exception] | None = None):  # fmt: skip
+                 explain: Callable[[Exception], Exception] | None = None,
+                 deep: Callable[[], list[torch.Tensor] | None] | None = None):  # fmt: skip
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
         self._agree, self._policy, self._amp = agree, policy, amp
         self._lr, self._preemption = lr, preemption
+        #: during backward: this step's deep-check values when they ride (DEEP_COLS), else None
+        self._deep = deep
+        self._deep_rode = False  # this backward's row carries the deep check
         #: the buckets of the current backward, reduced once it ends (their norms: the global one)
         self._bufs: list[torch.Tensor] = []
         # reused every step: bucket 0 followed by the matrix (one all-reduce), this rank's own
@@ -125,7 +136,9 @@ class DDPRide:
             torch.div(buf, self.world_size, out=both[:n])
             mat = both[n:]
             mat.zero_()
-            self._fill_row(mat[self.rank * NUM_COLS : (self.rank + 1) * NUM_COLS], local)
+            deep = self._deep() if self._deep is not None else None
+            self._fill_row(mat[self.rank * NUM_COLS : (self.rank + 1) * NUM_COLS], local, deep)
+            self._deep_rode = deep is not None
 
             def split(fut) -> torch.Tensor:
                 buf.copy_(value(fut)[:n])
@@ -173,13 +186,18 @@ class DDPRide:
             )
         return both, self._local0
 
-    def _fill_row(self, row: torch.Tensor, local: torch.Tensor) -> None:
+    def _fill_row(
+        self, row: torch.Tensor, local: torch.Tensor, deep: list[torch.Tensor] | None
+    ) -> None:
         """Called from the hook during backward: this rank's row of what bucket 0 carries, the
         previous step's loss (if any; ``LOSS_JUDGED`` when its own step judged it already),
-        this step's LR and SIGTERM flag, the previous step's busy time and this rank's own
-        bucket-0 gradient norm, squared."""
+        this step's LR and SIGTERM flag, the previous step's busy time, this rank's own
+        bucket-0 gradient norm, squared, and on a deep-check step the deep check. Its squared
+        norms travel as norms (squared back in float64 by :meth:`take`): the bucket's float32
+        would overflow on squares that float64 holds."""
         h = self._host_np
         h[:] = 0.0
+        h[Col.DEEP] = float(deep is not None)
         h[Col.LR_RATIO], h[Col.LR] = self._lr.ratio(), max(self._lr.lrs())
         h[Col.STEP_TIME], h[Col.PREEMPT] = self._busy, float(self._preemption.requested)
         h[Col.LOSS_VALID], h[Col.LOSS_JUDGED] = float(self._loss is not None), self._loss_judged
@@ -187,6 +205,10 @@ class DDPRide:
         if self._loss is not None:
             row[Col.LOSS].copy_(self._loss.reshape(()))
         torch.square(local, out=row[Col.LOCAL_GRAD_SQ])
+        if deep is not None:
+            vals = torch.stack([v.to(torch.float64) for v in deep])
+            vals[:_NORMS] = vals[:_NORMS].sqrt()
+            row[list(DEEP_COLS)] = vals.to(row)
 
     # -- one step ------------------------------------------------------------------------
     def take(self) -> Ride | None:
@@ -197,7 +219,10 @@ class DDPRide:
         self._arrived = False
         n = self._both.numel() - self.world_size * NUM_COLS
         self._m64.copy_(self._both[n:].view(self.world_size, NUM_COLS))
-        return Ride(None, self._local0, self._m64)
+        if self._deep_rode:
+            sq = list(DEEP_COLS[:_NORMS])
+            self._m64[:, sq] = self._m64[:, sq].square()
+        return Ride(None, self._local0, self._m64, self._deep_rode)
 
     def with_grad_norm(self, ride: Ride | None, user_sq: torch.Tensor | None) -> Ride | None:
         """``ride`` with its global gradient norm: the job's (``user_sq``) when it passes one,
@@ -205,8 +230,7 @@ class DDPRide:
         if ride is None:
             return None
         grad_sq = user_sq if user_sq is not None else sq_norm(self._bufs, self._m64.device)
-        self._bufs.clear()
-        return Ride(grad_sq, ride.local_grad_norm, ride.matrix)
+        return Ride(grad_sq, ride.local_grad_norm, ride.matrix, ride.deep)
 
     def judge(self, ride: Ride) -> tuple[np.ndarray, Verdict] | tuple[None, None]:
         """The agreed matrix and verdict from what rode; ``(None, None)`` sends the step down the

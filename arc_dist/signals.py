@@ -45,6 +45,8 @@ class Col(enum.IntEnum):
 
 
 NUM_COLS = len(Col)
+#: a deep check's columns, in the order :meth:`SignalCollector.deep_values` returns them
+DEEP_COLS = (Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_COMMON_SQ, Col.STATE_BASE_SQ, Col.STATE_FLAGS)
 
 
 class StateFlag(enum.IntFlag):
@@ -128,8 +130,10 @@ class SignalCollector:
         fingerprint: bool = False,
         local_grad_sq: torch.Tensor | None = None,
         late_loss: torch.Tensor | None = None,
+        deep_values: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``late_loss``: the previous step's loss when nothing judged it yet (DDP ride)."""
+        """``late_loss``: the previous step's loss when nothing judged it yet (DDP ride);
+        ``deep_values``: this step's :meth:`deep_values` when taken already (else taken here)."""
         dev, f64 = self.device, torch.float64
         if grad_sq is None:
             grad_sq = self.grad_sq()
@@ -149,15 +153,20 @@ class SignalCollector:
             cols.append(Col.LATE_LOSS)
             vals.append(late_loss.reshape(()))
         if deep:
-            cols += [Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_COMMON_SQ, Col.STATE_BASE_SQ]
-            cols.append(Col.STATE_FLAGS)
-            vals += [sq_norm(weights_of(self.model_params), dev), *self._optimizer_state()]
+            cols += DEEP_COLS
+            vals += self.deep_values() if deep_values is None else deep_values
         if fingerprint:
             cols.append(Col.FINGERPRINT)
             vals.append(param_fingerprint(self.model_params + self._state_tensors(), dev))
         row = torch.tensor(host, dtype=f64).to(dev, non_blocking=True)
         row[cols] = torch.stack([v.to(dev, f64) for v in vals])
         return row
+
+    def deep_values(self) -> list[torch.Tensor]:
+        """This rank's deep check (:data:`DEEP_COLS`) as float64 device tensors: the weights'
+        squared norm and the optimizer state's. Each call moves the optimizer-state baseline to
+        now: once per deep check."""
+        return [sq_norm(weights_of(self.model_params), self.device), *self._optimizer_state()]
 
     def grad_sq(self) -> torch.Tensor:
         """Squared norm of the gradients this rank holds (one foreach pass)."""

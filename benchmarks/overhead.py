@@ -265,22 +265,25 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
                 by_kind[key][kind].append(t1 - t0)
     # Python heap and torch ops inside Arc.step on ordinary steps of both twins (traced apart:
     # tracing slows; no comm-hook callbacks run on other threads while Arc.step runs)
+    # tracing stays on across the loop: starting and stopping it per step crashed here
     heap: dict[str, list[int]] = {key: [] for key in arcs}
     ops: dict[str, list[int]] = {key: [] for key in arcs}
+    tracemalloc.start()
     for _ in range(20):
         for key, (model, opt, arc) in arcs.items():
             loss, _ = fwd_bwd(model)
             if arc._calls % cfg.deep_check_every == 0 or arc.global_step % cfg.snapshot_every == 0:
                 arc.step(loss)
             else:
-                tracemalloc.start()
+                tracemalloc.reset_peak()
+                before = tracemalloc.get_traced_memory()[0]
                 with _CountOps() as counter:
                     arc.step(loss)
-                heap[key].append(tracemalloc.get_traced_memory()[1])
-                tracemalloc.stop()
+                heap[key].append(tracemalloc.get_traced_memory()[1] - before)
                 ops[key].append(counter.n)
             opt.step()
             opt.zero_grad(set_to_none=True)
+    tracemalloc.stop()
     for _, _, a in arcs.values():
         a.close()
     med = {k: 1e3 * statistics.median(v) for k, v in t.items()}

@@ -42,8 +42,9 @@ def _run(rank: int, world: int) -> dict:
     # one bucket (bucket 0 holds every gradient), and several buckets in both gradient layouts
     for name, cap, view in (("one", 100, False), ("many", 0.05, False), ("view", 0.05, True)):
         model = DDP(_model(), bucket_cap_mb=cap, gradient_as_bucket_view=view)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        arc = Arc(model, opt, config=ArcConfig(snapshot_every=1000), chaos="")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        cfg = ArcConfig(snapshot_every=1000, deep_check_every=3)  # step 3 rides its deep check
+        arc = Arc(model, opt, config=cfg, chaos="")
         ride = arc._ride
         rows, ops, ptrs, prev_loss = [], {}, set(), None
         for step in range(STEPS):
@@ -58,12 +59,15 @@ def _run(rank: int, world: int) -> dict:
             reduced_sq = sum(float(p.grad.double().square().sum()) for p in model.parameters())
             taken = ride.with_grad_norm(ride.take(), None)
             mine = taken.matrix[rank].tolist()
+            weight_sq = sum(float(p.double().square().sum()) for p in model.parameters())
             rows.append(dict(grad_sq=float(taken.grad_sq), reduced_sq=reduced_sq, row=mine,
+                             weight_sq=weight_sq, deep=taken.deep,
                              prev_loss=prev_loss, own_sq=own_sq if name == "one" else None,
                              lr=opt.param_groups[0]["lr"]))  # fmt: skip
             if step >= 2:  # DDP rebuilt its buckets after the first backward: buffers settled
                 ptrs.add((taken.matrix.data_ptr(), ride._both.data_ptr()))
-                ops.update(seen.ops)
+                if not taken.deep:  # a deep check takes its norms during backward
+                    ops.update(seen.ops)
             ride._arrived = True  # hand the same ride to Arc.step, as if not yet taken
             arc.step(loss)
             opt.step()
@@ -100,6 +104,10 @@ def test_the_ride_carries_the_reduced_norm_and_this_ranks_row(ranks, name):
             else:
                 assert row[Col.LOSS_VALID] == 1.0
                 assert row[Col.LOSS] == pytest.approx(r["prev_loss"], rel=1e-6)
+            assert r["deep"] == (step == 3) and row[Col.DEEP] == float(step == 3)
+            if r["deep"]:
+                assert row[Col.WEIGHT_SQ] == pytest.approx(r["weight_sq"], rel=1e-5)
+                assert row[Col.STATE_SQ] > 0 and row[Col.STATE_FLAGS] == 0
             if r["own_sq"] is not None:
                 assert row[Col.LOCAL_GRAD_SQ] == pytest.approx(r["own_sq"], rel=1e-5)
     # the replicas' matrices agree
@@ -115,3 +123,65 @@ def test_the_ride_allocates_nothing_per_step(ranks, name):
         plain = res["plain_ops"]
         added = {op for op, allocates in res[name]["ops"].items() if allocates and op not in plain}
         assert not added, f"the ride's backward allocates through {sorted(added)}"
+
+
+def _deep(rank: int, world: int, fault: str | None) -> dict:
+    """``fault`` at step 25, before its forward, on rank 1: a deep-check step that rides."""
+    torch.manual_seed(0)
+    model = DDP(_model())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    cfg = ArcConfig(snapshot_every=20, deep_check_every=5, divergence_every=0)
+    arc = Arc(model, opt, config=cfg, chaos="")
+    g = torch.Generator().manual_seed(rank)
+    events = []
+    while arc.global_step < 40:
+        if fault and rank == 1 and arc.global_step == 25 and not events:
+            with torch.no_grad():
+                if fault == "nan_weights":
+                    next(model.parameters()).view(-1)[0] = float("nan")
+                else:  # the optimizer state of one parameter blown up
+                    next(iter(opt.state.values()))["exp_avg"].mul_(1e6)
+        x = torch.randn(16, 32, generator=g)
+        loss = model(x).square().mean()
+        loss.backward()
+        action = arc.step(loss)
+        if action.status != "healthy":
+            events.append((action.failed_step, action.reason, action.bad_ranks, action.rolled_back))
+        if not action.should_skip:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    out = dict(
+        events=events, stats=arc.stats(), digest=[p.detach().clone() for p in model.parameters()]
+    )
+    arc.close()
+    return out
+
+
+def _deep_all(rank: int, world: int) -> dict:
+    return {f: _deep(rank, world, f) for f in (None, "nan_weights", "optimizer_corrupt")}
+
+
+@pytest.fixture(scope="module")
+def deep():
+    return run_ranks(_deep_all, 2, timeout=180)
+
+
+@pytest.mark.timeout(240)
+def test_deep_checks_ride_without_a_collective_of_their_own(deep):
+    for res in deep:
+        clean = res[None]
+        assert clean["events"] == []
+        # 40 steps, deep checks every 5: only the snapshot steps 0 and 20 run a collective
+        assert clean["stats"]["collectives"] == 2, clean["stats"]
+        assert clean["stats"]["fast_steps"] == 38
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fault,reason", [("nan_weights", "nonfinite_weights"),
+                                          ("optimizer_corrupt", "optimizer_state")])  # fmt: skip
+def test_a_riding_deep_check_finds_damage_and_blames_its_rank(deep, fault, reason):
+    for res in deep:
+        assert res[fault]["events"] == [(25, reason, (1,), True)]
+        assert res[fault]["stats"]["rollbacks"] == 1
+    for a, b in zip(deep[0][fault]["digest"], deep[1][fault]["digest"]):
+        assert torch.equal(a, b)
