@@ -143,7 +143,6 @@ class Arc:
         self.global_step = 0
         exitcodes.track_progress(self, 0)  # error files report how far this process got
         self._calls = 0  # step() calls, rollbacks included: decides deep-check steps
-        self._deep_memo: tuple[int, list[torch.Tensor]] | None = None  # see _deep_values
         self._lr = LRGuard(optimizer, scheduler, backoff=self.config.lr_backoff,
                            restore=self.config.lr_restore, recovery_steps=self.config.recovery_steps)  # fmt: skip
         self._last_step_end: float | None = None
@@ -310,7 +309,7 @@ class Arc:
                 fingerprint=compare,
                 # the previous step's loss if it rode here unjudged: judged now, never dropped
                 late_loss=self._ride.late_loss() if self._ride is not None else None,
-                deep_values=self._deep_values(calls) if deep else None,
+                deep_values=self._signals.deep_values(calls) if deep else None,
             )
             self._failfast.phase = Phase.JOINED
             m = self._agree.reduce(row)  # one collective and one host sync
@@ -354,13 +353,6 @@ class Arc:
         last = self._last
         return last is not None and last.should_skip and not last.rolled_back
 
-    def _deep_values(self, calls: int) -> list[torch.Tensor]:
-        """The deep check of the ``calls``-th step, taken once (it moves the optimizer-state
-        baseline; a second backward before the same step reuses it)."""
-        if self._deep_memo is None or self._deep_memo[0] != calls:
-            self._deep_memo = (calls, self._signals.deep_values())
-        return self._deep_memo[1]
-
     def _riding_deep(self) -> list[torch.Tensor] | None:
         """Asked by the DDP hook during backward: the coming step's deep check when it rides.
         Snapshot steps and the step after a skip take theirs on the collective path, from the
@@ -371,7 +363,7 @@ class Arc:
             or self._after_skip()
         ):
             return None
-        return self._deep_values(self._calls)
+        return self._signals.deep_values(self._calls)
 
     def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
         base = dict(

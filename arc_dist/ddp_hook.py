@@ -124,10 +124,11 @@ class DDPRide:
         def hook(pg, bucket):
             buf = bucket.buffer()
             self.ready_at = time.monotonic()
-            if bucket.index() == 0:  # DDP reduces bucket 0 first: a new backward
+            first = bucket.index() == 0
+            if first:  # DDP reduces bucket 0 first: a new backward
                 self._bufs.clear()
             self._bufs.append(buf)
-            if bucket.index() != 0 or buf.dtype not in (torch.float32, torch.float64):
+            if not first or buf.dtype not in (torch.float32, torch.float64):
                 buf.div_(self.world_size)
                 return dist.all_reduce(buf, group=pg, async_op=True).get_future().then(value)
             n = buf.numel()

@@ -116,6 +116,7 @@ class SignalCollector:
         # the last deep check's optimizer state: (parameters with state, per-parameter squared
         # norms, per-parameter step counters); None after a restore
         self._state_base: tuple[frozenset[int], torch.Tensor, torch.Tensor] | None = None
+        self._deep: tuple[int, list[torch.Tensor]] | None = None  # the last deep_values()
 
     def row(
         self,
@@ -133,7 +134,7 @@ class SignalCollector:
         deep_values: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``late_loss``: the previous step's loss when nothing judged it yet (DDP ride);
-        ``deep_values``: this step's :meth:`deep_values` when taken already (else taken here)."""
+        ``deep_values``: this step's :meth:`deep_values` (else taken here)."""
         dev, f64 = self.device, torch.float64
         if grad_sq is None:
             grad_sq = self.grad_sq()
@@ -162,11 +163,15 @@ class SignalCollector:
         row[cols] = torch.stack([v.to(dev, f64) for v in vals])
         return row
 
-    def deep_values(self) -> list[torch.Tensor]:
+    def deep_values(self, step: int | None = None) -> list[torch.Tensor]:
         """This rank's deep check (:data:`DEEP_COLS`) as float64 device tensors: the weights'
-        squared norm and the optimizer state's. Each call moves the optimizer-state baseline to
-        now: once per deep check."""
-        return [sq_norm(weights_of(self.model_params), self.device), *self._optimizer_state()]
+        squared norm and the optimizer state's. Taken once per ``step`` (the ``step()`` call it
+        belongs to; None: now): it moves the optimizer-state baseline, so a second backward
+        before the same step, or the collective path after a ride, gets the same values."""
+        if step is None or self._deep is None or self._deep[0] != step:
+            weights = sq_norm(weights_of(self.model_params), self.device)
+            self._deep = (step, [weights, *self._optimizer_state()])
+        return self._deep[1]
 
     def grad_sq(self) -> torch.Tensor:
         """Squared norm of the gradients this rank holds (one foreach pass)."""
