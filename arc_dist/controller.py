@@ -266,8 +266,8 @@ class Arc:
         )
         self._calls += 1
         ride = self._ride.take() if self._ride is not None else None
-        rode_deep = ride is not None and ride.deep
-        collective = True if ride is None or compare or (deep and not rode_deep) else None
+        deep_rides = ride is not None and ride.deep
+        collective = True if ride is None or compare or (deep and not deep_rides) else None
         # under FSDP2 the others may be inside the collective of the job's DTensor norm
         sharded_norm = grad_norm is not None and self.layout == Layout.SHARDED
         route = self._failfast.route = Route(None, None if sharded_norm else collective)
@@ -291,7 +291,7 @@ class Arc:
         if last_end is not None:
             busy = (self._ride.work_end(start, last_end) if self._ride else start) - last_end
         m = verdict = None
-        if ride is not None and not compare and (rode_deep or not deep):
+        if ride is not None and not compare and (deep_rides or not deep):
             m, verdict = self._ride.judge(ride)
             route.collective = m is None
         fast = m is not None

@@ -43,7 +43,8 @@ class Ride:
     local_grad_norm: torch.Tensor
     #: the agreed ``[world_size, NUM_COLS]`` float64 matrix, one row per rank
     matrix: torch.Tensor
-    #: the matrix holds this step's deep check (``Col.DEEP``)
+    #: this step's deep check was to ride (every rank agrees; :meth:`DDPRide.judge` checks that
+    #: every row carries it, ``Col.DEEP``)
     deep: bool = False
 
     @property
@@ -92,6 +93,7 @@ class DDPRide:
         #: during backward: this step's deep-check values when they ride (DEEP_COLS), else None
         self._deep = deep
         self._deep_rode = False  # this backward's row carries the deep check
+        self._deep_due = False  # ... was to carry it (the same on every rank)
         #: the buckets of the current backward, reduced once it ends (their norms: the global one)
         self._bufs: list[torch.Tensor] = []
         # reused every step: bucket 0 followed by the matrix (one all-reduce), this rank's own
@@ -137,9 +139,13 @@ class DDPRide:
             torch.div(buf, self.world_size, out=both[:n])
             mat = both[n:]
             mat.zero_()
-            deep = self._deep() if self._deep is not None else None
+            try:
+                deep = self._deep() if self._deep is not None else None
+                due = deep is not None
+            except Exception:  # noqa: BLE001 - raised again inside Arc.step, where every rank
+                deep, due = None, True  # learns of it (failfast.py); here the others would wait
             self._fill_row(mat[self.rank * NUM_COLS : (self.rank + 1) * NUM_COLS], local, deep)
-            self._deep_rode = deep is not None
+            self._deep_rode, self._deep_due = deep is not None, due
 
             def split(fut) -> torch.Tensor:
                 buf.copy_(value(fut)[:n])
@@ -223,7 +229,7 @@ class DDPRide:
         if self._deep_rode:
             sq = list(DEEP_COLS[:_NORMS])
             self._m64[:, sq] = self._m64[:, sq].square()
-        return Ride(None, self._local0, self._m64, self._deep_rode)
+        return Ride(None, self._local0, self._m64, self._deep_due)
 
     def with_grad_norm(self, ride: Ride | None, user_sq: torch.Tensor | None) -> Ride | None:
         """``ride`` with its global gradient norm: the job's (``user_sq``) when it passes one,
@@ -240,6 +246,8 @@ class DDPRide:
         here as its late loss."""
         ride.matrix[:, Col.GRAD_SQ] = ride.grad_sq  # reduced gradients: the same on every rank
         m = self._agree.to_host(ride.matrix)
+        if ride.deep and not m[:, Col.DEEP].all():  # a rank could not take its deep check
+            return None, None
         verdict = self._policy.judge(m, amp=self._amp)
         if verdict.status != Status.HEALTHY or m[:, Col.PREEMPT].any():
             return None, None

@@ -178,3 +178,27 @@ def test_a_riding_deep_check_finds_damage_and_blames_its_rank(deep, fault, reaso
         assert res[fault]["events"] == [(20, "failure", reason, (1,), True)]
         assert res[fault]["stats"]["rollbacks"] == 1
     assert deep[0][fault]["digest"] == deep[1][fault]["digest"]
+
+
+def _deep_error(rank: int, world: int) -> dict:
+    """On rank 1 only, the optimizer state breaks the deep check of step 25 (a riding one)."""
+    model = DDP(make_model("mlp"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    arc = Arc(model, opt, config=ArcConfig(snapshot_every=20, deep_check_every=5), chaos="")
+
+    def damage(step: int) -> None:
+        if rank == 1 and step == 25:
+            next(iter(opt.state.values()))["step"] = torch.zeros(2)  # not a counter
+
+    try:
+        train(model, opt, arc, Data("mlp", rank), 40, before_step=damage)
+    except Exception as e:  # noqa: BLE001 - what each rank raised is the test's subject
+        return dict(type=type(e).__name__, error=str(e), step=arc.global_step)
+    return dict(type=None, step=arc.global_step)
+
+
+@pytest.mark.timeout(240)
+def test_a_deep_check_that_raises_on_one_rank_reaches_the_others_inside_step():
+    r0, r1 = run_ranks(_deep_error, 2, timeout=180)
+    assert r1["type"] == "RuntimeError" and r1["step"] == 25, r1
+    assert r0["type"] == "PeerError" and "rank 1 at step 25" in r0["error"], r0
