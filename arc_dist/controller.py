@@ -156,7 +156,8 @@ class Arc:
             self._ride = DDPRide.attach(model, rank=self.rank, world_size=self.world_size,
                                         agree=self._agree, policy=self._policy, lr=self._lr,
                                         preemption=self._preemption, amp=scaler is not None,
-                                        explain=self._failfast.explain)  # fmt: skip
+                                        explain=self._failfast.explain,
+                                        deep=self._riding_deep)  # fmt: skip
         self._closed = False
         self._stats = dict(rollbacks=0, skips=0, failures=0, warnings=0, escalations=0,
                            snapshots=0, checkpoints=0, forecasts=0)  # fmt: skip
@@ -258,17 +259,17 @@ class Arc:
         # Snapshot steps always run the deep (and divergence) checks: only verified states,
         # identical across replicas, become rollback targets. So does the step after a skip:
         # damaged state behind a one-step anomaly is then found at once.
-        # (a pin after an instability forecast is a snapshot step too: forecast.py)
-        snapshot_step = self.global_step % self.config.snapshot_every == 0 or self._forecast.pin_due
-        last = self._last
-        after_skip = last is not None and last.should_skip and not last.rolled_back
-        deep = snapshot_step or after_skip or self._calls % self.config.deep_check_every == 0
+        # Other deep-check steps ride on DDP's all-reduce when it carries them (ddp_hook.py).
+        snapshot_step = self._snapshot_step()
+        last, calls = self._last, self._calls
+        deep = snapshot_step or self._after_skip() or calls % self.config.deep_check_every == 0
         compare = self._check_divergence and (
-            snapshot_step or self._calls % self.config.divergence_every == 0
+            snapshot_step or calls % self.config.divergence_every == 0
         )
         self._calls += 1
         ride = self._ride.take() if self._ride is not None else None
-        collective = True if ride is None or deep or compare else None
+        deep_rides = ride is not None and ride.deep
+        collective = True if ride is None or compare or (deep and not deep_rides) else None
         # under FSDP2 the others may be inside the collective of the job's DTensor norm
         sharded_norm = grad_norm is not None and self.layout == Layout.SHARDED
         route = self._failfast.route = Route(None, None if sharded_norm else collective)
@@ -280,7 +281,7 @@ class Arc:
             user_sq = job_grad_sq(grad_norm, self._agree.device, self.layout, self.world_size)
         route.collective = collective
         if self._ride is not None:
-            ride = self._ride.with_grad_norm(ride, user_sq, self._signals.grad_sq)
+            ride = self._ride.with_grad_norm(ride, user_sq)
         route.ride = ride  # what the ride verdict is judged from, as on every rank
         check_loss(loss)
         if ride is None and last is None:  # the first step: was there a backward at all?
@@ -292,7 +293,7 @@ class Arc:
         if last_end is not None:
             busy = (self._ride.work_end(start, last_end) if self._ride else start) - last_end
         m = verdict = None
-        if ride is not None and not (deep or compare):
+        if ride is not None and not compare and (deep_rides or not deep):
             m, verdict = self._ride.judge(ride)
             route.collective = m is None
         fast = m is not None
@@ -310,6 +311,7 @@ class Arc:
                 fingerprint=compare,
                 # the previous step's loss if it rode here unjudged: judged now, never dropped
                 late_loss=self._ride.late_loss() if self._ride is not None else None,
+                deep_values=self._signals.deep_values(calls) if deep else None,
             )
             self._failfast.phase = Phase.JOINED
             m = self._agree.reduce(row)  # one collective and one host sync
@@ -348,6 +350,26 @@ class Arc:
         if self._watchdog is not None:
             self._watchdog.beat()
         return action
+
+    def _snapshot_step(self) -> bool:
+        """A regular snapshot step, or the pin after an instability forecast (forecast.py)."""
+        return self.global_step % self.config.snapshot_every == 0 or self._forecast.pin_due
+
+    def _after_skip(self) -> bool:
+        last = self._last
+        return last is not None and last.should_skip and not last.rolled_back
+
+    def _riding_deep(self) -> list[torch.Tensor] | None:
+        """Asked by the DDP hook during backward: the coming step's deep check when it rides.
+        Snapshot steps and the step after a skip take theirs on the collective path, from the
+        state as ``step()`` finds it: only verified states become rollback targets."""
+        if (
+            self._calls % self.config.deep_check_every
+            or self._snapshot_step()
+            or self._after_skip()
+        ):
+            return None
+        return self._signals.deep_values(self._calls)
 
     def _act(self, m, verdict: Verdict, decision: Decision) -> Action:
         base = dict(

@@ -45,6 +45,8 @@ class Col(enum.IntEnum):
 
 
 NUM_COLS = len(Col)
+#: a deep check's columns, in the order :meth:`SignalCollector.deep_values` returns them
+DEEP_COLS = (Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_COMMON_SQ, Col.STATE_BASE_SQ, Col.STATE_FLAGS)
 
 
 class StateFlag(enum.IntFlag):
@@ -114,6 +116,7 @@ class SignalCollector:
         # the last deep check's optimizer state: (parameters with state, per-parameter squared
         # norms, per-parameter step counters); None after a restore
         self._state_base: tuple[frozenset[int], torch.Tensor, torch.Tensor] | None = None
+        self._deep: tuple[int, list[torch.Tensor]] | None = None  # the last deep_values()
 
     def row(
         self,
@@ -128,8 +131,10 @@ class SignalCollector:
         fingerprint: bool = False,
         local_grad_sq: torch.Tensor | None = None,
         late_loss: torch.Tensor | None = None,
+        deep_values: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``late_loss``: the previous step's loss when nothing judged it yet (DDP ride)."""
+        """``late_loss``: the previous step's loss when nothing judged it yet (DDP ride);
+        ``deep_values``: this step's :meth:`deep_values` (else taken here)."""
         dev, f64 = self.device, torch.float64
         if grad_sq is None:
             grad_sq = self.grad_sq()
@@ -149,15 +154,24 @@ class SignalCollector:
             cols.append(Col.LATE_LOSS)
             vals.append(late_loss.reshape(()))
         if deep:
-            cols += [Col.WEIGHT_SQ, Col.STATE_SQ, Col.STATE_COMMON_SQ, Col.STATE_BASE_SQ]
-            cols.append(Col.STATE_FLAGS)
-            vals += [sq_norm(weights_of(self.model_params), dev), *self._optimizer_state()]
+            cols += DEEP_COLS
+            vals += self.deep_values() if deep_values is None else deep_values
         if fingerprint:
             cols.append(Col.FINGERPRINT)
             vals.append(param_fingerprint(self.model_params + self._state_tensors(), dev))
         row = torch.tensor(host, dtype=f64).to(dev, non_blocking=True)
         row[cols] = torch.stack([v.to(dev, f64) for v in vals])
         return row
+
+    def deep_values(self, step: int | None = None) -> list[torch.Tensor]:
+        """This rank's deep check (:data:`DEEP_COLS`) as float64 device tensors: the weights'
+        squared norm and the optimizer state's. Taken once per ``step`` (the ``step()`` call it
+        belongs to; None: now): it moves the optimizer-state baseline, so a second backward
+        before the same step, or the collective path after a ride, gets the same values."""
+        if step is None or self._deep is None or self._deep[0] != step:
+            weights = sq_norm(weights_of(self.model_params), self.device)
+            self._deep = (step, [weights, *self._optimizer_state()])
+        return self._deep[1]
 
     def grad_sq(self) -> torch.Tensor:
         """Squared norm of the gradients this rank holds (one foreach pass)."""

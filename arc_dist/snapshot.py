@@ -137,6 +137,7 @@ class SnapshotStore:
         self.keep = keep
         self._ring: list[Snapshot] = []
         self._spare: list[Snapshot] = []
+        self._steps: tuple[int, ...] | None = None  # steps(), kept until the ring changes
 
     def __len__(self) -> int:
         return len(self._ring)
@@ -145,13 +146,17 @@ class SnapshotStore:
     def newest(self) -> Snapshot | None:
         return self._ring[-1] if self._ring else None
 
-    def steps(self) -> list[int]:
-        """The steps of the snapshots held, oldest first (the rollback targets)."""
-        return [s.step for s in self._ring]
+    def steps(self) -> tuple[int, ...]:
+        """The steps of the snapshots held, oldest first (the rollback targets); asked every
+        step, built only when the ring changed."""
+        if self._steps is None:
+            self._steps = tuple(s.step for s in self._ring)
+        return self._steps
 
     def clear(self) -> None:
         """Forget every snapshot: a resume starts from another state."""
         self._ring.clear()
+        self._steps = None
 
     def _model_tensors(self) -> list[torch.Tensor]:
         # state_dict(keep_vars=True) lists parameters and persistent buffers once each, also
@@ -163,6 +168,7 @@ class SnapshotStore:
 
         ``pin``: held on top of the ``keep`` others, so that it evicts none of the older targets
         an escalation may need; the next snapshot replaces it."""
+        self._steps = None
         # a rollback abandoned the trajectory of any snapshot at or after ``step``
         while self._ring and self._ring[-1].step >= step:
             self._spare.append(self._ring.pop())
@@ -212,6 +218,7 @@ class SnapshotStore:
 
     def drop_newest(self) -> None:
         self._spare.append(self._ring.pop())
+        self._steps = None
 
     def restore(self, snap: Snapshot, set_extra: Callable[[dict], None]) -> None:
         """Put the live state back to ``snap``: model in place, optimizer, scheduler, RNG."""

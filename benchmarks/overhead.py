@@ -234,11 +234,13 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
         for key, (model, opt) in (
             ("hook", hooked), ("hook_nonorm", hooked_nonorm), ("py_hook", py_hook)
         ):  # fmt: skip
-            if key in rides:
-                rides[key].measure = key == "hook"
             _, dt = fwd_bwd(model)
-            if key in rides:
-                rides[key].take()
+            if key in rides:  # the norm of the reduced buckets is taken after backward
+                t0 = time.perf_counter()
+                taken = rides[key].take()
+                if key == "hook":
+                    rides[key].with_grad_norm(taken, None)
+                dt += time.perf_counter() - t0
             opt.step()
             opt.zero_grad(set_to_none=True)
             if keep:
@@ -261,26 +263,27 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
             if keep:
                 t[key + "_bwd"].append(dt)
                 by_kind[key][kind].append(t1 - t0)
-    # Python heap and torch ops inside Arc.step on ordinary steps of the ride_ddp=False twin
-    # (traced apart: tracing slows; no comm-hook callbacks run on other threads meanwhile)
-    heap, ops = [], []
-    model, opt, arc = arcs["arc"]
+    # Python heap and torch ops inside Arc.step on ordinary steps of both twins (traced apart:
+    # tracing slows; no comm-hook callbacks run on other threads while Arc.step runs)
+    # tracing stays on across the loop: starting and stopping it per step crashed here
+    heap: dict[str, list[int]] = {key: [] for key in arcs}
+    ops: dict[str, list[int]] = {key: [] for key in arcs}
+    tracemalloc.start()
     for _ in range(20):
-        if arc._calls % cfg.deep_check_every == 0 or arc.global_step % cfg.snapshot_every == 0:
+        for key, (model, opt, arc) in arcs.items():
             loss, _ = fwd_bwd(model)
-            arc.step(loss)
+            if arc._calls % cfg.deep_check_every == 0 or arc.global_step % cfg.snapshot_every == 0:
+                arc.step(loss)
+            else:
+                tracemalloc.reset_peak()
+                before = tracemalloc.get_traced_memory()[0]
+                with _CountOps() as counter:
+                    arc.step(loss)
+                heap[key].append(tracemalloc.get_traced_memory()[1] - before)
+                ops[key].append(counter.n)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            continue
-        loss, _ = fwd_bwd(model)
-        tracemalloc.start()
-        with _CountOps() as counter:
-            arc.step(loss)
-        heap.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-        ops.append(counter.n)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    tracemalloc.stop()
     for _, _, a in arcs.values():
         a.close()
     med = {k: 1e3 * statistics.median(v) for k, v in t.items()}
@@ -297,8 +300,8 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
         **med,
         arc_step=kinds,
         arc_step_share=share,
-        heap_bytes_per_arc_step=statistics.median(heap) if heap else 0,
-        torch_ops_per_arc_step=statistics.median(ops) if ops else 0,
+        heap_bytes_per_arc_step={k: statistics.median(v) for k, v in heap.items() if v},
+        torch_ops_per_arc_step={k: statistics.median(v) for k, v in ops.items() if v},
     )
 
 
@@ -332,12 +335,10 @@ def print_attribution(rows: list[dict]) -> None:
             ),
         ):
             print(f"| {label} | {v:.3f} |")
-        print(
-            f"| Python heap peak per ordinary Arc.step (ride_ddp=False) | {r['heap_bytes_per_arc_step'] / 1e3:.1f} kB |"
-        )
-        print(
-            f"| torch ops per ordinary Arc.step (ride_ddp=False) | {r['torch_ops_per_arc_step']:.0f} |"
-        )
+        for key, twin in (("arc_ride", "riding"), ("arc", "ride_ddp=False")):
+            heap, ops = r["heap_bytes_per_arc_step"][key], r["torch_ops_per_arc_step"][key]
+            print(f"| {twin}: Python heap peak per ordinary Arc.step | {heap / 1e3:.1f} kB |")
+            print(f"| {twin}: torch ops per ordinary Arc.step | {ops:.0f} |")
 
 
 def bench(

@@ -86,14 +86,18 @@ def train(
     max_calls: int | None = None,
     sched=None,
     clip: float | None = None,
+    before_step=None,
 ):
-    """The contract's loop; returns the list of non-healthy actions (as tuples)."""
+    """The contract's loop; returns the list of non-healthy actions (as tuples).
+    ``before_step(global_step)`` runs before each forward."""
     events = []
     calls = 0
     while arc.global_step < steps:
         calls += 1
         if max_calls is not None and calls > max_calls:
             raise RuntimeError(f"loop did not reach {steps} steps in {max_calls} calls")
+        if before_step is not None:
+            before_step(arc.global_step)
         loss = data.loss(model, data.next())
         loss.backward()
         if clip is not None:  # the job clips anyway: Arc reuses the norm

@@ -38,7 +38,7 @@ def _worker(rank, world, layout, fault, fail_at, linger, outdir):
     if layout == "ddp":
         model = DDP(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    arc = Arc(model, opt, config=ArcConfig(), chaos="")
+    arc = Arc(model, opt, config=ArcConfig(snapshot_every=10), chaos="")
     data = Data("mlp", rank)
     flag = os.path.join(outdir, "rank0_failed")
     out = dict(steps=0)
@@ -91,7 +91,7 @@ def _check(tmp_path, layout, fault, fail_at, linger):
     "layout,fault,fail_at",
     [
         ("independent", "grad_norm", 3),  # without DDP every step runs Arc's own collective
-        ("ddp", "loss", 10),  # a deep-check step: no judging from DDP's ride alone
+        ("ddp", "loss", 10),  # a snapshot step: no judging from DDP's ride alone
     ],
 )
 def test_the_others_raise_at_once_while_the_failing_rank_lingers(tmp_path, layout, fault, fail_at):
