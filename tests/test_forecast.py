@@ -137,8 +137,8 @@ def _check_forecast_run(r: dict, lr_factor: float | None, fault: bool) -> int:
     assert forecasts == [(f, f + 1, WARNING, REASON, False, False, None)]
     assert r["stats"]["forecasts"] == 1 and r["step"] == STEPS
     # the next state (verified: deep checks ran) is pinned on top of the regular snapshots
-    assert r["pins"][f + 1] == [0, f + 1]
-    assert r["pins"][50] == [0, 50]  # the next regular snapshot replaces the pin
+    assert r["pins"][f + 1] == (0, f + 1)
+    assert r["pins"][50] == (0, 50)  # the next regular snapshot replaces the pin
     factor = lr_factor or 1.0
     assert r["lrs"][f - 1] == LR and r["lrs"][f] == pytest.approx(LR * factor)
     assert r["lrs"][f + 19] == pytest.approx(LR * factor)
@@ -175,7 +175,7 @@ def test_off_by_default_the_same_run_is_untouched():
     assert r["forecast_at"] is None and r["stats"]["forecasts"] == 0
     assert all(a[3] != REASON and not a[4] and not a[5] for a in r["actions"])
     assert set(r["lrs"].values()) == {LR}
-    assert r["pins"][STEPS - 1] == [0, 50]
+    assert r["pins"][STEPS - 1] == (0, 50)
     on = _grow_run(0, 1, None, dict(enabled=True), fault=False)
     assert on["digest"] == r["digest"]  # a forecast alone changes nothing in the training
 
