@@ -6,7 +6,14 @@ process once rank 0 reports step ``--kill-at``, and measures
 * **kill -> first step**: seconds from the SIGKILL to the first optimizer step completed by
   every rank of the restarted group (agent detection, stopping the survivors, rendezvous,
   process start and imports, process-group set-up, checkpoint load, one step);
-* **steps lost**: the newest step reached before the kill minus the step the restart resumed at.
+* **steps lost**: the newest step reached before the kill minus the step the restart resumed at;
+* **where the seconds go** (``--breakdown``, on by default; torchrun paths): from the agent's
+  log (torchrun runs with ``LOGLEVEL=INFO``) and the timestamps the workers put in their
+  ``start`` events, for the slowest rank of the restarted group: detection by the agent (kill ->
+  SIGTERM to the survivors), stopping the survivors (-> the agent reports the failure), the
+  agent's restart and rendezvous (-> "Starting worker group"), process creation, interpreter
+  start (-> the script's first line), imports, process-group set-up, model and data, restore,
+  first step. Each phase ends when the slowest rank ends it, so the phases add up to the total.
 
 Paths compared (same model, data, checkpoint interval, monitor interval, 1 restart):
 
@@ -33,8 +40,10 @@ Target on a CPU machine with 2 ranks: kill -> first step <= 5 s.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -71,6 +80,57 @@ def _wait(pred, report: Path, proc: subprocess.Popen, what: str, timeout: float 
         time.sleep(0.01)
 
 
+_AGENT_LINE = re.compile(r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) \d+ \S+\] (.*)$")
+
+#: (phase, what ends it): agent log lines (regex) or worker timestamps (``start`` event keys)
+PHASES = [
+    ("detect", r"closing signal SIGTERM"),
+    ("stop survivors", r"^failed \(exitcode"),
+    ("restart + rendezvous", r"Starting worker group"),
+    ("process created", "t_process"),
+    ("interpreter start", "t_main"),
+    ("imports", "t_imported"),
+    ("process group", "t_pg"),
+    ("model + data", "t_resume"),
+    ("restore", "time"),
+    ("first step", "first_step"),
+]
+
+
+def _agent_times(out: str, near: float) -> list[tuple[float, str]]:
+    """(wall time, message) of torchrun's log lines; they carry the time of day only."""
+    day = datetime.datetime.fromtimestamp(near).replace(hour=0, minute=0, second=0, microsecond=0)
+    got = []
+    for line in out.splitlines():
+        m = _AGENT_LINE.match(line)
+        if m:
+            h, mi, sec, msg = m.groups()
+            got.append((day.timestamp() + int(h) * 3600 + int(mi) * 60 + float(sec), msg))
+    return got
+
+
+def breakdown(t_kill: float, ev: list[dict], out: str) -> dict[str, float]:
+    """Seconds per phase from the kill to the restarted group's first step (see the module
+    docstring); a phase whose end was not logged is folded into the next one."""
+    starts = [e for e in ev if e["event"] == "start" and e["restart"] == 1]
+    firsts = [e for e in ev if e["event"] == "first_step" and e["restart"] == 1]
+    agent = _agent_times(out, t_kill)
+    phases, prev, mark = {}, t_kill, t_kill
+    for name, end in PHASES:
+        if end == "first_step":
+            t = max(e["time"] for e in firsts)
+        elif end.startswith("t_") or end == "time":
+            vals = [e.get(end) for e in starts]
+            t = max(vals) if vals and None not in vals else None
+        else:
+            t = next((t for t, msg in agent if t >= mark and re.search(end, msg)), None)
+            mark = t if t is not None else mark
+        if t is not None:
+            phases[name] = t - prev
+            prev = t
+    return phases
+
+
 def one_round(path: str, args, workdir: Path) -> dict:
     report, ckpt = workdir / "report.jsonl", workdir / "ckpt"
     common = [
@@ -95,7 +155,8 @@ def one_round(path: str, args, workdir: Path) -> dict:
             f"--log-dir={workdir / 'logs'}", str(ROOT / "benchmarks" / "_plain_worker.py"),
             *common,
         ]  # fmt: skip
-    env = {**os.environ, "TMPDIR": str(workdir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "TMPDIR": str(workdir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           "LOGLEVEL": "INFO"}  # fmt: skip
     env.pop("ARC_CHAOS", None)
     log = open(workdir / "out.txt", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
@@ -126,6 +187,7 @@ def one_round(path: str, args, workdir: Path) -> dict:
         raise RuntimeError(f"{path}: the job exited {rc}; see {workdir / 'out.txt'}")
     return {
         "kill_to_step_s": max(e["time"] for e in firsts) - t_kill,
+        "phases": breakdown(t_kill, _events(report), (workdir / "out.txt").read_text()),
         "steps_lost": last - resumed,
         "resumed_at": resumed,
         "killed_at": last,
@@ -183,6 +245,8 @@ def main() -> None:
                 print(f"{path} round {r}: kill -> first step {res['kill_to_step_s']:.2f} s, "
                       f"steps lost {res['steps_lost']} (killed at {res['killed_at']}, resumed "
                       f"at {res['resumed_at']})", flush=True)  # fmt: skip
+                print("    " + ", ".join(f"{k} {v:.2f}" for k, v in res["phases"].items()),
+                      flush=True)  # fmt: skip
                 results.setdefault(path, []).append(res)
 
     names = {
@@ -202,6 +266,18 @@ def main() -> None:
         print(
             f"| {names[path]} | {statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f}) | {lost:g} |"
         )
+    timed = {p: rs for p, rs in results.items() if any(r.get("phases") for r in rs)}
+    if timed:
+        print("\nwhere the seconds go (median of the rounds, s; slowest rank):\n")
+        print("| phase | " + " | ".join(timed) + " |")
+        print("| --- |" + " --- |" * len(timed))
+        for name, _ in PHASES:
+            row = []
+            for rs in timed.values():
+                v = [r["phases"][name] for r in rs if name in r.get("phases", {})]
+                row.append(f"{statistics.median(v):.2f}" if v else "-")
+            print(f"| {name} | " + " | ".join(row) + " |")
+    print(f"\nload average (1, 5, 15 min) at the end: {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
