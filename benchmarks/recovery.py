@@ -23,6 +23,9 @@ Paths compared (same model, data, checkpoint interval, monitor interval, 1 resta
   (``--confirm-after``); the node-local tier off (``--no-local-snapshots``);
 * ``local``: the same with the node-local snapshot tier on (the default): healthy snapshots every
   ``--snapshot-every`` steps in /dev/shm, resume from the newest one every rank has;
+* ``warm``: ``local`` under ``--warm-start``: workers are forked from a per-node zygote that has
+  torch, arc-dist and the examples the worker imports (``--warm-import``, found through
+  ``PYTHONPATH``) imported already;
 * ``plain``: ``torchrun`` + benchmarks/_plain_worker.py: rank 0 ``torch.save``s the model and
   optimizer every ``--checkpoint-every`` steps, every (re)start ``torch.load``s it;
 * ``ray``: examples/train_ray.py under Ray Train (a private local Ray instance): a worker
@@ -139,9 +142,10 @@ def one_round(path: str, args, workdir: Path) -> dict:
         "--log-every", "1", "--throttle", str(args.throttle), "--corpus-bytes", "300000",
         "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
     ]  # fmt: skip
-    if path in ("arc", "local"):
+    if path in ("arc", "local", "warm"):
         cmd = [
             sys.executable, "-m", "arc_dist.launch", "--nproc-per-node=2", "--max-restarts=1",
+            *(["--warm-start", "--warm-import=gpt", "--warm-import=train_ddp"] if path == "warm" else []),
             f"--monitor-interval={args.monitor_interval}", f"--log-dir={workdir / 'logs'}",
             str(ROOT / "tests" / "workers" / "train_worker.py"), *common,
             "--confirm-after", str(args.confirm_after), "--hang-timeout", "0",
@@ -158,6 +162,10 @@ def one_round(path: str, args, workdir: Path) -> dict:
     env = {**os.environ, "TMPDIR": str(workdir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
            "LOGLEVEL": "INFO"}  # fmt: skip
     env.pop("ARC_CHAOS", None)
+    if path == "warm":  # the zygote imports the example's modules by name
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT / "examples"), env.get("PYTHONPATH")])
+        )
     log = open(workdir / "out.txt", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     try:
@@ -214,7 +222,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
-        "--paths", default="arc,local,plain", help="comma-separated: arc, local, plain, ray"
+        "--paths", default="arc,local,plain", help="comma-separated: arc, local, warm, plain, ray"
     )
     p.add_argument("--kill-at", type=int, default=30, help="kill once rank 0 reached this step")
     p.add_argument("--checkpoint-every", type=int, default=10)
@@ -252,6 +260,7 @@ def main() -> None:
     names = {
         "arc": "arc-dist launcher, DCP checkpoint resume",
         "local": "arc-dist launcher, node-local snapshot resume (/dev/shm)",
+        "warm": "arc-dist launcher --warm-start, node-local snapshot resume",
         "plain": "plain torchrun + torch.save resume",
         "ray": "Ray Train restart + arc.resume() (DCP checkpoint)",
     }
