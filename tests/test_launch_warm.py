@@ -8,15 +8,25 @@ and kills whatever is left. No timing assertions: the times are benchmarks/recov
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 
 import pytest
 
+from arc_dist.elastic.launcher import _descendants, sigkill_all
+from arc_dist.elastic.zygote import SHIM, wait_listening
 from arc_dist.errors import ExitCode
 
 from ._launchproc import clean_env
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="warm start is Linux-only"
+)
 
 
 @pytest.mark.timeout(120)
@@ -40,3 +50,125 @@ def test_a_failing_exit_freezes_the_heap_before_the_teardown(tmp_path):
                        text=True, timeout=100)  # fmt: skip
     assert p.returncode == ExitCode.RETRY, p.stderr[-2000:]
     assert "frozen True" in p.stdout, (p.stdout, p.stderr[-2000:])
+
+
+# ------------------------------------------------------------ the shim and the zygote alone
+
+SCRIPT = """
+import os, signal, sys, time
+print("argv", sys.argv[1:], "env", os.environ.get("WARM_TEST"), "cwd", os.getcwd(),
+      "main", __name__, "ppid", os.getppid(), flush=True)
+print("to stderr", file=sys.stderr, flush=True)
+mode = sys.argv[1]
+if mode == "exit":
+    sys.exit(int(sys.argv[2]))
+if mode == "raise":
+    raise RuntimeError("boom in the worker")
+if mode == "term":  # as Arc does: SIGTERM is a request to stop in an orderly way
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(10))
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def zygote(tmp_path):
+    """A real zygote that imports nothing heavy (json): the protocol without torch's import."""
+    address = f"arc-zygote-test-{uuid.uuid4().hex}"
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "arc_dist.elastic.zygote", address, "json"],
+                            env=clean_env(tmp_path), start_new_session=True)  # fmt: skip
+    (tmp_path / "w.py").write_text(SCRIPT)
+    try:
+        assert wait_listening(address, proc)
+        yield address, proc
+    finally:
+        sigkill_all([proc.pid, *_descendants(proc.pid)])
+        proc.wait()
+
+
+def _shim(tmp_path, address, *args, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-u", SHIM, address, "--", "w.py", *args], cwd=tmp_path,
+        env=clean_env(tmp_path, WARM_TEST="from-the-shim"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True, **kw,
+    )  # fmt: skip
+
+
+def _worker_pid(shim: subprocess.Popen, zygote_pid: int) -> int:
+    """The worker's pid from its first line; it must be the zygote's child, not the shim's."""
+    line = shim.stdout.readline()
+    ppid = int(line.split("ppid ")[1])
+    assert ppid == zygote_pid, line
+    return _pids_of_children(zygote_pid)[-1]
+
+
+def _pids_of_children(pid: int) -> list[int]:
+    return sorted(_descendants(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_shim_hands_over_argv_env_cwd_stdio_and_returns_the_exit_status(tmp_path, zygote):
+    address, proc = zygote
+    shim = _shim(tmp_path, address, "exit", "7")
+    out, err = shim.communicate(timeout=50)
+    assert shim.returncode == 7, (out, err)
+    assert (
+        f"argv ['exit', '7'] env from-the-shim cwd {tmp_path} main __main__ ppid {proc.pid}" in out
+    )
+    assert "to stderr" in err
+    shim = _shim(tmp_path, address, "raise")
+    out, err = shim.communicate(timeout=50)
+    assert shim.returncode == 1 and "RuntimeError: boom in the worker" in err
+
+
+@pytest.mark.timeout(60)
+def test_shim_relays_sigterm_and_dies_of_the_workers_signal(tmp_path, zygote):
+    address, proc = zygote
+    handled = _shim(tmp_path, address, "term")
+    plain = _shim(tmp_path, address, "sleep")
+    workers = [_worker_pid(s, proc.pid) for s in (handled, plain)]
+    for s in (handled, plain):
+        s.send_signal(signal.SIGTERM)
+    assert handled.wait(30) == 10  # the worker's handler ran and chose its exit code
+    assert plain.wait(30) == -signal.SIGTERM  # killed by the signal: the shim dies of it too
+    assert all(_gone(pid) for pid in workers)
+
+
+@pytest.mark.timeout(60)
+def test_worker_dies_with_its_shim_and_with_the_zygote(tmp_path, zygote):
+    address, proc = zygote
+    first, second = _shim(tmp_path, address, "sleep"), _shim(tmp_path, address, "sleep")
+    w1 = _worker_pid(first, proc.pid)
+    first.kill()  # torchrun's SIGKILL reaches the shim only
+    first.wait()
+    assert _gone(w1), "the worker outlived its shim"
+    w2 = _worker_pid(second, proc.pid)
+    proc.kill()  # the zygote dies: its workers get their parent-death SIGKILL
+    proc.wait()
+    assert _gone(w2), "the worker outlived the zygote"
+    second.wait(30)
+
+
+@pytest.mark.timeout(60)
+def test_without_a_zygote_the_shim_starts_the_worker_normally(tmp_path):
+    (tmp_path / "w.py").write_text(SCRIPT)
+    shim = _shim(tmp_path, f"arc-zygote-none-{uuid.uuid4().hex}", "exit", "3")
+    out, _ = shim.communicate(timeout=50)
+    assert shim.returncode == 3 and f"argv ['exit', '3'] env from-the-shim cwd {tmp_path}" in out
+    assert f"ppid {os.getpid()}" in out  # exec'd in place of the shim: our child, no zygote

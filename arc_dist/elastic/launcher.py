@@ -235,6 +235,11 @@ class Launcher:
         if "OMP_NUM_THREADS" not in env and self.spec.nproc_per_node not in ("1", "auto"):
             env = {**env, "OMP_NUM_THREADS": "1"}  # what torchrun gives each worker
         self.zygote, address = warm.start(env, self.spec.warm_imports)
+        if not warm.wait_listening(address, self.zygote):
+            _say("warm start: the zygote is not listening; starting workers normally")
+            warm.stop(self.zygote)
+            self.zygote = None
+            return None
         _say(f"warm start: zygote pid {self.zygote.pid} forks the workers")
         return address
 

@@ -78,6 +78,21 @@ def start(env: dict[str, str], imports: list[str]) -> tuple[subprocess.Popen, st
     return proc, address
 
 
+def wait_listening(address: str, proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """Wait until the zygote listens (it binds before its imports: a fraction of a second), so
+    the first workers queue on it instead of starting without it; False if it did not."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with open("/proc/net/unix") as f:
+                if f"@{address}\n" in f.read():
+                    return True
+        except OSError:
+            return False
+        time.sleep(0.02)
+    return False
+
+
 def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     """SIGTERM the zygote (it SIGKILLs its workers), SIGKILL it if it does not go."""
     if proc.poll() is None:

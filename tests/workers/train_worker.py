@@ -4,7 +4,8 @@
 [--report FILE] [--throttle S] [--chaos-on-restart]`` runs ``train_ddp.train`` (with FSDP2's
 wrapping under ``--fsdp``) unchanged, with an :class:`~arc_dist.Arc` subclass that appends JSON
 events to ``--report`` (per rank: ``start`` with the pid, ``first_step``; rank 0: ``step`` every
-``--log-every`` steps and ``done`` with the mean loss of the last 20 updates; ``start`` also
+``--log-every`` steps and ``done`` with the mean loss of the last 20 updates; per rank at the
+end, ``params`` with the sum of the model's parameters; ``start`` also
 carries the wall-clock times this process was created, ran its first line, finished its imports,
 joined the process group and began ``resume()``, for benchmarks/recovery.py's breakdown), sleeps
 ``--throttle`` seconds per step so a test can act mid-run, and keeps ``--chaos`` in restarts
@@ -24,6 +25,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
+import torch  # noqa: E402
 import train_ddp  # noqa: E402
 from train_fsdp import wrap_fsdp  # noqa: E402
 
@@ -91,6 +93,10 @@ def reporting_arc(args) -> type[Arc]:
 
         def close(self) -> None:
             stats = self.stats()
+            with torch.no_grad():  # every rank: tests compare the replicas
+                local = [getattr(p, "to_local", lambda p=p: p)() for p in self.model.parameters()]
+                total = float(sum(p.double().sum() for p in local))  # FSDP2: this rank's shard
+            report(args.report, event="params", step=self.global_step, sum=total, **self._event)
             super().close()
             if self.rank == 0:
                 loss = sum(self._recent) / len(self._recent) if self._recent else math.nan
