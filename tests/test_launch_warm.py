@@ -56,16 +56,16 @@ def test_a_failing_exit_freezes_the_heap_before_the_teardown(tmp_path):
 
 SCRIPT = """
 import os, signal, sys, time
-print("argv", sys.argv[1:], "env", os.environ.get("WARM_TEST"), "cwd", os.getcwd(),
-      "main", __name__, "ppid", os.getppid(), flush=True)
-print("to stderr", file=sys.stderr, flush=True)
 mode = sys.argv[1]
+if mode == "term":  # as Arc does: SIGTERM is a request to stop in an orderly way
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(10))
+print("argv", sys.argv[1:], "env", os.environ.get("WARM_TEST"), "cwd", os.getcwd(),
+      "main", __name__, "ppid", os.getppid(), "pid", os.getpid(), flush=True)
+print("to stderr", file=sys.stderr, flush=True)
 if mode == "exit":
     sys.exit(int(sys.argv[2]))
 if mode == "raise":
     raise RuntimeError("boom in the worker")
-if mode == "term":  # as Arc does: SIGTERM is a request to stop in an orderly way
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(10))
 time.sleep(120)
 """
 
@@ -96,13 +96,9 @@ def _shim(tmp_path, address, *args, **kw) -> subprocess.Popen:
 def _worker_pid(shim: subprocess.Popen, zygote_pid: int) -> int:
     """The worker's pid from its first line; it must be the zygote's child, not the shim's."""
     line = shim.stdout.readline()
-    ppid = int(line.split("ppid ")[1])
+    ppid, pid = (int(x) for x in line.split("ppid ")[1].split(" pid "))
     assert ppid == zygote_pid, line
-    return _pids_of_children(zygote_pid)[-1]
-
-
-def _pids_of_children(pid: int) -> list[int]:
-    return sorted(_descendants(pid))
+    return pid
 
 
 def _alive(pid: int) -> bool:

@@ -66,6 +66,7 @@ def main() -> None:
     module = mode == "-m"
     sock = _request(address, module, target, args)
     if sock is None:
+        sys.stderr.write(f"[arc-warm] no zygote listening: starting {target} normally\n")
         _normal_start(module, target, args)
     sock.settimeout(CONNECT_TIMEOUT)
     replies = _lines(sock)
