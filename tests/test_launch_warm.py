@@ -8,21 +8,27 @@ and kills whatever is left. No timing assertions: the times are benchmarks/recov
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from arc_dist.checkpoint import Storage, scan
 from arc_dist.elastic.launcher import _descendants, sigkill_all
 from arc_dist.elastic.zygote import SHIM, wait_listening
 from arc_dist.errors import ExitCode
 
-from ._launchproc import clean_env
+from ._launchproc import REPO, TRAIN_WORKER, LaunchProc, clean_env, events, example_args
+
+LAUNCH_WORKER = REPO / "tests" / "workers" / "launch_worker.py"
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="warm start is Linux-only"
@@ -144,6 +150,9 @@ def test_shim_relays_sigterm_and_dies_of_the_workers_signal(tmp_path, zygote):
     assert handled.wait(30) == 10  # the worker's handler ran and chose its exit code
     assert plain.wait(30) == -signal.SIGTERM  # killed by the signal: the shim dies of it too
     assert all(_gone(pid) for pid in workers)
+    killed = _shim(tmp_path, address, "sleep")
+    os.kill(_worker_pid(killed, proc.pid), signal.SIGKILL)  # kill -9 of the worker itself
+    assert killed.wait(30) == -signal.SIGKILL  # what torchrun sees is what happened
 
 
 @pytest.mark.timeout(60)
@@ -168,3 +177,143 @@ def test_without_a_zygote_the_shim_starts_the_worker_normally(tmp_path):
     out, _ = shim.communicate(timeout=50)
     assert shim.returncode == 3 and f"argv ['exit', '3'] env from-the-shim cwd {tmp_path}" in out
     assert f"ppid {os.getpid()}" in out  # exec'd in place of the shim: our child, no zygote
+
+
+# ------------------------------------------------------------ through the launcher and torchrun
+
+
+def _zygote_pid(out: str) -> int:
+    m = re.search(r"warm start: zygote pid (\d+) forks the workers", out)
+    assert m, out[-3000:]
+    return int(m.group(1))
+
+
+def _forked(out: str) -> None:
+    """Every worker of the run came from the zygote: no shim started one normally."""
+    assert "[arc-zygote] ready in" in out and "[arc-warm]" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "mode, flags, code",
+    [
+        ("unrecoverable", ["--nproc-per-node=2", "--max-restarts=5"], ExitCode.UNRECOVERABLE),
+        ("hardware", ["--max-restarts=5", "--bad-node-after=2"], ExitCode.BAD_NODE),
+        ("hardware", ["--max-restarts=0", "--bad-node-after=0"], ExitCode.HARDWARE),
+        ("kill", ["--nproc-per-node=2", "--max-restarts=1"], ExitCode.RETRY),
+    ],
+)
+def test_exit_codes_reach_the_launcher_through_the_shim(tmp_path, mode, flags, code):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    run = LaunchProc(tmp_path, ["--warm-start", *flags], LAUNCH_WORKER, [mode, str(markers)])
+    try:
+        rc = run.wait(200)
+    finally:
+        run.cleanup()
+    out = run.output
+    assert rc == code, out[-3000:]
+    _forked(out)
+    assert _gone(_zygote_pid(out)), "the zygote outlived the launcher"
+    starts = sorted(markers.glob("start-*.json"))
+    assert starts and not any(_alive(int(p.stem.split("-")[-1])) for p in starts)
+    if mode == "kill":  # the SIGKILL reached torchrun through the shim, and it restarted
+        assert {p.stem.split("-")[1] for p in starts} == {"0", "1"}
+        assert "exitcode: -9" in out
+
+
+def _train(tmp_path, steps: int, *extra: str, restarts: int = 1) -> tuple[LaunchProc, Path]:
+    report, ckpt = tmp_path / "run" / "report.jsonl", tmp_path / "run" / "ckpt"
+    run = LaunchProc(tmp_path, ["--warm-start", "--nproc-per-node=2", f"--max-restarts={restarts}"],
+                     TRAIN_WORKER, example_args(report, ckpt, steps, "--log-every", "1", *extra))  # fmt: skip
+    return run, report
+
+
+def _wait_step(run: LaunchProc, report: Path, step: int) -> list[dict]:
+    deadline = time.monotonic() + 180
+    while not any(e["event"] == "step" and e["step"] >= step for e in events(report)):
+        assert run.proc.poll() is None, run.output[-3000:]
+        assert time.monotonic() < deadline, f"training did not reach step {step}"
+        run.track()
+        time.sleep(0.05)
+    return events(report)
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkill_of_a_forked_rank_resumes_and_finishes_with_identical_replicas(tmp_path):
+    run, report = _train(tmp_path, 40, "--throttle", "0.05")
+    try:
+        ev = _wait_step(run, report, 22)
+        victim = next(e["pid"] for e in ev if e["event"] == "start" and e["rank"] == 1)
+        assert _ppid(victim) == _zygote_pid(run.output)  # forked by the zygote, not torchrun
+        os.kill(victim, signal.SIGKILL)
+        rc = run.wait(240)
+    finally:
+        run.cleanup()
+    out = run.output
+    assert rc == ExitCode.OK, out[-3000:]
+    _forked(out)
+    assert "exitcode: -9" in out  # the agent saw the SIGKILL through the shim
+    ev = events(report)
+    starts = [(e["restart"], e["rank"]) for e in ev if e["event"] == "start"]
+    assert sorted(starts) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    resumed = next(e["step"] for e in ev if e["event"] == "start" and e["restart"] == 1)
+    assert resumed >= 20  # the newest snapshot/checkpoint before the kill, not a fresh start
+    done = [e for e in ev if e["event"] == "done"]
+    assert len(done) == 1 and done[0]["step"] == 40 and math.isfinite(done[0]["loss"])
+    sums = [e["sum"] for e in ev if e["event"] == "params" and e["restart"] == 1]
+    assert len(sums) == 2 and sums[0] == sums[1] and math.isfinite(sums[0])
+    assert _gone(_zygote_pid(out))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_still_writes_the_final_checkpoint_and_exits_retry(tmp_path):
+    run, report = _train(tmp_path, 60, "--throttle", "0.15", "--checkpoint-every", "20")
+    try:
+        _wait_step(run, report, 26)
+        run.proc.send_signal(signal.SIGTERM)  # as the kubelet would: to the launcher
+        rc = run.wait(120)
+    finally:
+        run.cleanup()
+    out = run.output
+    assert rc == ExitCode.RETRY, out[-3000:]
+    _forked(out)
+    m = re.search(r"SIGTERM on ranks \[[\d, ]+\] at step (\d+): writing a final checkpoint", out)
+    assert m and 26 <= int(m.group(1)) < 60, out[-3000:]
+    infos = [c for c in scan(Storage(str(tmp_path / "run" / "ckpt"))) if c.committed]
+    assert infos[-1].step == int(m.group(1))
+    pids = [e["pid"] for e in events(report) if e["event"] == "start"]
+    assert not any(_alive(p) for p in [*pids, _zygote_pid(out)])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigkill_of_the_launcher_leaves_no_zygote_or_worker_behind(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    run = LaunchProc(tmp_path, ["--warm-start", "--nproc-per-node=2"], LAUNCH_WORKER,
+                     ["sleep", str(markers)])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(markers.glob("start-*.json"))) < 2:
+            assert run.proc.poll() is None, run.output[-3000:]
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.1)
+        workers = [int(p.stem.split("-")[-1]) for p in markers.glob("start-*.json")]
+        zygote = _zygote_pid(run.output)
+        assert all(_ppid(w) == zygote for w in workers)
+        tree = _descendants(run.proc.pid)
+        run.proc.kill()  # only the launcher: no chance to clean up
+        run.proc.wait()
+        left = [p for p in [zygote, *workers, *tree] if not _gone(p, timeout=60)]
+    finally:
+        run.cleanup()
+    assert not left, f"left behind: {left}"

@@ -95,7 +95,8 @@ def main() -> None:
         sig = os.WTERMSIG(status)
         for name in RELAYED:
             signal.signal(getattr(signal, name), signal.SIG_DFL)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # these cannot be caught anyway
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)  # a signal that does not end a process by default
     os._exit(os.waitstatus_to_exitcode(status))
