@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from arc_dist.checkpoint import Storage, scan
+from arc_dist.elastic.command import build_command, parse_args
 from arc_dist.elastic.launcher import _descendants, sigkill_all
 from arc_dist.elastic.zygote import SHIM, wait_listening
 from arc_dist.errors import ExitCode
@@ -56,6 +57,24 @@ def test_a_failing_exit_freezes_the_heap_before_the_teardown(tmp_path):
                        text=True, timeout=100)  # fmt: skip
     assert p.returncode == ExitCode.RETRY, p.stderr[-2000:]
     assert "frozen True" in p.stdout, (p.stdout, p.stderr[-2000:])
+
+
+def test_warm_start_flags_and_the_shim_command(tmp_path, monkeypatch):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    monkeypatch.setenv("ARC_WARM_IMPORTS", "gpt,my_pkg.model")
+    spec, _ = parse_args(["--warm-start", "--warm-import=data", str(script), "--steps", "5"])
+    assert spec.warm_start and spec.warm_imports == ["gpt", "my_pkg.model", "data"]
+    cmd, _ = build_command(spec, agent_error_file="err.json", zygote="arc-zygote-x")
+    assert cmd[-6:] == [SHIM, "arc-zygote-x", "--", str(script), "--steps", "5"]
+    spec.module = True
+    cmd, _ = build_command(spec, agent_error_file="err.json", zygote="arc-zygote-x")
+    assert cmd[-6:] == [SHIM, "arc-zygote-x", "-m", str(script), "--steps", "5"]
+    assert "-m" not in cmd[3:-6]  # torchrun runs the shim file; the shim runs the module
+    monkeypatch.delenv("ARC_WARM_IMPORTS")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--warm-start", "--warm-import=not a module", str(script)])
+    assert e.value.code == ExitCode.UNRECOVERABLE
 
 
 # ------------------------------------------------------------ the shim and the zygote alone

@@ -300,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dry_run:
         spec.log_dir = spec.log_dir or "<new temporary folder>"
         cmd, env = build_command(
-            spec, agent_error_file=os.path.join(spec.log_dir, "agent-error.json")
+            spec,
+            agent_error_file=os.path.join(spec.log_dir, "agent-error.json"),
+            zygote="<zygote address>" if spec.warm_start else None,
         )
         print(format_command(cmd, env))
         return int(ExitCode.OK)
