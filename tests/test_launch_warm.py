@@ -27,7 +27,7 @@ from arc_dist.elastic.launcher import _descendants, sigkill_all
 from arc_dist.elastic.zygote import SHIM, wait_listening
 from arc_dist.errors import ExitCode
 
-from ._launchproc import REPO, TRAIN_WORKER, LaunchProc, clean_env, events, example_args
+from ._launchproc import REPO, TRAIN_WORKER, LaunchProc, alive, clean_env, events, example_args
 
 LAUNCH_WORKER = REPO / "tests" / "workers" / "launch_worker.py"
 
@@ -126,17 +126,9 @@ def _worker_pid(shim: subprocess.Popen, zygote_pid: int) -> int:
     return pid
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _gone(pid: int, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
@@ -207,9 +199,17 @@ def _zygote_pid(out: str) -> int:
     return int(m.group(1))
 
 
-def _forked(out: str) -> None:
-    """Every worker of the run came from the zygote: no shim started one normally."""
+def _ended(run: LaunchProc, timeout: float, code: int) -> str:
+    """Wait for the launcher's exit code; every worker of the run came from the zygote (no
+    shim started one normally). Returns the output."""
+    try:
+        rc = run.wait(timeout)
+    finally:
+        run.cleanup()
+    out = run.output
+    assert rc == code, out[-3000:]
     assert "[arc-zygote] ready in" in out and "[arc-warm]" not in out, out[-3000:]
+    return out
 
 
 @pytest.mark.slow
@@ -227,16 +227,10 @@ def test_exit_codes_reach_the_launcher_through_the_shim(tmp_path, mode, flags, c
     markers = tmp_path / "markers"
     markers.mkdir()
     run = LaunchProc(tmp_path, ["--warm-start", *flags], LAUNCH_WORKER, [mode, str(markers)])
-    try:
-        rc = run.wait(200)
-    finally:
-        run.cleanup()
-    out = run.output
-    assert rc == code, out[-3000:]
-    _forked(out)
+    out = _ended(run, 200, code)
     assert _gone(_zygote_pid(out)), "the zygote outlived the launcher"
     starts = sorted(markers.glob("start-*.json"))
-    assert starts and not any(_alive(int(p.stem.split("-")[-1])) for p in starts)
+    assert starts and not any(alive(int(p.stem.split("-")[-1])) for p in starts)
     if mode == "kill":  # the SIGKILL reached torchrun through the shim, and it restarted
         assert {p.stem.split("-")[1] for p in starts} == {"0", "1"}
         assert "exitcode: -9" in out
@@ -273,12 +267,10 @@ def test_sigkill_of_a_forked_rank_resumes_and_finishes_with_identical_replicas(t
         victim = next(e["pid"] for e in ev if e["event"] == "start" and e["rank"] == 1)
         assert _ppid(victim) == _zygote_pid(run.output)  # forked by the zygote, not torchrun
         os.kill(victim, signal.SIGKILL)
-        rc = run.wait(240)
-    finally:
+    except BaseException:
         run.cleanup()
-    out = run.output
-    assert rc == ExitCode.OK, out[-3000:]
-    _forked(out)
+        raise
+    out = _ended(run, 240, ExitCode.OK)
     assert "exitcode: -9" in out  # the agent saw the SIGKILL through the shim
     ev = events(report)
     starts = [(e["restart"], e["rank"]) for e in ev if e["event"] == "start"]
@@ -299,18 +291,16 @@ def test_sigterm_still_writes_the_final_checkpoint_and_exits_retry(tmp_path):
     try:
         _wait_step(run, report, 26)
         run.proc.send_signal(signal.SIGTERM)  # as the kubelet would: to the launcher
-        rc = run.wait(120)
-    finally:
+    except BaseException:
         run.cleanup()
-    out = run.output
-    assert rc == ExitCode.RETRY, out[-3000:]
-    _forked(out)
+        raise
+    out = _ended(run, 120, ExitCode.RETRY)
     m = re.search(r"SIGTERM on ranks \[[\d, ]+\] at step (\d+): writing a final checkpoint", out)
     assert m and 26 <= int(m.group(1)) < 60, out[-3000:]
     infos = [c for c in scan(Storage(str(tmp_path / "run" / "ckpt"))) if c.committed]
     assert infos[-1].step == int(m.group(1))
     pids = [e["pid"] for e in events(report) if e["event"] == "start"]
-    assert not any(_alive(p) for p in [*pids, _zygote_pid(out)])
+    assert not any(alive(p) for p in [*pids, _zygote_pid(out)])
 
 
 @pytest.mark.slow
