@@ -318,7 +318,10 @@ def build_command(
     if zygote is not None:
         from .zygote import SHIM
 
-        cmd += [SHIM, zygote, "-m" if spec.module else "--"]
+        # torchrun runs the shim as it is (no "python -u" before it): with -S, no site start-up
+        # (the editable installs' import hooks alone take a fifth of a second)
+        cmd += ["--no-python", sys.executable, "-S", "-u", SHIM, zygote]
+        cmd.append("-m" if spec.module else "--")
     elif spec.module:
         cmd.append("-m")
     cmd += [spec.script, *spec.script_args]
