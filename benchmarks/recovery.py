@@ -37,7 +37,7 @@ Paths compared (same model, data, checkpoint interval, monitor interval, 1 resta
     python benchmarks/recovery.py --paths arc,plain,ray # beside the Ray Train path
     python benchmarks/recovery.py --rounds 5 --json recovery.json
 
-Target on a CPU machine with 2 ranks: kill -> first step <= 5 s.
+Targets on a CPU machine with 2 ranks: kill -> first step <= 5 s; <= 2 s with ``--warm-start``.
 """
 
 from __future__ import annotations
