@@ -6,9 +6,13 @@ JSON events of tests/workers/train_worker.py (start, first_step, step) to ``--re
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the first line takes a timestamp before the imports)
+import time
+
+T_MAIN = time.time()  # before the imports, as in train_worker.py
+
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -18,12 +22,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [os.path.join(ROOT, "examples"), os.path.join(ROOT, "tests", "workers")]
 from gpt import GPT, get_batch, load_corpus, loss_fn  # noqa: E402
 from train_ddp import setup  # noqa: E402
-from train_worker import build_parser, report  # noqa: E402
+from train_worker import build_parser, process_started, report  # noqa: E402
 
 
 def main() -> None:
+    stamps = {"t_process": process_started(), "t_main": T_MAIN, "t_imported": time.time()}
     args = build_parser("plain DDP + torch.save baseline").parse_args()
     device, rank, world = setup(args)
+    stamps["t_pg"] = time.time()
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     data = load_corpus(args.corpus_bytes)
     torch.manual_seed(args.seed)
@@ -31,6 +37,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     path = os.path.join(args.checkpoint_dir, "ckpt.pt")
     step = 0
+    stamps["t_resume"] = time.time()
     if os.path.exists(path):
         state = torch.load(path, map_location="cpu")
         model.module.load_state_dict(state["model"])
@@ -44,6 +51,7 @@ def main() -> None:
         restart=restart,
         world=world,
         step=step,
+        **stamps,
     )
     first = True
     while step < args.steps:

@@ -6,7 +6,14 @@ process once rank 0 reports step ``--kill-at``, and measures
 * **kill -> first step**: seconds from the SIGKILL to the first optimizer step completed by
   every rank of the restarted group (agent detection, stopping the survivors, rendezvous,
   process start and imports, process-group set-up, checkpoint load, one step);
-* **steps lost**: the newest step reached before the kill minus the step the restart resumed at.
+* **steps lost**: the newest step reached before the kill minus the step the restart resumed at;
+* **where the seconds go** (``--breakdown``, on by default; torchrun paths): from the agent's
+  log (torchrun runs with ``LOGLEVEL=INFO``) and the timestamps the workers put in their
+  ``start`` events, for the slowest rank of the restarted group: detection by the agent (kill ->
+  SIGTERM to the survivors), stopping the survivors (-> the agent reports the failure), the
+  agent's restart and rendezvous (-> "Starting worker group"), process creation, interpreter
+  start (-> the script's first line), imports, process-group set-up, model and data, restore,
+  first step. Each phase ends when the slowest rank ends it, so the phases add up to the total.
 
 Paths compared (same model, data, checkpoint interval, monitor interval, 1 restart):
 
@@ -16,6 +23,9 @@ Paths compared (same model, data, checkpoint interval, monitor interval, 1 resta
   (``--confirm-after``); the node-local tier off (``--no-local-snapshots``);
 * ``local``: the same with the node-local snapshot tier on (the default): healthy snapshots every
   ``--snapshot-every`` steps in /dev/shm, resume from the newest one every rank has;
+* ``warm``: ``local`` under ``--warm-start``: workers are forked from a per-node zygote that has
+  torch, arc-dist and the examples the worker imports (``--warm-import``, found through
+  ``PYTHONPATH``) imported already;
 * ``plain``: ``torchrun`` + benchmarks/_plain_worker.py: rank 0 ``torch.save``s the model and
   optimizer every ``--checkpoint-every`` steps, every (re)start ``torch.load``s it;
 * ``ray``: examples/train_ray.py under Ray Train (a private local Ray instance): a worker
@@ -27,14 +37,16 @@ Paths compared (same model, data, checkpoint interval, monitor interval, 1 resta
     python benchmarks/recovery.py --paths arc,plain,ray # beside the Ray Train path
     python benchmarks/recovery.py --rounds 5 --json recovery.json
 
-Target on a CPU machine with 2 ranks: kill -> first step <= 5 s.
+Targets on a CPU machine with 2 ranks: kill -> first step <= 5 s; <= 2 s with ``--warm-start``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -71,6 +83,57 @@ def _wait(pred, report: Path, proc: subprocess.Popen, what: str, timeout: float 
         time.sleep(0.01)
 
 
+_AGENT_LINE = re.compile(r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) \d+ \S+\] (.*)$")
+
+#: (phase, what ends it): agent log lines (regex) or worker timestamps (``start`` event keys)
+PHASES = [
+    ("detect", r"closing signal SIGTERM"),
+    ("stop survivors", r"^failed \(exitcode"),
+    ("restart + rendezvous", r"Starting worker group"),
+    ("process created", "t_process"),
+    ("interpreter start", "t_main"),
+    ("imports", "t_imported"),
+    ("process group", "t_pg"),
+    ("model + data", "t_resume"),
+    ("restore", "time"),
+    ("first step", "first_step"),
+]
+
+
+def _agent_times(out: str, near: float) -> list[tuple[float, str]]:
+    """(wall time, message) of torchrun's log lines; they carry the time of day only."""
+    day = datetime.datetime.fromtimestamp(near).replace(hour=0, minute=0, second=0, microsecond=0)
+    got = []
+    for line in out.splitlines():
+        m = _AGENT_LINE.match(line)
+        if m:
+            h, mi, sec, msg = m.groups()
+            got.append((day.timestamp() + int(h) * 3600 + int(mi) * 60 + float(sec), msg))
+    return got
+
+
+def breakdown(t_kill: float, ev: list[dict], out: str) -> dict[str, float]:
+    """Seconds per phase from the kill to the restarted group's first step (see the module
+    docstring); a phase whose end was not logged is folded into the next one."""
+    starts = [e for e in ev if e["event"] == "start" and e["restart"] == 1]
+    firsts = [e for e in ev if e["event"] == "first_step" and e["restart"] == 1]
+    agent = _agent_times(out, t_kill)
+    phases, prev, mark = {}, t_kill, t_kill
+    for name, end in PHASES:
+        if end == "first_step":
+            t = max(e["time"] for e in firsts)
+        elif end.startswith("t_") or end == "time":
+            vals = [e.get(end) for e in starts]
+            t = max(vals) if vals and None not in vals else None
+        else:
+            t = next((t for t, msg in agent if t >= mark and re.search(end, msg)), None)
+            mark = t if t is not None else mark
+        if t is not None:
+            phases[name] = t - prev
+            prev = t
+    return phases
+
+
 def one_round(path: str, args, workdir: Path) -> dict:
     report, ckpt = workdir / "report.jsonl", workdir / "ckpt"
     common = [
@@ -79,9 +142,10 @@ def one_round(path: str, args, workdir: Path) -> dict:
         "--log-every", "1", "--throttle", str(args.throttle), "--corpus-bytes", "300000",
         "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
     ]  # fmt: skip
-    if path in ("arc", "local"):
+    if path in ("arc", "local", "warm"):
         cmd = [
             sys.executable, "-m", "arc_dist.launch", "--nproc-per-node=2", "--max-restarts=1",
+            *(["--warm-start", "--warm-import=gpt", "--warm-import=train_ddp"] if path == "warm" else []),
             f"--monitor-interval={args.monitor_interval}", f"--log-dir={workdir / 'logs'}",
             str(ROOT / "tests" / "workers" / "train_worker.py"), *common,
             "--confirm-after", str(args.confirm_after), "--hang-timeout", "0",
@@ -95,8 +159,13 @@ def one_round(path: str, args, workdir: Path) -> dict:
             f"--log-dir={workdir / 'logs'}", str(ROOT / "benchmarks" / "_plain_worker.py"),
             *common,
         ]  # fmt: skip
-    env = {**os.environ, "TMPDIR": str(workdir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "TMPDIR": str(workdir), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           "LOGLEVEL": "INFO"}  # fmt: skip
     env.pop("ARC_CHAOS", None)
+    if path == "warm":  # the zygote imports the example's modules by name
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT / "examples"), env.get("PYTHONPATH")])
+        )
     log = open(workdir / "out.txt", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     try:
@@ -126,6 +195,7 @@ def one_round(path: str, args, workdir: Path) -> dict:
         raise RuntimeError(f"{path}: the job exited {rc}; see {workdir / 'out.txt'}")
     return {
         "kill_to_step_s": max(e["time"] for e in firsts) - t_kill,
+        "phases": breakdown(t_kill, _events(report), (workdir / "out.txt").read_text()),
         "steps_lost": last - resumed,
         "resumed_at": resumed,
         "killed_at": last,
@@ -152,7 +222,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
-        "--paths", default="arc,local,plain", help="comma-separated: arc, local, plain, ray"
+        "--paths", default="arc,local,plain", help="comma-separated: arc, local, warm, plain, ray"
     )
     p.add_argument("--kill-at", type=int, default=30, help="kill once rank 0 reached this step")
     p.add_argument("--checkpoint-every", type=int, default=10)
@@ -183,11 +253,14 @@ def main() -> None:
                 print(f"{path} round {r}: kill -> first step {res['kill_to_step_s']:.2f} s, "
                       f"steps lost {res['steps_lost']} (killed at {res['killed_at']}, resumed "
                       f"at {res['resumed_at']})", flush=True)  # fmt: skip
+                print("    " + ", ".join(f"{k} {v:.2f}" for k, v in res["phases"].items()),
+                      flush=True)  # fmt: skip
                 results.setdefault(path, []).append(res)
 
     names = {
         "arc": "arc-dist launcher, DCP checkpoint resume",
         "local": "arc-dist launcher, node-local snapshot resume (/dev/shm)",
+        "warm": "arc-dist launcher --warm-start, node-local snapshot resume",
         "plain": "plain torchrun + torch.save resume",
         "ray": "Ray Train restart + arc.resume() (DCP checkpoint)",
     }
@@ -202,6 +275,18 @@ def main() -> None:
         print(
             f"| {names[path]} | {statistics.median(t):.2f} ({min(t):.2f}-{max(t):.2f}) | {lost:g} |"
         )
+    timed = {p: rs for p, rs in results.items() if any(r.get("phases") for r in rs)}
+    if timed:
+        print("\nwhere the seconds go (median of the rounds, s; slowest rank):\n")
+        print("| phase | " + " | ".join(timed) + " |")
+        print("| --- |" + " --- |" * len(timed))
+        for name, _ in PHASES:
+            row = []
+            for rs in timed.values():
+                v = [r["phases"][name] for r in rs if name in r.get("phases", {})]
+                row.append(f"{statistics.median(v):.2f}" if v else "-")
+            print(f"| {name} | " + " | ".join(row) + " |")
+    print(f"\nload average (1, 5, 15 min) at the end: {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -72,6 +72,15 @@ class LaunchProc:
         self._out.close()
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def events(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -19,6 +19,8 @@ import pytest
 
 from arc_dist.errors import ExitCode
 
+from ._launchproc import alive
+
 pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "launch_worker.py")
@@ -159,16 +161,8 @@ def test_sigterm_is_forwarded_and_exits_retry(tmp_path):
     assert "received SIGTERM: forwarding it to torchrun" in out
     assert "preempted" in out
     for pid in pids:  # torchrun took its workers down before the launcher exited
-        assert not _alive(pid), f"worker {pid} outlived the launcher"
+        assert not alive(pid), f"worker {pid} outlived the launcher"
     assert len(run.starts) == 2  # and did not restart them
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.timeout(180)

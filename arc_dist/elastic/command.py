@@ -39,6 +39,8 @@ class LaunchSpec:
     no_progress_after: int = 3
     preflight: bool = False
     shutdown_timeout: float = 30.0
+    warm_start: bool = False
+    warm_imports: list[str] = field(default_factory=list)
     torchrun_args: list[str] = field(default_factory=list)
 
     @property
@@ -165,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(ARC_SHUTDOWN_TIMEOUT; default 30)",
     )
     a(
+        "--warm-start",
+        action="store_true",
+        default=_env_default("WARM_START", "") not in ("", "0", "false", "no"),
+        help="start workers by forking a per-node zygote that has torch and arc-dist imported "
+        "already (Linux): a restart skips the imports; falls back to a normal start whenever "
+        "the zygote is unavailable; see docs/elastic.md (ARC_WARM_START=1)",
+    )
+    a(
+        "--warm-import",
+        action="append",
+        default=[m for m in _env_default("WARM_IMPORTS", "").split(",") if m],
+        metavar="MODULE",
+        help="with --warm-start, also import MODULE in the zygote (the script's own heavy "
+        "imports); repeat for several (ARC_WARM_IMPORTS, comma-separated)",
+    )
+    a(
         "--torchrun-arg",
         action="append",
         default=[],
@@ -210,6 +228,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[LaunchSpec, bool]:
             no_progress_after=ns.no_progress_after,
             preflight=ns.preflight,
             shutdown_timeout=ns.shutdown_timeout,
+            warm_start=ns.warm_start,
+            warm_imports=list(ns.warm_import),
             torchrun_args=list(ns.torchrun_arg),
         )
         validate(spec)
@@ -247,6 +267,9 @@ def validate(spec: LaunchSpec) -> None:
         raise ValueError(f"--no-progress-after={spec.no_progress_after} is invalid: use >= 0")
     if not spec.shutdown_timeout > 0:
         raise ValueError(f"--shutdown-timeout={spec.shutdown_timeout} is invalid: use seconds > 0")
+    bad = [m for m in spec.warm_imports if not all(p.isidentifier() for p in m.split("."))]
+    if bad:
+        raise ValueError(f"--warm-import={bad[0]!r} is invalid: use a module name such as pkg.mod")
     if spec.max_nodes > 1:
         if not spec.rdzv_endpoint:
             raise ValueError(
@@ -273,8 +296,11 @@ def error_dir(spec: LaunchSpec) -> str:
     return os.path.join(spec.log_dir, "arc-errors")
 
 
-def build_command(spec: LaunchSpec, *, agent_error_file: str) -> tuple[list[str], dict[str, str]]:
-    """The torchrun command line and the environment variables the launcher adds to it."""
+def build_command(
+    spec: LaunchSpec, *, agent_error_file: str, zygote: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The torchrun command line and the environment variables the launcher adds to it; with
+    ``zygote`` (its address) the workers are started through the warm-start shim."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nnodes={spec.nnodes}",
@@ -289,7 +315,14 @@ def build_command(spec: LaunchSpec, *, agent_error_file: str) -> tuple[list[str]
     if spec.rdzv_conf:
         cmd.append(f"--rdzv-conf={spec.rdzv_conf}")
     cmd += spec.torchrun_args
-    if spec.module:
+    if zygote is not None:
+        from .zygote import SHIM
+
+        # torchrun runs the shim as it is (no "python -u" before it): with -S, no site start-up
+        # (the editable installs' import hooks alone take a fifth of a second)
+        cmd += ["--no-python", sys.executable, "-S", "-u", SHIM, zygote]
+        cmd.append("-m" if spec.module else "--")
+    elif spec.module:
         cmd.append("-m")
     cmd += [spec.script, *spec.script_args]
     env = dict(FIXED_ENV)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ..errors import ExitCode
+from . import zygote as warm
 from .command import FIXED_ENV, LaunchSpec, build_command, error_dir, format_command, parse_args
 from .exitcodes import (
     STOP_CODES,
@@ -110,6 +111,7 @@ class Launcher:
         self._stopping_since: float | None = None
         self._preexisting: set[str] = set()
         self.agent_error_file = ""
+        self.zygote: subprocess.Popen | None = None
 
     def _scan(self) -> tuple[int, list[WorkerFailure]]:
         """The records our workers wrote (not those of an earlier run in the same folder)."""
@@ -137,6 +139,8 @@ class Launcher:
         """torchrun did not stop in time: SIGKILL it and every worker (own process groups)."""
         assert self.proc is not None
         sigkill_all([self.proc.pid, *_descendants(self.proc.pid)])
+        if self.zygote is not None:  # its workers die with it (parent-death signal)
+            sigkill_all([self.zygote.pid, *_descendants(self.zygote.pid)])
 
     def run(self) -> Outcome:
         spec = self.spec
@@ -152,7 +156,9 @@ class Launcher:
             if failed is not None:
                 _say(f"exit {int(failed.exit_code)} ({failed.exit_code.name}): {failed.reason}")
                 return failed
-        cmd, env_add = build_command(spec, agent_error_file=self.agent_error_file)
+        env_add = build_command(spec, agent_error_file=self.agent_error_file)[1]
+        address = self._start_zygote({**os.environ, **env_add}) if spec.warm_start else None
+        cmd, env_add = build_command(spec, agent_error_file=self.agent_error_file, zygote=address)
         _say(f"host {socket.gethostname()}, log dir {spec.log_dir}")
         _say(f"running: {format_command(cmd, env_add)}")
         env = {**os.environ, **env_add}
@@ -188,6 +194,8 @@ class Launcher:
             if self.proc is not None and self.proc.poll() is None:
                 self._kill_all()
                 self.proc.wait()
+            if self.zygote is not None:
+                warm.stop(self.zygote)
             for s, h in old.items():
                 signal.signal(s, h)
         if self.proc is None:
@@ -217,6 +225,23 @@ class Launcher:
             f"({outcome.exit_code.name}): {outcome.reason}"
         )
         return outcome
+
+    def _start_zygote(self, env: dict[str, str]) -> str | None:
+        """The warm-start zygote's address; None (workers start normally) where it cannot run."""
+        why = warm.unavailable()
+        if why is not None:
+            _say(f"{why}: starting workers normally")
+            return None
+        if "OMP_NUM_THREADS" not in env and self.spec.nproc_per_node not in ("1", "auto"):
+            env = {**env, "OMP_NUM_THREADS": "1"}  # what torchrun gives each worker
+        self.zygote, address = warm.start(env, self.spec.warm_imports)
+        if not warm.wait_listening(address, self.zygote):
+            _say("warm start: the zygote is not listening; starting workers normally")
+            warm.stop(self.zygote)
+            self.zygote = None
+            return None
+        _say(f"warm start: zygote pid {self.zygote.pid} forks the workers")
+        return address
 
     def _early_stop(self) -> Outcome | None:
         """A failure that torchrun's restarts cannot fix, seen while torchrun still runs."""
@@ -275,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dry_run:
         spec.log_dir = spec.log_dir or "<new temporary folder>"
         cmd, env = build_command(
-            spec, agent_error_file=os.path.join(spec.log_dir, "agent-error.json")
+            spec,
+            agent_error_file=os.path.join(spec.log_dir, "agent-error.json"),
+            zygote="<zygote address>" if spec.warm_start else None,
         )
         print(format_command(cmd, env))
         return int(ExitCode.OK)

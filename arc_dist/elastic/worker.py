@@ -8,7 +8,9 @@ escaping :class:`~arc_dist.errors.ArcError` into an error file that names its ex
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import logging
 import os
 import sys
@@ -56,31 +58,44 @@ def main_entry(fn: _F) -> _F:
     def arc_wrapper(*args: Any, **kwargs: Any) -> Any:
         _mark_started()
         try:
-            return _call_classified(fn, args, kwargs)
-        except ArcError as err:
-            _exit_recorded(err, int(err.exit_code))
-        except SystemExit as se:
-            # a deliberate exit with one of our codes (sys.exit(12), arc_dist.Preempted, ...):
-            # record it, so the launcher's summary says why
-            code = se.code if isinstance(se.code, int) else None
-            if code in _RECORDED_EXITS and not _error_file_written():
-                text = str(se)
-                _write_error_file(se if text and text != str(code) else f"SystemExit: {code}", code)
-            raise
-        except Exception as err:
-            # arc-dist's own validation (a bad ArcConfig value, a checkpoint_dir that cannot
-            # work) fails the same way on every restart: 11; anything else may be transient: 10
-            # (the launcher's no-progress rule stops a bug that repeats before any progress)
-            code = ExitCode.UNRECOVERABLE if _usage_error(err) else ExitCode.RETRY
-            _exit_recorded(err, int(code))
-        except BaseException as err:
-            # e.g. torch.distributed.checkpoint's CheckpointException derives from
-            # BaseException, which @record does not see
-            if not isinstance(err, KeyboardInterrupt):
-                _write_error_file(err, 1)
+            return _run_recorded(fn, args, kwargs)
+        except BaseException:
+            # the process is about to end; its teardown would walk torch's whole heap with the
+            # cycle collector (seconds on a busy host, while a crashed peer's group waits for
+            # this survivor to exit before it can restart): skip that walk, nothing else changes
+            atexit.register(gc.freeze)
             raise
 
     return record(arc_wrapper)  # type: ignore[return-value]
+
+
+def _run_recorded(fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)``; what escapes it is recorded and becomes the exit code (see
+    :func:`main_entry`)."""
+    try:
+        return _call_classified(fn, args, kwargs)
+    except ArcError as err:
+        _exit_recorded(err, int(err.exit_code))
+    except SystemExit as se:
+        # a deliberate exit with one of our codes (sys.exit(12), arc_dist.Preempted, ...):
+        # record it, so the launcher's summary says why
+        code = se.code if isinstance(se.code, int) else None
+        if code in _RECORDED_EXITS and not _error_file_written():
+            text = str(se)
+            _write_error_file(se if text and text != str(code) else f"SystemExit: {code}", code)
+        raise
+    except Exception as err:
+        # arc-dist's own validation (a bad ArcConfig value, a checkpoint_dir that cannot
+        # work) fails the same way on every restart: 11; anything else may be transient: 10
+        # (the launcher's no-progress rule stops a bug that repeats before any progress)
+        code = ExitCode.UNRECOVERABLE if _usage_error(err) else ExitCode.RETRY
+        _exit_recorded(err, int(code))
+    except BaseException as err:
+        # e.g. torch.distributed.checkpoint's CheckpointException derives from
+        # BaseException, which @record does not see
+        if not isinstance(err, KeyboardInterrupt):
+            _write_error_file(err, 1)
+        raise
 
 
 def _exit_recorded(err: BaseException, code: int) -> None:

@@ -4,20 +4,28 @@
 [--report FILE] [--throttle S] [--chaos-on-restart]`` runs ``train_ddp.train`` (with FSDP2's
 wrapping under ``--fsdp``) unchanged, with an :class:`~arc_dist.Arc` subclass that appends JSON
 events to ``--report`` (per rank: ``start`` with the pid, ``first_step``; rank 0: ``step`` every
-``--log-every`` steps and ``done`` with the mean loss of the last 20 updates), sleeps
+``--log-every`` steps and ``done`` with the mean loss of the last 20 updates; per rank at the
+end, ``params`` with the sum of the model's parameters; ``start`` also
+carries the wall-clock times this process was created, ran its first line, finished its imports,
+joined the process group and began ``resume()``, for benchmarks/recovery.py's breakdown), sleeps
 ``--throttle`` seconds per step so a test can act mid-run, and keeps ``--chaos`` in restarts
 under ``--chaos-on-restart``. The subclass only observes: every decision is the real Arc's.
 """
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the first line takes a timestamp before the imports)
+import time
+
+T_MAIN = time.time()  # this script's first line: the interpreter started before, imports follow
+
 import json
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
+import torch  # noqa: E402
 import train_ddp  # noqa: E402
 from train_fsdp import wrap_fsdp  # noqa: E402
 
@@ -31,6 +39,23 @@ def report(path: str | None, **event) -> None:
         line = json.dumps({"time": time.time(), **event}) + "\n"
         with open(path, "a") as f:
             f.write(line)
+
+
+def process_started() -> float | None:
+    """When this process was created (fork/exec), wall clock, from Linux /proc (10 ms steps);
+    None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+#: when this process reached each phase of its start (``start`` events carry them)
+STAMPS: dict[str, float | None] = {"t_process": process_started(), "t_main": T_MAIN}
 
 
 def reporting_arc(args) -> type[Arc]:
@@ -47,8 +72,10 @@ def reporting_arc(args) -> type[Arc]:
             self._resumed_from, self._first = 0, True
 
         def resume(self) -> int:
+            STAMPS["t_resume"] = time.time()
             self._resumed_from = start = super().resume()
-            report(args.report, event="start", pid=os.getpid(), step=start, **self._event)
+            report(args.report, event="start", pid=os.getpid(), step=start, **STAMPS,
+                   **self._event)  # fmt: skip
             return start
 
         def step(self, loss, **kw):
@@ -66,6 +93,10 @@ def reporting_arc(args) -> type[Arc]:
 
         def close(self) -> None:
             stats = self.stats()
+            with torch.no_grad():  # every rank: tests compare the replicas
+                local = [getattr(p, "to_local", lambda p=p: p)() for p in self.model.parameters()]
+                total = float(sum(p.double().sum() for p in local))  # FSDP2: this rank's shard
+            report(args.report, event="params", step=self.global_step, sum=total, **self._event)
             super().close()
             if self.rank == 0:
                 loss = sum(self._recent) / len(self._recent) if self._recent else math.nan
@@ -85,9 +116,22 @@ def build_parser(description: str = "train_ddp.py's run, reporting events for te
     return p
 
 
+def timed_setup(args):
+    """train_ddp.setup (device, process group), stamped."""
+    STAMPS["t_setup"] = time.time()
+    out = _setup(args)
+    STAMPS["t_pg"] = time.time()
+    return out
+
+
+_setup = train_ddp.setup
+
+
 @main_entry
 def main() -> None:
+    STAMPS["t_imported"] = time.time()
     args = build_parser().parse_args()
+    train_ddp.setup = timed_setup
     train_ddp.Arc = reporting_arc(args)  # the example builds its Arc from this module global
     if args.fsdp:
         train_ddp.train(args, wrap_fsdp, "fsdp")

@@ -1,0 +1,352 @@
+"""Warm start: a per-node zygote that forks workers with torch already imported.
+
+A fresh worker spends most of a restart importing torch (seconds; more on a busy host). Under
+``python -m arc_dist.launch --warm-start`` the launcher starts one zygote per node
+(``python -m arc_dist.elastic.zygote ADDRESS MODULE...``) that imports torch, arc-dist and the
+modules the user names once, starts no thread and no CUDA context, and then forks a worker for
+each request. torchrun runs the torch-free shim (``_shim.py``) as the worker entrypoint; the shim
+hands the zygote its argv, environment, working folder and stdio descriptors over an abstract Unix
+socket (peer uid checked), relays signals to the worker and exits with the worker's status, so
+torchrun's supervision, error files, restarts and exit codes are unchanged.
+
+What the forked worker gets: a new session, a parent-death SIGKILL (the zygote's), the shim's
+environment, folder and stdio, default signal handlers, fresh seeds for ``random`` and numpy's
+global generator, a new ``__main__``. What it shares with its siblings: modules imported once
+under the launcher's environment, and Python's string-hash seed. At exit it joins its threads and
+runs ``atexit`` handlers as the interpreter would, without the interpreter's teardown.
+
+The zygote SIGKILLs a worker whose shim is gone (torchrun killed it), and all its workers when it
+is stopped; the launcher stops it when torchrun ends and its death signal stops it when the
+launcher dies. Linux only (:func:`unavailable` says why not elsewhere); anything that keeps the
+zygote from answering makes the shim start the worker normally.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+#: torchrun's worker entrypoint under warm start (run by path: no package import, no torch)
+SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shim.py")
+#: imported before any fork: what every arc-dist worker imports anyway (DDP's constructor
+#: imports torch._dynamo: most of a second)
+DEFAULT_IMPORTS = ("torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo",
+                   "torch.distributed.checkpoint", "arc_dist", "arc_dist.controller")  # fmt: skip
+
+_PREFIX = "[arc-zygote]"
+
+
+def _say(msg: str) -> None:
+    sys.stderr.write(f"{_PREFIX} {msg}\n")
+    sys.stderr.flush()
+
+
+def unavailable() -> str | None:
+    """Why warm start cannot work on this platform; None when it can."""
+    if not sys.platform.startswith("linux"):
+        return f"warm start needs Linux (fork, abstract Unix sockets), not {sys.platform}"
+    return None
+
+
+def _death_signal(sig: int) -> None:
+    """Get ``sig`` when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))
+
+
+# ---------------------------------------------------------------- the launcher's side
+
+
+def start(env: dict[str, str], imports: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start a zygote (not waiting for its imports: early shims queue on its socket) with the
+    environment torchrun's workers will inherit; returns the process and its address."""
+    address = f"arc-zygote-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    cmd = [sys.executable, "-u", "-m", "arc_dist.elastic.zygote", address,
+           *DEFAULT_IMPORTS, *imports]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, preexec_fn=lambda: _death_signal(signal.SIGTERM)
+    )
+    return proc, address
+
+
+def wait_listening(address: str, proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """Wait until the zygote listens (it binds before its imports: a fraction of a second), so
+    the first workers queue on it instead of starting without it; False if it did not."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with open("/proc/net/unix") as f:
+                if f"@{address}\n" in f.read():
+                    return True
+        except OSError:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """SIGTERM the zygote (it SIGKILLs its workers), SIGKILL it if it does not go."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------- the zygote
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    conn.settimeout(30)  # a client that connects and says nothing must not block the zygote
+    head, fds, _, _ = socket.recv_fds(conn, 4, 3)
+    if len(head) != 4 or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("malformed request")
+    (size,) = struct.unpack("!I", head)
+    body = b""
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ValueError("truncated request")
+        body += chunk
+    conn.settimeout(None)
+    return json.loads(body), fds
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class Zygote:
+    """The server loop: accept requests, fork workers, report their exit status."""
+
+    def __init__(self, address: str):
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind("\0" + address)
+        self.listener.listen(256)
+        self.workers: dict[int, socket.socket | None] = {}  # pid -> its shim's connection
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+
+    def serve(self) -> None:
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        self.sel.register(self.listener, selectors.EVENT_READ, "accept")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "child")
+        try:
+            while True:
+                for key, _ in self.sel.select():
+                    if key.data == "accept":
+                        self._accept()
+                    elif key.data == "child":
+                        self._reap()
+                    else:
+                        self._shim_readable(key.fileobj, key.data)
+        finally:
+            for pid in self.workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        try:
+            if _peer_uid(conn) != os.getuid():
+                raise PermissionError("request from another user")
+            req, fds = _recv_request(conn)
+        except (OSError, ValueError) as e:
+            _say(f"request refused: {e}")
+            conn.close()
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker(conn, req, fds)  # never returns
+        for fd in fds:
+            os.close(fd)
+        self.workers[pid] = conn
+        try:
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        except OSError:  # the shim is gone already
+            self._orphaned(pid, conn)
+            return
+        self.sel.register(conn, selectors.EVENT_READ, pid)
+
+    def _shim_readable(self, conn: socket.socket, pid: int) -> None:
+        try:
+            data = conn.recv(64)
+        except OSError:
+            data = b""
+        if not data:  # the shim died (torchrun SIGKILLed it): its worker goes too
+            self.sel.unregister(conn)
+            self._orphaned(pid, conn)
+
+    def _orphaned(self, pid: int, conn: socket.socket) -> None:
+        conn.close()
+        self.workers[pid] = None
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.workers.pop(pid, None)
+            if conn is not None:
+                self.sel.unregister(conn)
+                try:
+                    conn.sendall(json.dumps({"status": status}).encode() + b"\n")
+                except OSError:
+                    pass
+                conn.close()
+
+    def _become_worker(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
+        """In the forked child: turn into the worker the request describes; exits."""
+        code = 1
+        try:
+            zygote = os.getppid()
+            os.setsid()
+            _death_signal(signal.SIGKILL)
+            if os.getppid() != zygote:  # the zygote died before the death signal was set
+                os._exit(1)
+            signal.set_wakeup_fd(-1)
+            for s in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(s, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.sel.close()
+            for sock in (self.listener, conn, *(c for c in self.workers.values() if c)):
+                sock.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            os.chdir(req["cwd"])
+            os.environ.clear()
+            os.environ.update(req["env"])
+            _refresh_process_state()
+            code = run_main(req["module"], req["target"], req["args"])
+        except BaseException:  # noqa: BLE001 - the child must never return into the loop
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+
+
+def _refresh_process_state() -> None:
+    """What a fresh interpreter would not share with its siblings: seeds, thread settings."""
+    import random
+
+    random.seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if "torch" in sys.modules and threads.isdigit() and int(threads) > 0:
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
+def run_main(module: bool, target: str, args: list[str]) -> int:
+    """Run ``target`` as ``python [-m] target args`` would, in this (forked) process; returns the
+    exit status after joining threads and running ``atexit`` handlers."""
+    import atexit
+    import builtins
+    import io
+    import runpy
+    import threading
+    import types
+
+    main_module = types.ModuleType("__main__")
+    main_module.__builtins__ = builtins  # type: ignore[attr-defined]
+    sys.modules["__main__"] = main_module
+    sys.argv = [target, *args]
+    interrupted = False
+    try:
+        if module:
+            sys.path[0] = os.getcwd()
+            runpy._run_module_as_main(target, alter_argv=True)  # what python -m runs
+        else:
+            path = os.path.abspath(target)
+            sys.path[0] = os.path.dirname(os.path.realpath(target))
+            main_module.__file__ = path
+            with io.open_code(path) as f:
+                code = compile(f.read(), path, "exec")
+            exec(code, main_module.__dict__)
+        status = 0
+    except SystemExit as e:
+        status = _exit_status(e.code)
+    except BaseException as e:  # noqa: BLE001 - reported as the interpreter would
+        sys.excepthook(type(e), e, e.__traceback__)
+        interrupted, status = isinstance(e, KeyboardInterrupt), 1
+    threading._shutdown()  # type: ignore[attr-defined]  # join non-daemon threads
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    if interrupted:  # as CPython: end by the signal, so the parent sees it
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return status
+
+
+def _exit_status(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    address, *imports = argv
+    zygote = Zygote(address)  # bound first: shims arriving during the imports queue here
+    t0 = time.monotonic()
+    for name in dict.fromkeys(imports):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - the workers import it themselves
+            _say(f"cannot import {name} ({type(e).__name__}: {e}); workers will import it")
+    import threading
+
+    if threading.active_count() > 1:  # forking a process with threads copies a broken state
+        _say(f"threads started by the imports ({threading.enumerate()}): workers start normally")
+        return 1
+    _say(f"ready in {time.monotonic() - t0:.1f} s ({len(imports)} modules imported)")
+    zygote.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
