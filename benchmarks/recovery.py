@@ -208,9 +208,9 @@ def _ray_rounds(args, tmp: Path) -> list[dict]:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "ray_overhead.py"), "--repeats", str(args.rounds),
            "--crash-at", str(args.kill_at), "--checkpoint-every", str(args.checkpoint_every),
            "--confirm-after", str(args.confirm_after), "--steps", str(args.kill_at + 15),
-           "--json", str(out)]  # fmt: skip
+           "--paths", "arc", "--json", str(out)]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=ROOT)
-    runs = json.loads(out.read_text())["runs"]
+    runs = json.loads(out.read_text())["runs"]["arc"]
     for i, r in enumerate(runs):
         print(f"ray round {i}: kill -> first step {r['kill_to_first_resumed_step_s']:.2f} s, "
               f"steps lost {r['steps_lost']} (resumed at {r['resumed_from']})", flush=True)  # fmt: skip
