@@ -72,19 +72,24 @@ def _identity(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place write); None for an inference tensor,
+    which has none."""
+    return None if t.is_inference() else t._version
+
+
 class Loan:
     """The host copies of one snapshot, lent to a checkpoint of the same state; ``release`` (from
     any thread, idempotent) lets the snapshot's buffers be reused again."""
 
     def __init__(self, store: SnapshotStore, snap: Snapshot) -> None:
         self.store, self.snap = store, snap
-        self.step = snap.step
 
     def host(self, t: torch.Tensor) -> torch.Tensor | None:
         """The snapshot's copy of the live tensor ``t``, or None when it holds none or ``t``
         changed since the copy (its version counter moved: any in-place write)."""
         hit = self.snap.sources.get(_identity(t))
-        if hit is None or t._version != hit[2]:
+        if hit is None or _version(t) != hit[2]:
             return None
         host = (self.snap.optim_tensors if hit[0] else self.snap.model)[hit[1]]
         return host if host.shape == t.shape and host.dtype == t.dtype else None
@@ -236,9 +241,10 @@ class SnapshotStore:
         snap.rng = rng.capture()
         snap.extra = copy.deepcopy(extra)
         snap.sources = {
-            _identity(t): (opt, i, t._version)
+            _identity(t): (opt, i, _version(t))
             for opt, ts in ((False, live), (True, optim_local))
             for i, t in enumerate(ts)
+            if not t.is_inference()
         }
         # the copies must land before the live state changes (and before the local tier reads
         # the buffers); every device matters: placements can be mixed (FSDP2 CPU offload)

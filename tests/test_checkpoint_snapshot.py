@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from arc_dist import Arc, ArcConfig
 from arc_dist.checkpoint import CheckpointManager, TrainState, scan
 from arc_dist.checkpoint.storage import Storage
+from arc_dist.snapshot import SnapshotStore
 from tests._dist import run_ranks
 from tests.checkpoint_helpers import (
     assert_state_equal,
@@ -95,6 +96,30 @@ def _train(arc, model, opt, sched, until, *, nan_at=None, after_step=None):
             opt.step()
             sched.step()
         opt.zero_grad(set_to_none=True)
+
+
+def test_lend_gives_only_unchanged_tensors_of_the_snapshot_of_that_step():
+    model = make_model(0, 16)
+    with torch.inference_mode():
+        model.register_buffer("frozen", torch.ones(2))  # no version counter: never lent
+    opt, _ = make_optimizer(model)
+    model(batch(0)[0]).sum().backward()
+    opt.step()
+    store = SnapshotStore(model, opt, keep=2)
+    snap = store.take(3, {})
+    assert store.lend(2) is None
+    loan = store.lend(3)
+    w = model[0].weight
+    exp_avg = opt.state[w]["exp_avg"]
+    assert torch.equal(loan.host(w.detach()), w) and torch.equal(loan.host(exp_avg), exp_avg)
+    assert loan.host(w.detach()).data_ptr() != w.data_ptr()  # the snapshot's host copy
+    assert loan.host(model.frozen) is None and loan.host(torch.zeros_like(w)) is None
+    with torch.no_grad():
+        w.add_(1.0)
+    assert loan.host(w.detach()) is None  # changed since the snapshot
+    loan.release()
+    store.restore(snap, lambda extra: None)
+    assert store.lend(3) is None  # the live tensors were rewritten from it
 
 
 def test_checkpoint_from_snapshot_buffers_survives_the_next_snapshots(tmp_path):
