@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.utils._pytree import tree_map
 
 from ..layout import is_dtensor, local_tensor
 from . import retention
@@ -52,16 +53,6 @@ class _Lent:
 
     def __deepcopy__(self, memo: dict) -> _Lent:
         return self
-
-
-def _map_leaves(obj: Any, fn) -> Any:
-    if isinstance(obj, dict):
-        return {k: _map_leaves(v, fn) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_map_leaves(v, fn) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_map_leaves(v, fn) for v in obj)
-    return fn(obj)
 
 
 @dataclasses.dataclass(eq=False)
@@ -226,11 +217,11 @@ class Saving:
             lent.append(host)
             return _Lent(len(lent) - 1)
 
-        staged = self._stager.stage(_map_leaves(state, pick))
+        staged = self._stager.stage(tree_map(pick, state))
         self._stats["checkpoint_staged_bytes"] = copied
         if not lent:
             return staged
-        return _map_leaves(staged, lambda v: lent[v.index] if isinstance(v, _Lent) else v)
+        return tree_map(lambda v: lent[v.index] if isinstance(v, _Lent) else v, staged)
 
     def _start(self, job: SaveJob) -> None:
         with self._lock:
