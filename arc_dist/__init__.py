@@ -7,7 +7,7 @@ only need the configuration or the exit codes start fast.
 
 from typing import TYPE_CHECKING
 
-from .config import ArcConfig, Thresholds
+from .config import ArcConfig, EarlyWarning, Thresholds
 from .errors import (
     ArcError,
     BadNodeError,
@@ -34,6 +34,7 @@ __all__ = [
     "BadNodeError",
     "CheckpointError",
     "CheckpointStorageError",
+    "EarlyWarning",
     "ExitCode",
     "HangError",
     "HardwareError",

@@ -90,6 +90,67 @@ class Thresholds:
 
 
 @dataclass(kw_only=True, slots=True)
+class EarlyWarning:
+    """A forecast of instability from the gradient norm's growth (forecast.py), off by default.
+
+    It does not meet the early-warning target (docs/early_warning.md): on organic failures it
+    warns a few steps ahead of a divergence already under way, not 100 steps ahead. A forecast
+    never skips or rolls back an update: the step's ``Action`` says ``warning`` with reason
+    ``instability_forecast``, Arc pins a snapshot of the next verified healthy state, and with
+    ``lr_factor`` it lowers the LR as the backoff does, restored the same way.
+    """
+
+    #: turn forecasts on
+    enabled: bool = False
+    #: the score that fires: the short-term log gradient norm above its long-term level, in
+    #: natural-log units (1.0: about 2.7 times). Healthy runs of the corpus peaked at 0.48
+    threshold: float = 1.0
+    #: applied steps fed to the rule before it may fire
+    min_steps: int = 3
+    #: steps after a forecast before another one may fire
+    cooldown: int = 50
+    #: multiply every param group's LR by this factor on a forecast (0 < f <= 1), undone like
+    #: the rollback backoff (``lr_restore``, ``recovery_steps``); None or 1: leave the LR alone
+    lr_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.enabled, bool),
+            "early_warning.enabled",
+            self.enabled,
+            "use True or False",
+        )
+        _check(
+            isinstance(self.threshold, (int, float))
+            and not isinstance(self.threshold, bool)
+            and math.isfinite(self.threshold)
+            and self.threshold > 0,
+            "early_warning.threshold",
+            self.threshold,
+            "use a finite value > 0 (log units; 1.0 is the evaluated default)",
+        )
+        for name, low in (("min_steps", 1), ("cooldown", 0)):
+            v = getattr(self, name)
+            _check(
+                isinstance(v, int) and not isinstance(v, bool) and v >= low,
+                f"early_warning.{name}",
+                v,
+                f"use an integer >= {low}",
+            )
+        _check(
+            self.lr_factor is None
+            or (
+                isinstance(self.lr_factor, (int, float))
+                and not isinstance(self.lr_factor, bool)
+                and 0 < self.lr_factor <= 1
+            ),
+            "early_warning.lr_factor",
+            self.lr_factor,
+            "use a factor in (0, 1], e.g. 0.5; None or 1 leaves the LR alone",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
 class ArcConfig:
     """Configuration of :class:`arc_dist.Arc`. Every field has a default."""
 
@@ -171,6 +232,8 @@ class ArcConfig:
     chaos: str | None = None
     #: detector thresholds
     thresholds: Thresholds = field(default_factory=Thresholds)
+    #: forecasts of instability (off by default; docs/early_warning.md)
+    early_warning: EarlyWarning = field(default_factory=EarlyWarning)
 
     def __post_init__(self) -> None:
         for name in (
@@ -251,6 +314,11 @@ class ArcConfig:
             raise TypeError(
                 f"ArcConfig.thresholds must be an arc_dist.config.Thresholds, "
                 f"got {type(self.thresholds).__name__}"
+            )
+        if not isinstance(self.early_warning, EarlyWarning):
+            raise TypeError(
+                f"ArcConfig.early_warning must be an arc_dist.config.EarlyWarning (e.g. "
+                f"EarlyWarning(enabled=True)), got {type(self.early_warning).__name__}"
             )
         kept_for = self.checkpoint_every * self.keep_checkpoints
         if self.checkpoint_every and self.confirm_after > kept_for:

@@ -33,11 +33,13 @@ from .ddp_hook import DDPRide
 from .elastic import exitcodes
 from .errors import Preempted, UnrecoverableError
 from .failfast import FailFast, Phase, Route
+from .forecast import REASON as FORECAST
+from .forecast import Forecaster
 from .layout import Layout, layout_of
 from .lr import LRGuard
 from .observe.events import EventLog
 from .observe.recorder import Recorder
-from .policy import FAILURE, HEALTHY, HealthPolicy, Status, Verdict
+from .policy import FAILURE, HEALTHY, WARNING, HealthPolicy, Status, Verdict
 from .preemption import PreemptionHandler
 from .recovery import Decision, DecisionKind, RecoveryPolicy
 from .signals import Col, SignalCollector, error_row, job_grad_sq
@@ -156,9 +158,9 @@ class Arc:
                                         preemption=self._preemption, amp=scaler is not None,
                                         explain=self._failfast.explain)  # fmt: skip
         self._closed = False
-        self._stats = dict(
-            rollbacks=0, skips=0, failures=0, warnings=0, escalations=0, snapshots=0, checkpoints=0
-        )
+        self._stats = dict(rollbacks=0, skips=0, failures=0, warnings=0, escalations=0,
+                           snapshots=0, checkpoints=0, forecasts=0)  # fmt: skip
+        self._forecast = Forecaster(self.config.early_warning)  # off by default
         self._last: Action | None = None
 
         if isinstance(chaos, str):
@@ -256,7 +258,8 @@ class Arc:
         # Snapshot steps always run the deep (and divergence) checks: only verified states,
         # identical across replicas, become rollback targets. So does the step after a skip:
         # damaged state behind a one-step anomaly is then found at once.
-        snapshot_step = self.global_step % self.config.snapshot_every == 0
+        # (a pin after an instability forecast is a snapshot step too: forecast.py)
+        snapshot_step = self.global_step % self.config.snapshot_every == 0 or self._forecast.pin_due
         last = self._last
         after_skip = last is not None and last.should_skip and not last.rolled_back
         deep = snapshot_step or after_skip or self._calls % self.config.deep_check_every == 0
@@ -357,17 +360,21 @@ class Arc:
             self._policy.observe(m, verdict)
             if verdict.status != HEALTHY:
                 self._stats["warnings"] += 1
-            newest = self._snapshots.newest
-            if (
-                self.global_step % self.config.snapshot_every == 0
-                and newest.step != self.global_step
-            ):
-                self._take_snapshot(persist=verdict.status == HEALTHY)
+            regular = self.global_step % self.config.snapshot_every == 0
+            pin = self._forecast.pinned(verdict) and not regular
+            if (regular or pin) and self._snapshots.newest.step != self.global_step:
+                self._take_snapshot(persist=verdict.status == HEALTHY, pin=pin)
             self._durability.on_step(self.global_step, verdict.status)
             self.global_step += 1
             self._lr.maybe_restore(self.global_step, self.rank)
+            judged, status = self.global_step - 1, verdict.status
+            score = self._forecast.observe(judged, verdict)
+            if score is not None:  # the update is applied; the next state is pinned
+                self._forecast.act(judged, score, verdict.grad_norm, self._lr, self._rec)
+                self._stats["forecasts"] += 1
+                status, base["reason"] = WARNING, FORECAST
             self._lr.remember()
-            return Action(self.global_step, verdict.status, False, False, **base)
+            return Action(self.global_step, status, False, False, **base)
         if decision.kind == DecisionKind.SKIP:
             self._policy.observe(m, verdict, applied=False)
             self._stats["skips"] += 1
@@ -409,6 +416,7 @@ class Arc:
         # newer checkpoints and local snapshots belong to the failed trajectory
         self._durability.on_rollback(snap.step)
         self._policy.on_rollback()
+        self._forecast.on_rollback()
         self._signals.reset_expectations()
         if self._ride is not None:
             self._ride.forget()
@@ -455,11 +463,12 @@ class Arc:
     def _restore_snapshot_extra(self, extra: dict) -> None:
         self.global_step = int(extra["global_step"])
 
-    def _take_snapshot(self, persist: bool = False) -> None:
-        """``persist``: a verified healthy state, also written to the node-local tier."""
+    def _take_snapshot(self, persist: bool = False, pin: bool = False) -> None:
+        """``persist``: a verified healthy state, also written to the node-local tier. ``pin``:
+        held on top of ``keep_snapshots`` (snapshot.py)."""
         t0 = time.monotonic()
         self._durability.before_snapshot()
-        snap = self._snapshots.take(self.global_step, self._snapshot_extra())
+        snap = self._snapshots.take(self.global_step, self._snapshot_extra(), pin=pin)
         if persist:
             self._durability.persist(snap)
         self._stats["snapshots"] += 1
@@ -479,6 +488,7 @@ class Arc:
             "lr": self._lr.state_dict(),
             "policy": self._policy.state_dict(),
             "recovery": self._recovery.state_dict(),
+            "forecast": self._forecast.state_dict(),
             "stats": dict(self._stats),
         }
 
@@ -491,6 +501,7 @@ class Arc:
         self._lr.load_state_dict(lr)
         self._policy.load_state_dict(sd["policy"])
         self._recovery.load_state_dict(sd["recovery"])
+        self._forecast.load_state_dict(sd.get("forecast"))
         for k, v in sd.get("stats", {}).items():
             self._stats[k] = int(v)
 
@@ -518,8 +529,9 @@ class Arc:
     def save(self, blocking: bool = True) -> None:
         """Collective: a durable checkpoint of the current state now."""
         last = self._last
-        # after a rollback or a skipped update the state is one that was judged healthy before
-        changed = last is not None and not last.should_skip
+        # after a rollback or a skipped update the state is one that was judged healthy before;
+        # a forecast is about later steps, not this state
+        changed = last is not None and not last.should_skip and last.reason != FORECAST
         status = last.status if changed else HEALTHY
         try:
             self._durability.save(self.global_step, status, blocking=blocking, live=True)

@@ -13,7 +13,8 @@ Arc keeps its LR backoff as a multiplier on whatever LR the training loop asks f
 
 A non-finite LR is a spike either way. After a rollback that backs off, every group's LR is
 multiplied by the backoff factor; once training is ``recovery_steps`` past the failure, the
-factor is undone step by step.
+factor is undone step by step. An instability forecast with ``early_warning.lr_factor`` lowers
+the LR through the same scale, undone the same way.
 """
 
 from __future__ import annotations
@@ -85,11 +86,21 @@ class LRGuard:
         self._apply(self.scale / snapshot_scale)
         self.remember()
 
+    def lower(self, factor: float, step: int) -> None:
+        """A pre-emptive lowering (an instability forecast, forecast.py): one more factor in the
+        scale, undone as the backoff is, from ``recovery_steps`` after ``step`` on."""
+        if factor == 1.0:
+            return
+        self.scale *= factor
+        self._restore_at = max(self._restore_at, step + self.recovery_steps)
+        self._apply(factor)
+
     def maybe_restore(self, step: int, rank: int) -> None:
-        """Undo one backoff factor once ``recovery_steps`` healthy steps passed."""
+        """Undo one backoff factor once ``recovery_steps`` healthy steps passed (the whole scale
+        when ``lr_backoff`` is 1: then only a forecast's lowering can be in force)."""
         if not self.restore or self.scale >= 1.0 or step < self._restore_at:
             return
-        factor = min(1.0 / self.backoff, 1.0 / self.scale)
+        factor = min(1.0 / self.backoff if self.backoff < 1.0 else math.inf, 1.0 / self.scale)
         self.scale *= factor
         self._apply(factor)
         self._restore_at = step + self.recovery_steps

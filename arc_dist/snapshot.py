@@ -62,6 +62,8 @@ class Snapshot:
     rng: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # the controller's step and LR scale then
     nbytes: int = 0
+    #: held on top of ``keep`` until the next snapshot (an instability forecast, forecast.py)
+    pinned: bool = False
     #: the live tensors copied: ``{_identity(t): (optimizer?, index, t._version)}`` at the copy;
     #: emptied when the live state is rewritten from the snapshot (a restore)
     sources: dict = field(default_factory=dict)
@@ -217,24 +219,29 @@ class SnapshotStore:
         # when modules share them; local_tensor() maps FSDP2's DTensors to this rank's shard
         return [local_tensor(t.detach()) for t in self.model.state_dict(keep_vars=True).values()]
 
-    def take(self, step: int, extra: dict) -> Snapshot:
-        """Copy the live state into a snapshot slot (reusing the oldest buffers when full)."""
+    def take(self, step: int, extra: dict, pin: bool = False) -> Snapshot:
+        """Copy the live state into a snapshot slot (reusing the oldest buffers when full).
+
+        ``pin``: held on top of the ``keep`` others, so that it evicts none of the older targets
+        an escalation may need; the next snapshot replaces it."""
         # a rollback abandoned the trajectory of any snapshot at or after ``step``
         while self._ring and self._ring[-1].step >= step:
             self._spare.append(self._ring.pop())
-        if len(self._ring) >= self.keep:
+        if self._ring and self._ring[-1].pinned:
+            self._spare.append(self._ring.pop())
+        if not pin and len(self._ring) >= self.keep:
             self._spare.append(self._ring.pop(0))
         live = self._model_tensors()
         optim_live: list[torch.Tensor] = []
         skeleton = _strip(self.optimizer.state_dict(), optim_live)
         snap = self._slot(live, optim_live)
-        self._trim()
+        self._trim(self.keep + pin)
         optim_local = [local_tensor(t) for t in optim_live]
         with torch.no_grad():
             torch._foreach_copy_(snap.model, live, non_blocking=True)
             if optim_local:
                 torch._foreach_copy_(snap.optim_tensors, optim_local, non_blocking=True)
-        snap.step = step
+        snap.step, snap.pinned = step, pin
         snap.optim_skeleton = skeleton
         snap.scheduler = copy.deepcopy(self.scheduler.state_dict()) if self.scheduler else None
         snap.scaler = copy.deepcopy(self.scaler.state_dict()) if self.scaler else None
@@ -273,10 +280,10 @@ class SnapshotStore:
         snap.nbytes = sum(t.numel() * t.element_size() for t in snap.model + snap.optim_tensors)
         return snap
 
-    def _trim(self) -> None:
-        """At most ``keep`` slots: one allocated while another was lent is surplus once that one
-        is back."""
-        excess = len(self._ring) + 1 + len(self._spare) - self.keep
+    def _trim(self, slots: int) -> None:
+        """At most ``slots`` (``keep``, plus a pinned one): one allocated while another was lent
+        is surplus once that one is back."""
+        excess = len(self._ring) + 1 + len(self._spare) - slots
         if excess > 0:
             with self._lock:
                 drop = {id(s) for s in self._spare if id(s) not in self._lent}

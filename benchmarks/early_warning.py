@@ -214,6 +214,25 @@ class Predictor:
         raise NotImplementedError
 
 
+def _policy_steps(x):
+    """Arc's :class:`~arc_dist.policy.HealthPolicy` (default thresholds, one rank, no deep
+    checks) over the recorded rows: ``(step, policy, matrix, verdict)`` per step, the verdict
+    judged from the step's loss, gradient norm and LR; the caller observes it."""
+    from arc_dist.config import Thresholds
+    from arc_dist.layout import Layout
+    from arc_dist.policy import HealthPolicy
+    from arc_dist.signals import NUM_COLS, Col
+
+    p = HealthPolicy(Thresholds(), Layout.REPLICATED, 1)
+    m = np.zeros((1, NUM_COLS))
+    m[0, Col.LOSS_VALID] = m[0, Col.LR_RATIO] = 1.0
+    for t, row in enumerate(x.astype(np.float64)):
+        m[0, Col.LOSS] = row[C["loss"]]
+        m[0, Col.GRAD_SQ] = m[0, Col.LOCAL_GRAD_SQ] = row[C["grad_norm"]] ** 2
+        m[0, Col.LR] = row[C["lr"]]
+        yield t, p, m, p.judge(m)
+
+
 class ArcPolicy(Predictor):
     """Arc's :class:`~arc_dist.policy.HealthPolicy` with its default thresholds, driven offline
     from the recorded loss, gradient norm and LR (one rank, no deep checks). ``rollback``: the
@@ -227,20 +246,10 @@ class ArcPolicy(Predictor):
         self.name = "Arc policy: rollback" if rollback else "Arc policy: skip or rollback"
 
     def alarms(self, x):
-        from arc_dist.config import Thresholds
-        from arc_dist.layout import Layout
-        from arc_dist.policy import FAILURE, HealthPolicy
-        from arc_dist.signals import NUM_COLS, Col
+        from arc_dist.policy import FAILURE
 
-        p = HealthPolicy(Thresholds(), Layout.REPLICATED, 1)
         out = np.zeros(len(x), dtype=bool)
-        m = np.zeros((1, NUM_COLS))
-        m[0, Col.LOSS_VALID] = m[0, Col.LR_RATIO] = 1.0
-        for t, row in enumerate(x.astype(np.float64)):
-            m[0, Col.LOSS] = row[C["loss"]]
-            m[0, Col.GRAD_SQ] = m[0, Col.LOCAL_GRAD_SQ] = row[C["grad_norm"]] ** 2
-            m[0, Col.LR] = row[C["lr"]]
-            v = p.judge(m)
+        for t, p, m, v in _policy_steps(x):
             p.observe(m, v, applied=not v.skip)
             failed = v.status == FAILURE
             out[t] = failed or (v.skip and not self.rollback)
@@ -519,6 +528,81 @@ class EdgeOfStability(Predictor):
             return (x[:, C["eos"]] > 1.0) | ~np.isfinite(x[:, C["loss"]])
 
 
+class ArcForecast(Predictor):
+    """Arc's shipped early warning (``arc_dist.forecast.Forecaster`` with the default
+    ``EarlyWarning``, threshold fixed), fed as Arc feeds it: the verdicts of Arc's policy on
+    the steps whose update Arc applies (``ArcPolicy``'s matrix). The alarm is a forecast alone:
+    Arc's own skips and rollbacks are the rows above."""
+
+    needs = "grad norm"
+
+    def __init__(self):
+        from arc_dist.config import EarlyWarning
+
+        self.name = f"Arc early warning (shipped, threshold {EarlyWarning().threshold:g})"
+
+    def alarms(self, x):
+        from arc_dist.config import EarlyWarning
+        from arc_dist.forecast import Forecaster
+        from arc_dist.policy import FAILURE
+
+        f = Forecaster(EarlyWarning(enabled=True))
+        out = np.zeros(len(x), dtype=bool)
+        for t, p, m, v in _policy_steps(x):
+            if v.status == FAILURE:
+                p.on_rollback()
+                f.on_rollback()
+                continue
+            p.observe(m, v, applied=not v.skip)
+            if not v.skip:
+                out[t] = f.observe(t, v) is not None
+        return out
+
+
+def _arc_forecast_score(x):
+    """The shipped rule's score (``arc_dist.forecast.GradGrowth``) over the recorded grad norms."""
+    from arc_dist.forecast import GradGrowth
+
+    rule = GradGrowth()
+    return np.array([rule.update(g) for g in x[:, C["grad_norm"]].astype(np.float64).tolist()])
+
+
+def _log_growth_ema(x, col: str, short: float, long: float):
+    """A short EMA of log(col) (the step included) against a long one of the steps before."""
+    la = _log(x[:, C[col]])
+    return pd.Series(la).ewm(halflife=short, adjust=False).mean().to_numpy() - _ema_prev(la, long)
+
+
+def _log_loss_slope(x, w: int = 20):
+    """The log loss's change over ``w`` steps, from its least-squares slope."""
+    return _slope(_log(x[:, C["loss"]]), w) * w
+
+
+def forecast_candidates() -> list[Predictor]:
+    """The rules Arc's early warning was chosen from (``--candidates``): scores of what Arc
+    agrees on every step (loss, grad norm), each with a threshold fitted on the training folds."""
+    g, lo, both = "grad norm", "loss", "loss, grad norm"
+    out = [(f"grad-norm growth, half-life {h}", g, _growth_hl("grad_norm", h)) for h in (20, 100)]
+    out += [
+        (f"grad norm: EMA {a} against EMA {b}", g,
+         lambda x, a=a, b=b: _log_growth_ema(x, "grad_norm", a, b))
+        for a, b in ((3, 50), (5, 100), (10, 100))
+    ]  # fmt: skip
+    out += [
+        (f"log-loss slope ({w} steps)", lo, lambda x, w=w: _log_loss_slope(x, w)) for w in (10, 20)
+    ]
+    out.append(("loss growth, half-life 50", lo, _growth_hl("loss", 50)))
+    out.append(("grad-norm growth + log-loss slope", both,
+                lambda x: _growth("grad_norm")(x) + _log_loss_slope(x)))  # fmt: skip
+    out.append(("min(grad-norm growth, 5 x log-loss slope)", both,
+                lambda x: np.minimum(_growth("grad_norm")(x), 5 * _log_loss_slope(x))))  # fmt: skip
+    return [Score(name, needs, fn) for name, needs, fn in out]
+
+
+def _growth_hl(col: str, halflife: float):
+    return lambda x: _log_growth(x[:, C[col]], halflife)
+
+
 def predictors() -> list[Predictor]:
     return [
         ArcPolicy(rollback=True),
@@ -541,6 +625,8 @@ def predictors() -> list[Predictor]:
         Score("edge-of-stability ratio", SHARP, lambda x: x[:, C["eos"]].astype(np.float64)),
         EdgeOfStability(),
         OriginalArcClassifier("mlp", sharp=True),
+        ArcForecast(),
+        Score("Arc early warning score, threshold fitted", "grad norm", _arc_forecast_score),
     ]
 
 
@@ -602,6 +688,11 @@ def main() -> None:
         "setting out, all its runs together (tests whether a predictor generalises)",
     )
     ap.add_argument("--only", default="", help="comma-separated substrings of predictor names")
+    ap.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also the rules Arc's early warning was chosen from (docs/early_warning.md)",
+    )
     a = ap.parse_args()
     warnings.filterwarnings("ignore")  # NaN slices of diverged steps, sklearn convergence
     if not a.data.exists():
@@ -617,7 +708,8 @@ def main() -> None:
     print(head)
     corpus = corpus_summary(runs)
     print(corpus)
-    preds = [p for p in predictors() if not a.only or any(w in p.name for w in a.only.split(","))]
+    preds = predictors() + (forecast_candidates() if a.candidates else [])
+    preds = [p for p in preds if not a.only or any(w in p.name for w in a.only.split(","))]
     result = table(runs, preds, by=a.split)
     if a.out:
         a.out.write_text(f"{head}\n\n{corpus}\n\n{result}\n")

@@ -12,6 +12,7 @@ default configuration, in one process (it runs the same policy as at any world s
     python benchmarks/false_positives.py --quick          # ~4,000 steps, about a minute
     python benchmarks/false_positives.py                  # 105,600 steps, 20-30 min on 2 cores
     python benchmarks/false_positives.py --out docs/false_positives_table.md
+    python benchmarks/false_positives.py --quick --early-warning   # forecasts on, counted too
 
 Prints a markdown table: per configuration the steps, rollbacks, skips and warnings per 10,000
 steps, and the held-out metric at the end (that the run trained). Needs ``scikit-learn``.
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from arc_dist import Arc, ArcConfig
+from arc_dist import Arc, ArcConfig, EarlyWarning
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from demo import CharLM as GPT  # noqa: E402 - the main job's model
@@ -115,6 +116,10 @@ class TwoHeads(nn.Module):
 # -- one run ------------------------------------------------------------------------------
 
 
+#: the configuration every run uses (``--early-warning`` turns forecasts on)
+CONFIG = ArcConfig()
+
+
 def run(case: Case, text_data) -> dict:
     torch.manual_seed(case.seed)
     g = torch.Generator().manual_seed(case.seed)
@@ -166,7 +171,7 @@ def run(case: Case, text_data) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / case.steps))
         )
-    arc = Arc(model, opt, sched, config=ArcConfig(), chaos="")
+    arc = Arc(model, opt, sched, config=CONFIG, chaos="")
     reasons: dict[str, int] = {}
     t0 = time.monotonic()
     while arc.global_step < case.steps:
@@ -353,7 +358,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one seed, 300 steps a run")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
+    ap.add_argument(
+        "--early-warning",
+        action="store_true",
+        help="with instability forecasts on (listed as instability_forecast:warning)",
+    )
     args = ap.parse_args()
+    if args.early_warning:
+        global CONFIG
+        CONFIG = ArcConfig(early_warning=EarlyWarning(enabled=True))
     torch.set_num_threads(1)
     text = stdlib_text()
     vocab = sorted(set(text))

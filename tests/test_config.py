@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from arc_dist import ArcConfig, Thresholds
+from arc_dist import ArcConfig, EarlyWarning, Thresholds
 from arc_dist.config import ArcConfigFlat
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,6 +56,12 @@ def test_dict_round_trip_nested_and_flat():
         ({"max_skips": -1}, ValueError, ["max_skips=-1", ">= 0"]),
         ({"metrics_every": -1}, ValueError, ["metrics_every"]),
         ({"chaos": ""}, ValueError, ["chaos"]),
+        ({"early_warning": {"threshold": 0}}, ValueError, ["early_warning.threshold=0", "> 0"]),
+        ({"early_warning__lr_factor": 1.5}, ValueError, ["early_warning.lr_factor=1.5", "(0, 1]"]),
+        ({"early_warning": {"cooldown": -1}}, ValueError, ["early_warning.cooldown=-1"]),
+        ({"early_warning": {"min_steps": 0}}, ValueError, ["early_warning.min_steps=0", ">= 1"]),
+        ({"early_warning": {"enabled": "yes"}}, TypeError, ["early_warning.enabled", "bool"]),
+        ({"early_warning": {"lr_factr": 0.5}}, ValueError, ["'lr_factr'", "'lr_factor'"]),
     ],
 )
 def test_bad_keys_and_values_name_the_field(data, error, words):
@@ -63,6 +69,27 @@ def test_bad_keys_and_values_name_the_field(data, error, words):
         ArcConfig.from_dict(data)
     for w in words:
         assert w in str(e.value)
+
+
+def test_early_warning_in_every_form():
+    """The nested ``early_warning`` field: off by default, and the same through a dict, flat
+    names, the environment and the flat parser dataclass."""
+    assert ArcConfig().early_warning == EarlyWarning() and not EarlyWarning().enabled
+    want = ArcConfig(early_warning=EarlyWarning(enabled=True, lr_factor=0.5, cooldown=20))
+    nested = {"early_warning": {"enabled": True, "lr_factor": 0.5, "cooldown": 20}}
+    assert ArcConfig.from_dict(nested) == want
+    assert ArcConfig.from_dict(json.loads(json.dumps(want.to_dict()))) == want
+    flat = dict(early_warning__enabled=True, early_warning__lr_factor=0.5,
+                early_warning__cooldown=20)  # fmt: skip
+    assert ArcConfig.from_flat(**flat) == want
+    assert ArcConfigFlat(**flat).to_config() == want
+    env = {"ARC_CONFIG_EARLY_WARNING__ENABLED": "true",
+           "ARC_CONFIG_EARLY_WARNING__LR_FACTOR": "0.5",
+           "ARC_CONFIG_EARLY_WARNING__COOLDOWN": "20"}  # fmt: skip
+    assert ArcConfig.from_env(env) == want
+    assert ArcConfig.from_env({"ARC_CONFIG_EARLY_WARNING__LR_FACTOR": "none"}) == ArcConfig()
+    with pytest.raises(TypeError, match="EarlyWarning"):
+        ArcConfig(early_warning=True)
 
 
 def test_files(tmp_path):

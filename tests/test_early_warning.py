@@ -186,3 +186,19 @@ def test_measuring_sharpness_leaves_the_training_run_untouched():
     assert (sharp[:10, s] == sharp[0, s]).all() and sharp[10, s] != sharp[9, s]
     np.testing.assert_allclose(sharp[:, e], 0.2 * sharp[:, s] / 2, rtol=1e-5)
     assert len(cost) == 2 and min(cost) > 0
+
+
+def test_the_shipped_early_warning_row_runs_arcs_own_rule():
+    """The row of Arc's early warning drives ``arc_dist.forecast.Forecaster`` (default
+    ``EarlyWarning``) with Arc's policy verdicts: it forecasts a growing gradient norm once,
+    after the growth starts, and stays quiet on a flat one."""
+    from arc_dist.config import EarlyWarning
+
+    x = np.ones((300, len(organic.COLUMNS)), dtype=np.float32)
+    x[:, ew.C["loss"]] = _flat(300)
+    flat = ew.ArcForecast().alarms(x)
+    x[150:, ew.C["grad_norm"]] = 1.15 ** np.arange(150)
+    grow = ew.ArcForecast().alarms(x)
+    assert not flat.any()
+    assert grow.sum() == 1 and 150 < np.argmax(grow) <= 165
+    assert f"threshold {EarlyWarning().threshold:g}" in ew.ArcForecast().name

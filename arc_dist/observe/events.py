@@ -50,6 +50,7 @@ KINDS = (
     "load",  # a checkpoint was loaded (values: seconds, bytes, MB_per_s)
     "metrics",  # every metrics_every steps: means of loss and grad_norm over the period, lr, ...
     "warning",  # a verdict with no damage: update applied or skipped (values: decision, ...)
+    "forecast",  # early warning: instability forecast (values: score, threshold, lr_factor, ...)
     "failure",  # evidence of damage (reason, ranks, values: decision: rollback or raise, ...)
     "rollback",  # state restored (step: the restored step; cost: steps lost, seconds)
     "escalation",  # a rollback that discarded snapshots to reach an older state

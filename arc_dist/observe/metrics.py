@@ -6,7 +6,7 @@ and text (``SummaryWriter`` scalars, ``wandb`` run history):
 
 * every ``metrics`` record (every ``Arc(metrics_every=N)`` steps): ``arc/loss``,
   ``arc/grad_norm``, ``arc/lr``, ``arc/lr_scale``, ``arc/step_s``;
-* running counters at the step they change: ``arc/failures``, ``arc/warnings``,
+* running counters at the step they change: ``arc/failures``, ``arc/warnings``, ``arc/forecasts``,
   ``arc/rollbacks``, ``arc/steps_lost``, ``arc/restarts``, ``arc/checkpoints``;
 * checkpoint throughput: ``arc/checkpoint_s``, ``arc/checkpoint_MB_per_s``, ``arc/load_s``;
 * one line of text under ``arc/events`` per fault, rollback, restart and checkpoint failure.
@@ -31,6 +31,7 @@ _SCALARS = ("loss", "grad_norm", "lr", "lr_scale", "step_s")
 _COUNTED = {
     "failure": "failures",
     "warning": "warnings",
+    "forecast": "forecasts",
     "rollback": "rollbacks",
     "restart": "restarts",
     "checkpoint_commit": "checkpoints",

@@ -206,6 +206,14 @@ class Recorder:
                 values={"message": message},
             )
 
+    def forecast(self, step: int, values: dict) -> None:
+        """An instability forecast at ``step`` (forecast.py); ``values``: its score and what Arc
+        did about it."""
+        if self.speak:
+            log.warning("arc_dist: instability forecast at step %d: %s", step, values)
+        if self.on:
+            self.events.emit("forecast", step, reason="instability_forecast", values=values)
+
     def snapshot(self, step: int, nbytes: int, seconds: float) -> None:
         if not self.on:
             return

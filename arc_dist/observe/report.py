@@ -35,6 +35,7 @@ DPI = 100
 _NOTABLE = {
     "failure",
     "warning",
+    "forecast",
     "rollback",
     "escalation",
     "recovered",
@@ -124,6 +125,7 @@ def summarize(events: list[dict], checkpoints: list[dict] | None = None) -> dict
         ),
         "warnings": kinds["warning"],
         "warnings_by_reason": dict(warnings_by_reason),
+        "forecasts": kinds["forecast"],
         "rollbacks": len(rollbacks),
         "escalations": kinds["escalation"],
         "recovered": kinds["recovered"],
@@ -161,6 +163,7 @@ def format_summary(s: dict) -> str:
         ("processes / restarts", f"{s['processes']} / {s['restarts']}"),
         ("failures", str(s["failures"])),
         ("warnings", str(s["warnings"])),
+        ("instability forecasts", str(s.get("forecasts", 0))),
         ("rollbacks / escalations", f"{s['rollbacks']} / {s['escalations']}"),
         ("recovered / unrecoverable", f"{s['recovered']} / {s['unrecoverable']}"),
         (
@@ -282,6 +285,8 @@ def plot(events: list[dict], path: str, *, title: str = "arc-dist run") -> None:
         )
     xs, _ = marks("warning")
     vlines(xs, "warning", color="gold", lw=1.0, ls=":")
+    xs, _ = marks("forecast")
+    vlines(xs, "instability forecast", color="tab:olive", lw=1.0, ls="-.")
     xs, _ = marks("restart")
     vlines(xs, "restart", color="tab:purple", lw=2.0, ls="--")
     # a rollback: an arrow from the failed step back to the restored one
