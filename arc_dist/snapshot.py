@@ -6,6 +6,11 @@ the RNG states and the controller's step and LR scale (``extra``). Host buffers 
 once per slot and reused, and the copies are one ``torch._foreach_copy_`` per slot
 (non-blocking into pinned memory on CUDA), so a snapshot costs about one memcpy of the state.
 
+A background checkpoint of the state a snapshot holds (a checkpoint step that is also a
+snapshot step) borrows the snapshot's host copies instead of copying the state again
+(``SnapshotStore.lend``); a lent snapshot's buffers are not reused by a later snapshot until
+the write returns them, so the checkpoint holds exactly the state of its step.
+
 Model tensors are restored in place, so references held by the optimizer, DDP's buckets or the
 user stay valid. The optimizer state becomes exactly the snapshot's, also where it was replaced,
 cleared or grew since: through ``load_state_dict``, or for FSDP2 (DTensor state) by copying into
@@ -15,6 +20,7 @@ the live shards, rebuilding entries that are gone and dropping entries that are 
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +64,42 @@ class Snapshot:
     nbytes: int = 0
     #: held on top of ``keep`` until the next snapshot (an instability forecast, forecast.py)
     pinned: bool = False
+    #: the live tensors copied: ``{_identity(t): (optimizer?, index, t._version)}`` at the copy;
+    #: emptied when the live state is rewritten from the snapshot (a restore)
+    sources: dict = field(default_factory=dict)
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    """The memory a tensor views (same address, layout and type: the same values)."""
+    return (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place write); None for an inference tensor,
+    which has none."""
+    return None if t.is_inference() else t._version
+
+
+class Loan:
+    """The host copies of one snapshot, lent to a checkpoint of the same state; ``release`` (from
+    any thread, idempotent) lets the snapshot's buffers be reused again."""
+
+    def __init__(self, store: SnapshotStore, snap: Snapshot) -> None:
+        self.store, self.snap = store, snap
+
+    def host(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The snapshot's copy of the live tensor ``t``, or None when it holds none or ``t``
+        changed since the copy (its version counter moved: any in-place write)."""
+        hit = self.snap.sources.get(_identity(t))
+        if hit is None or _version(t) != hit[2]:
+            return None
+        host = (self.snap.optim_tensors if hit[0] else self.snap.model)[hit[1]]
+        return host if host.shape == t.shape and host.dtype == t.dtype else None
+
+    def release(self) -> None:
+        if self.snap is not None:
+            self.store._release(self.snap)
+            self.snap = None
 
 
 class TensorRef:
@@ -138,6 +180,8 @@ class SnapshotStore:
         self._ring: list[Snapshot] = []
         self._spare: list[Snapshot] = []
         self._steps: tuple[int, ...] | None = None  # steps(), kept until the ring changes
+        self._lent: dict[int, int] = {}  # id(snapshot) -> loans not yet released
+        self._lock = threading.Lock()  # loans are released from a writer's thread
 
     def __len__(self) -> int:
         return len(self._ring)
@@ -152,6 +196,23 @@ class SnapshotStore:
         if self._steps is None:
             self._steps = tuple(s.step for s in self._ring)
         return self._steps
+
+    def lend(self, step: int) -> Loan | None:
+        """The newest snapshot's host copies when it holds the state at ``step`` (taken at this
+        step boundary), for a background checkpoint of that state; None otherwise. Its buffers
+        are not reused until ``Loan.release()``."""
+        snap = self.newest
+        if snap is None or snap.step != step or not snap.sources:
+            return None
+        with self._lock:
+            self._lent[id(snap)] = self._lent.get(id(snap), 0) + 1
+        return Loan(self, snap)
+
+    def _release(self, snap: Snapshot) -> None:
+        with self._lock:
+            n = self._lent.pop(id(snap)) - 1
+            if n:
+                self._lent[id(snap)] = n
 
     def clear(self) -> None:
         """Forget every snapshot: a resume starts from another state."""
@@ -180,6 +241,7 @@ class SnapshotStore:
         optim_live: list[torch.Tensor] = []
         skeleton = _strip(self.optimizer.state_dict(), optim_live)
         snap = self._slot(live, optim_live)
+        self._trim(self.keep + pin)
         optim_local = [local_tensor(t) for t in optim_live]
         with torch.no_grad():
             torch._foreach_copy_(snap.model, live, non_blocking=True)
@@ -191,6 +253,12 @@ class SnapshotStore:
         snap.scaler = copy.deepcopy(self.scaler.state_dict()) if self.scaler else None
         snap.rng = rng.capture()
         snap.extra = copy.deepcopy(extra)
+        snap.sources = {
+            _identity(t): (opt, i, _version(t))
+            for opt, ts in ((False, live), (True, optim_local))
+            for i, t in enumerate(ts)
+            if not t.is_inference()
+        }
         # the copies must land before the live state changes (and before the local tier reads
         # the buffers); every device matters: placements can be mixed (FSDP2 CPU offload)
         _wait_for_copies(live + optim_local)
@@ -205,7 +273,9 @@ class SnapshotStore:
                 b.shape == t.shape and b.dtype == t.dtype for b, t in zip(bufs, ts)
             )
 
-        snap = self._spare.pop() if self._spare else None
+        with self._lock:  # a snapshot still lent to a checkpoint write keeps its buffers
+            free = [i for i, s in enumerate(self._spare) if id(s) not in self._lent]
+        snap = self._spare.pop(free[-1]) if free else None
         if snap is None:
             snap = Snapshot(step=-1, model=[], optim_tensors=[])
         if not fits(snap.model, live):
@@ -216,12 +286,24 @@ class SnapshotStore:
         snap.nbytes = sum(t.numel() * t.element_size() for t in snap.model + snap.optim_tensors)
         return snap
 
+    def _trim(self, slots: int) -> None:
+        """At most ``slots`` (``keep``, plus a pinned one): one allocated while another was lent
+        is surplus once that one is back."""
+        excess = len(self._ring) + 1 + len(self._spare) - slots
+        if excess > 0:
+            with self._lock:
+                drop = {id(s) for s in self._spare if id(s) not in self._lent}
+            drop = set(list(drop)[:excess])
+            self._spare = [s for s in self._spare if id(s) not in drop]
+
     def drop_newest(self) -> None:
         self._spare.append(self._ring.pop())
         self._steps = None
 
     def restore(self, snap: Snapshot, set_extra: Callable[[dict], None]) -> None:
         """Put the live state back to ``snap``: model in place, optimizer, scheduler, RNG."""
+        # the live tensors are rewritten (the optimizer's replaced): none is a source any more
+        snap.sources = {}
         live = self._model_tensors()
         with torch.no_grad():
             torch._foreach_copy_(live, snap.model, non_blocking=True)

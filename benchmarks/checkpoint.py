@@ -8,14 +8,19 @@ For each model size (an MLP with AdamW, so the checkpoint holds ~3x the paramete
 * **raw write**: the same number of bytes written sequentially to one file with one fsync (the
   disk's ceiling);
 * **torch.save**: ``torch.save`` of the same state dict to one file, plus fsync;
-* **async stall**: how long ``save(blocking=False)`` holds the training thread (state dict +
-  copy to the reused CPU staging buffers); the write itself overlaps training;
+* **async stall**: how long ``save(blocking=False)`` of a bare ``CheckpointManager`` holds the
+  training thread (state dict + copy to the reused CPU staging buffers); the write itself
+  overlaps training;
+* **Arc stall**: as ``Arc`` sees it: the extra time of an ``arc.step`` that checkpoints (in the
+  background) over the previous snapshot step that does not; a checkpoint step that is also a
+  snapshot step writes the snapshot's host copies, so the state is not copied twice;
 * **resume**: ``load`` into a fresh model and optimizer, checksums verified (and without).
 
     python benchmarks/checkpoint.py                       # sizes 5M,25M params, 9 rounds
     python benchmarks/checkpoint.py --sizes 5M --rounds 3 --dir /mnt/nvme/tmp --json out.json
 
 Targets: sync save throughput >= 80% of the raw write; async stall <= 5% of the sync save.
+The Arc stall is paired with the sync save of the same round.
 Ratios are medians of per-round ratios (each round measures the pair back to back).
 """
 
@@ -32,6 +37,7 @@ import time
 import torch
 from torch import nn
 
+from arc_dist import Arc, ArcConfig
 from arc_dist.checkpoint import CheckpointManager, TrainState
 
 SIZES = {"5M": 1120, "25M": 2500, "50M": 3536}  # hidden width of a 4-layer square MLP
@@ -53,6 +59,35 @@ def fsync_write(path: str, chunks) -> None:
             f.write(c)
         f.flush()
         os.fsync(f.fileno())
+
+
+def arc_step_times(width: int, rounds: int, url: str) -> tuple[list[float], list[float]]:
+    """``arc.step`` times of snapshot steps without and with a background checkpoint, paired."""
+    model, opt = make(width)
+    cfg = ArcConfig(
+        snapshot_every=2, checkpoint_every=4, confirm_after=0, keep_checkpoints=2,
+        local_snapshots=False,
+    )  # fmt: skip
+    arc = Arc(model, opt, checkpoint_dir=url, config=cfg)
+    x = torch.randn(2, width)
+    plain, ckpt = [], []
+    while len(ckpt) < rounds:
+        step = arc.global_step
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        t0 = time.perf_counter()
+        action = arc.step(loss)
+        dt = time.perf_counter() - t0
+        if not action.should_skip:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step and step % 4 == 0 and len(plain) > len(ckpt):
+            ckpt.append(dt)
+            arc._durability.manager.wait()  # the next checkpoint is not skipped
+        elif step and step % 4 == 2:
+            plain.append(dt)
+    arc.close()
+    return plain[: len(ckpt)], ckpt
 
 
 def bench(name: str, width: int, rounds: int, root: str) -> dict:
@@ -109,6 +144,8 @@ def bench(name: str, width: int, rounds: int, root: str) -> dict:
             assert step == 2 * rounds - 1
             assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
     mgr.close()
+    plain, ckpt = arc_step_times(width, rounds, os.path.join(root, f"arc-{name}"))
+    extra = [c - p for p, c in zip(plain, ckpt)]
     med = statistics.median
     res = {
         "size": name,
@@ -118,6 +155,8 @@ def bench(name: str, width: int, rounds: int, root: str) -> dict:
         "raw_write_s": med(raw),
         "torch_save_s": med(tsave),
         "async_stall_s": med(stall),
+        "arc_stall_s": med(extra),
+        "arc_snapshot_step_s": med(plain),
         "async_total_s": med(async_total),
         "resume_s": med(load_v),
         "resume_noverify_s": med(load_nv),
@@ -129,6 +168,7 @@ def bench(name: str, width: int, rounds: int, root: str) -> dict:
     res["throughput_vs_raw"] = med(r / s for r, s in zip(raw, sync))
     res["throughput_vs_torch_save"] = med(t / s for t, s in zip(tsave, sync))
     res["stall_vs_sync"] = med(a / s for a, s in zip(stall, sync))
+    res["arc_stall_vs_sync"] = med(e / s for e, s in zip(extra, sync))
     return res
 
 
@@ -153,13 +193,14 @@ def main() -> None:
     print(
         f"{'size':>5} {'ckpt MB':>8} {'save MB/s':>9} {'raw MB/s':>9} {'vs raw':>7} "
         f"{'torch.save s':>12} {'vs t.save':>9} {'sync s':>7} {'stall s':>8} {'stall/sync':>10} "
-        f"{'resume s':>8} {'(no verify)':>11}"
+        f"{'arc stall s':>11} {'/sync':>6} {'resume s':>8} {'(no verify)':>11}"
     )
     for r in results:
         print(
             f"{r['size']:>5} {r['checkpoint_mb']:>8.0f} {r['save_mb_s']:>9.0f} {r['raw_mb_s']:>9.0f} "
             f"{r['throughput_vs_raw']:>7.0%} {r['torch_save_s']:>12.3f} {r['throughput_vs_torch_save']:>9.0%} "
             f"{r['sync_save_s']:>7.3f} {r['async_stall_s']:>8.3f} {r['stall_vs_sync']:>10.1%} "
+            f"{r['arc_stall_s']:>11.3f} {r['arc_stall_vs_sync']:>6.1%} "
             f"{r['resume_s']:>8.3f} {r['resume_noverify_s']:>11.3f}"
         )
     if args.json:

@@ -188,6 +188,24 @@ def test_roundtrip_restores_every_part(tmp_path):
     mgr2.close()
 
 
+def test_tensor_records_skip_torch_zip_crc(tmp_path):
+    """torch.load never checks torch.save's zip CRC32 and the manifest checksums every byte, so
+    the save does not compute it; torch.save elsewhere keeps it."""
+    run = Run()
+    run.train(2)
+    with manager(tmp_path / "ck") as mgr:
+        mgr.save(2, run.app_state(), blocking=True)
+    assert torch.serialization.get_crc32_options()
+    data = (tmp_path / "ck" / "step_2" / "__0_0.distcp").read_bytes()
+    # every record of the zip archives DCP appended: central directory entry, CRC32 at offset 16
+    crcs = [data[i + 16 : i + 20] for i in range(len(data)) if data.startswith(b"PK\x01\x02", i)]
+    assert len(crcs) > 10 and set(crcs) == {bytes(4)}
+    fresh = Run()
+    with manager(tmp_path / "ck") as mgr:
+        assert mgr.load(fresh.app_state()) == 2
+    assert_state_equal(fresh.model.state_dict(), run.model.state_dict())
+
+
 def test_memory_url_roundtrip():
     run = Run()
     run.train(3)

@@ -1,8 +1,9 @@
 """Adapters around DCP's fsspec storage: checksums while writing, safe reading.
 
 * ``HashingWriter``: DCP's ``FsspecWriter`` whose streams hash every byte as it is written, so the
-  manifest's checksums cost no second read of the data. Each rank records its own files; the
-  manager gathers the records after the save.
+  manifest's checksums cost no second read of the data (and torch's own zip CRC32, never checked
+  on load, is not computed). Each rank records its own files; the manager gathers the records
+  after the save.
 * ``SafeReader``: DCP's ``FsspecReader`` that unpickles ``.metadata`` with an allow-list of DCP's
   metadata classes instead of plain ``pickle.load``.
 * ``SafeLoadPlanner``: DCP's default load planner, but non-tensor values are read back with
@@ -86,6 +87,19 @@ class _HashingStream:
         return getattr(self._raw, name)
 
 
+@contextmanager
+def _no_zip_crc():
+    """DCP writes each tensor with ``torch.save``, whose zip writer computes a CRC32 of every
+    byte that ``torch.load`` never checks; the manifest's checksum covers them already. The
+    setting is per thread (torch's config), so this thread's other ``torch.save`` calls keep it."""
+    saved = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(saved)
+
+
 class _HashingFileSystem(FileSystem):
     def __init__(self, fs, algorithm: str, fault_hook: FaultHook | None) -> None:
         super().__init__()
@@ -104,7 +118,7 @@ class _HashingFileSystem(FileSystem):
         name = os.path.basename(os.fspath(path))
         hook = self.fault_hook
         on_write = (lambda n: hook("write", (name, n))) if hook is not None else None
-        with super().create_stream(path, mode) as raw:
+        with super().create_stream(path, mode) as raw, _no_zip_crc():
             stream = _HashingStream(raw, new_hasher(self.algorithm), on_write)
             try:
                 yield stream

@@ -162,12 +162,17 @@ class Durability:
         if self.on_event is not None:
             self.on_event("checkpoint_start", step, {"blocking": blocking})
         self.saved_step = step
+        # a snapshot taken at this step boundary holds host copies of this very state: a
+        # background save writes those instead of copying the model and optimizer again
+        state = self.app_state(live)
+        loan = None if blocking else self.snapshots.lend(step)
         with self._allowance():
             self.manager.save(
                 step,
-                self.app_state(live),
+                state,
                 verdict={"status": status, "step": step},
                 blocking=blocking,
+                loan=loan,
             )
 
     def on_step(self, step: int, status: str) -> None:

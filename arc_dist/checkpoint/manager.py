@@ -4,8 +4,9 @@ Who calls what (every method marked *collective* must be called by every rank of
 group, in the same order; the controller does this):
 
 * ``save(step, app_state, blocking=...)`` (collective). Blocking: wait for any save in flight, then
-  write and commit before returning. Non-blocking: ``dcp.async_save`` stages a CPU copy (the only
-  training stall) and a background thread writes it, then commits. **At most one save is in
+  write and commit before returning. Non-blocking: the state is staged to host memory (the only
+  training stall: a copy into reused buffers; tensors an in-memory snapshot of the same state
+  already holds are borrowed, ``loan=``) and the worker thread writes it, then commits. **At most one save is in
   flight**: when a periodic save is due while the previous one is still writing (or retrying), the
   new one is *skipped and counted* (``stats()["checkpoints_skipped"]``); ranks agree on that with
   one tiny all-reduce, so they never diverge. Training never waits for slow storage. Every
@@ -38,7 +39,8 @@ costs no re-read. Re-saving an existing step (training reached it again after a 
 uncommits the old directory (manifest first), so a crash never leaves a mix of both.
 
 Background work runs on one worker thread per rank; DCP's collectives use a dedicated gloo group
-(``dcp.async_save`` on the default group deadlocks against DDP's all-reduces) and the skip
+(DCP's collectives off the training thread on the default group deadlock against DDP's
+all-reduces) and the skip
 agreement another one, so no two threads ever share a group. A failed background write is logged,
 counted, retried ``max_retries`` times with exponential backoff (all ranks in lockstep: DCP
 reports a failure to every rank) and never touches older checkpoints.
@@ -214,6 +216,7 @@ class CheckpointManager(Saving, Loading):
             last_committed_step=None,
             last_confirmed_step=None,
             checkpoint_stall_s=0.0,
+            checkpoint_staged_bytes=0,
             checkpoint_write_s=0.0,
             checkpoint_bytes=0,
         )

@@ -14,6 +14,7 @@ JSON only, never pickle: the manifest must be readable by any tool and safe to p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -124,6 +125,7 @@ def new_hasher(algorithm: str):
     )
 
 
+@functools.cache  # importlib.metadata scans sys.path and parses METADATA: not once per save
 def _versions() -> dict[str, str]:
     import torch
 
@@ -249,7 +251,7 @@ def make_manifest(
         files=dict(files),
         config_digest=config_digest,
         verdict=dict(verdict or {}),
-        versions=_versions(),
+        versions=dict(_versions()),
     )
 
 

@@ -13,9 +13,12 @@ import threading
 import time
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.utils._pytree import tree_map
 
+from ..layout import is_dtensor, local_tensor
 from . import retention
 from .dcp_io import HashingWriter
 from .errors import CheckpointStorageError, CommitFailed, describe, error_kind, fix_hint, retriable
@@ -24,7 +27,8 @@ from .manifest import MANIFEST_NAME, make_manifest
 
 
 class Stager(DefaultStager):
-    """DCP's stager, reused so its CPU buffers are too; staging is synchronous (no future)."""
+    """DCP's stager, reused so its CPU buffers are too (cached per source storage); staging is
+    synchronous (no future)."""
 
     _synchronize_after_execute = False
 
@@ -39,19 +43,16 @@ class Stager(DefaultStager):
         )
 
 
-class Staged(AsyncStager):
-    """Hands ``dcp.async_save`` a state already staged, once every rank agreed to save it."""
+class _Lent:
+    """Stands for a borrowed host tensor while the rest of the state is staged."""
 
-    _synchronize_after_execute = False
+    __slots__ = ("index",)
 
-    def stage(self, state_dict, **kwargs):
-        return state_dict
+    def __init__(self, index: int) -> None:
+        self.index = index
 
-    def synchronize_staging(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    def __deepcopy__(self, memo: dict) -> _Lent:
+        return self
 
 
 @dataclasses.dataclass(eq=False)
@@ -60,8 +61,9 @@ class SaveJob:
     verdict: dict
     blocking: bool
     state: dict | None = None
-    future: Any = None
-    writer: HashingWriter | None = None
+    #: the snapshot loan the staged state borrows from (``snapshot.Loan``); released when done
+    loan: Any = None
+    writer: HashingWriter | None = None  # the first attempt's, made before the ranks agree
     rejected: bool = False
     error: BaseException | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -96,6 +98,7 @@ class Saving:
         *,
         verdict: dict | None = None,
         blocking: bool | None = True,
+        loan: Any = None,
     ) -> None:
         """Collective: checkpoint ``app_state`` as ``step_<step>``.
 
@@ -103,7 +106,20 @@ class Saving:
         ``async_save``. A blocking save raises
         :class:`CheckpointStorageError` when every attempt failed; a background save logs and
         counts its failure instead, and training goes on.
+
+        ``loan``: host copies of this very state (``SnapshotStore.lend``: an in-memory snapshot
+        taken at this step boundary); a background save writes them instead of copying the
+        tensors again. Released (on every path) once the save no longer reads them.
         """
+        handed = False
+        try:
+            handed = self._save(step, app_state, verdict, blocking, loan)
+        finally:
+            if loan is not None and not handed:
+                loan.release()
+
+    def _save(self, step, app_state, verdict, blocking, loan) -> bool:
+        """``save``; True when a background write took ``loan`` over."""
         self._check_open()
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"save(step={step!r}) is invalid: use the integer global step >= 0")
@@ -117,7 +133,7 @@ class Saving:
             # after a resume falls on a checkpoint step): writing it again would only replace
             # a confirmed checkpoint with an unconfirmed copy. Every rank loaded the same step.
             self.log.debug("arc_dist: step_%d is the checkpoint just loaded; not saved again", step)
-            return
+            return False
         self._loaded_step = None
         if blocking:
             self.wait()
@@ -139,7 +155,7 @@ class Saving:
             job.done.wait()
             if job.error is not None:
                 raise CheckpointStorageError(self._failure_message(job.step, job.error)) from None
-            return
+            return False
 
         with self._lock:
             busy = self._in_flight
@@ -152,16 +168,16 @@ class Saving:
                     "(raise checkpoint_every if this repeats)",
                     step,
                 )
-            return
+            return False
         t0 = time.perf_counter()
-        job = SaveJob(step, verdict, False)
+        job = SaveJob(step, verdict, False, loan=loan)
         self._start(job)
         # everything that can fail on one rank alone (staging: a pinned allocation, host memory,
         # a user object's state_dict) happens before DCP, and every rank agrees on the outcome:
         # a rank that skipped DCP would leave the others in its collectives until they time out
         error: BaseException | None = None
         try:
-            job.state = self._stager.stage(self._state_dict(app_state))
+            job.state = self._stage(self._state_dict(app_state), loan)
             job.writer = self._writer(step)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -177,15 +193,35 @@ class Saving:
             self._emit("checkpoint_failure", step, attempts_failed=1, abandoned=True)
             why = error if error is not None else RuntimeError("another rank could not stage")
             self.log.error("[rank %d] %s", self.rank, self._failure_message(step, why))
-            return
-        if self.rank == 0 and step in self._known_steps:
-            self._queue.join()  # only rank-0 bookkeeping can be queued: no save is in flight
-            self._clear_step_dir(step, job.writer, quiet=False)
-        job.future = dcp.async_save(
-            job.state, storage_writer=job.writer, async_stager=Staged(), **self._dcp_kwargs()
-        )
+            return False
         self._stats["checkpoint_stall_s"] = time.perf_counter() - t0
         self._submit(lambda: self._run_save(job))
+        return True
+
+    def _stage(self, state: dict, loan: Any) -> dict:
+        """Training thread: a host copy of ``state`` that the write reads while training goes on.
+        Tensors ``loan`` holds copies of are borrowed; the rest are copied into the stager's
+        reused buffers (pinned on CUDA)."""
+        lent: list = []
+        copied = 0
+
+        def pick(obj: Any) -> Any:
+            nonlocal copied
+            if not isinstance(obj, torch.Tensor):
+                return obj
+            host = loan.host(obj) if loan is not None and not is_dtensor(obj) else None
+            if host is None:
+                local = local_tensor(obj)
+                copied += local.numel() * local.element_size()
+                return obj
+            lent.append(host)
+            return _Lent(len(lent) - 1)
+
+        staged = self._stager.stage(tree_map(pick, state))
+        self._stats["checkpoint_staged_bytes"] = copied
+        if not lent:
+            return staged
+        return tree_map(lambda v: lent[v.index] if isinstance(v, _Lent) else v, staged)
 
     def _start(self, job: SaveJob) -> None:
         with self._lock:
@@ -231,16 +267,16 @@ class Saving:
             while True:
                 attempt += 1
                 try:
-                    if job.future is not None and attempt == 1:
-                        job.future.result()
-                        writer = job.writer
-                    else:
-                        writer = self._writer(job.step)
-                        if self.rank == 0:
-                            # a retry, or a blocking save of a step that exists: start clean
-                            # (DCP's planning collective below keeps the others from writing first)
-                            self._clear_step_dir(job.step, writer, quiet=attempt > 1)
-                        dcp.save(job.state, storage_writer=writer, **self._dcp_kwargs())
+                    writer = (
+                        job.writer
+                        if attempt == 1 and job.writer is not None
+                        else self._writer(job.step)
+                    )
+                    if self.rank == 0:
+                        # a retry, or a save of a step that exists: start clean (DCP's planning
+                        # collective below keeps the others from writing first)
+                        self._clear_step_dir(job.step, writer, quiet=attempt > 1)
+                    dcp.save(job.state, storage_writer=writer, **self._dcp_kwargs())
                     if self.rank == 0:
                         self._known_steps.add(job.step)
                     status, nbytes = self._commit(job, writer)
@@ -277,6 +313,8 @@ class Saving:
             with self._lock:
                 self._in_flight, self._current = False, None
             job.state = None
+            if job.loan is not None:
+                job.loan.release()
             job.done.set()
 
     def _commit(self, job: SaveJob, writer: HashingWriter) -> tuple[str, int]:
