@@ -140,7 +140,7 @@ def test_checkpoint_from_snapshot_buffers_survives_the_next_snapshots(tmp_path):
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert staged < model_bytes  # model and optimizer tensors came from the snapshot
     _train(arc, model, opt, sched, 9, after_step=record)
-    assert arc._snapshots.steps() == [6, 8]
+    assert arc._snapshots.steps() == (6, 8)
     release.set()
     mgr.wait()
     stats = arc.stats()
