@@ -134,6 +134,8 @@ def test_checkpoint_from_snapshot_buffers_survives_the_next_snapshots(tmp_path):
 
     # the write of step 4 stays in flight while snapshots 6 and 8 are taken: with two slots,
     # snapshot 8 would reuse step 4's buffers (the saves due at 6 and 8 are skipped: busy)
+    _train(arc, model, opt, sched, 3, after_step=record)
+    mgr.wait()  # step 2's write is done: step 4's is not skipped as busy
     _train(arc, model, opt, sched, 5, after_step=record)
     assert reached.wait(60)
     staged = mgr.stats()["checkpoint_staged_bytes"]
@@ -175,6 +177,8 @@ def test_rollback_to_the_snapshot_being_written(tmp_path):
         else:
             live.setdefault(arc.global_step - 1, _state(model, opt))
 
+    _train(arc, model, opt, sched, 3, after_step=record)
+    mgr.wait()  # step 2's write is done: step 4's is not skipped as busy
     _train(arc, model, opt, sched, 5, after_step=record)
     assert reached.wait(60)
     # step 5 fails while step 4 is written from the snapshot the rollback restores
