@@ -166,7 +166,8 @@ class ArcConfig:
     #: healthy steps after a checkpoint before it counts as confirmed healthy (a fallback kept
     #: until a newer one is confirmed); warns unless <= checkpoint_every * keep_checkpoints
     confirm_after: int = 20
-    #: write periodic checkpoints in the background (``dcp.async_save``)
+    #: write periodic checkpoints in the background (a writer thread; a checkpoint at a snapshot
+    #: step writes the snapshot's host copies instead of copying the state again)
     async_checkpoint: bool = True
     #: keep the newest healthy snapshots in node-local memory too (``local_dir``), so a group
     #: restarted on the same nodes resumes from at most ``snapshot_every`` steps back without
