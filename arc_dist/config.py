@@ -110,7 +110,9 @@ class EarlyWarning:
     #: steps after a forecast before another one may fire
     cooldown: int = 50
     #: multiply every param group's LR by this factor on a forecast (0 < f <= 1), undone like
-    #: the rollback backoff (``lr_restore``, ``recovery_steps``); None or 1: leave the LR alone
+    #: the rollback backoff (``lr_restore``, ``recovery_steps``); None or 1: leave the LR alone.
+    #: Forecasts also fire on healthy runs whose gradient norm grows fast (an LR warm-up, tiny
+    #: batches, unfrozen layers: docs/early_warning.md), so set it only for steady runs
     lr_factor: float | None = None
 
     def __post_init__(self) -> None:
