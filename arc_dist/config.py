@@ -323,6 +323,14 @@ class ArcConfig:
                 f"ArcConfig.early_warning must be an arc_dist.config.EarlyWarning (e.g. "
                 f"EarlyWarning(enabled=True)), got {type(self.early_warning).__name__}"
             )
+        ew = self.early_warning
+        if ew.enabled and ew.lr_factor not in (None, 1, 1.0) and not self.lr_restore:
+            # nothing would undo the lowering: forecasts on healthy runs would compound it to 0
+            raise ValueError(
+                f"ArcConfig.early_warning.lr_factor={ew.lr_factor} needs lr_restore=True (it is "
+                "False: every forecast would lower the LR for good). Fix: lr_restore=True, or "
+                "lr_factor=None"
+            )
         kept_for = self.checkpoint_every * self.keep_checkpoints
         if self.checkpoint_every and self.confirm_after > kept_for:
             # a warning, not an error: resume and rollback stay safe, the fallback is what suffers

@@ -103,6 +103,8 @@ class DDPRide:
         self._host = torch.zeros(NUM_COLS, dtype=torch.float64)
         self._host_np = self._host.numpy()
         self._m64: torch.Tensor | None = None
+        self._deep_idx: torch.Tensor | None = None  # DEEP_COLS, and its squared norms' part
+        self._sq_idx: torch.Tensor | None = None
         self._arrived = False  # this backward's matrix came back reduced
         #: when this rank's last gradient bucket was ready (its own work done, no waiting)
         self.ready_at: float | None = None
@@ -191,6 +193,9 @@ class DDPRide:
             self._m64 = torch.zeros(
                 self.world_size, NUM_COLS, dtype=torch.float64, device=buf.device
             )
+            # index tensors on the device once: a Python list index would build one every step
+            self._deep_idx = torch.tensor(DEEP_COLS, device=buf.device)
+            self._sq_idx = self._deep_idx[:_NORMS]
         return both, self._local0
 
     def _fill_row(
@@ -208,14 +213,16 @@ class DDPRide:
         h[Col.LR_RATIO], h[Col.LR] = self._lr.ratio(), max(self._lr.lrs())
         h[Col.STEP_TIME], h[Col.PREEMPT] = self._busy, float(self._preemption.requested)
         h[Col.LOSS_VALID], h[Col.LOSS_JUDGED] = float(self._loss is not None), self._loss_judged
-        row.copy_(self._host)  # a pageable host tensor: the copy is done when copy_ returns
+        # non-blocking: no stream sync inside backward; a pageable source is staged before the
+        # call returns, so the host row can be refilled next step
+        row.copy_(self._host, non_blocking=True)
         if self._loss is not None:
             row[Col.LOSS].copy_(self._loss.reshape(()))
         torch.square(local, out=row[Col.LOCAL_GRAD_SQ])
         if deep is not None:
             vals = torch.stack([v.to(torch.float64) for v in deep])
             vals[:_NORMS] = vals[:_NORMS].sqrt()
-            row[list(DEEP_COLS)] = vals.to(row)
+            row[self._deep_idx] = vals.to(row)
 
     # -- one step ------------------------------------------------------------------------
     def take(self) -> Ride | None:
@@ -227,7 +234,7 @@ class DDPRide:
         n = self._both.numel() - self.world_size * NUM_COLS
         self._m64.copy_(self._both[n:].view(self.world_size, NUM_COLS))
         if self._deep_rode:
-            sq = list(DEEP_COLS[:_NORMS])
+            sq = self._sq_idx
             self._m64[:, sq] = self._m64[:, sq].square()
         return Ride(None, self._local0, self._m64, self._deep_due)
 

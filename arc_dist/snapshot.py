@@ -179,7 +179,6 @@ class SnapshotStore:
         self.keep = keep
         self._ring: list[Snapshot] = []
         self._spare: list[Snapshot] = []
-        self._steps: tuple[int, ...] | None = None  # steps(), kept until the ring changes
         self._lent: dict[int, int] = {}  # id(snapshot) -> loans not yet released
         self._lock = threading.Lock()  # loans are released from a writer's thread
 
@@ -191,11 +190,8 @@ class SnapshotStore:
         return self._ring[-1] if self._ring else None
 
     def steps(self) -> tuple[int, ...]:
-        """The steps of the snapshots held, oldest first (the rollback targets); asked every
-        step, built only when the ring changed."""
-        if self._steps is None:
-            self._steps = tuple(s.step for s in self._ring)
-        return self._steps
+        """The steps of the snapshots held, oldest first (the rollback targets)."""
+        return tuple(s.step for s in self._ring)
 
     def lend(self, step: int) -> Loan | None:
         """The newest snapshot's host copies when it holds the state at ``step`` (taken at this
@@ -217,7 +213,6 @@ class SnapshotStore:
     def clear(self) -> None:
         """Forget every snapshot: a resume starts from another state."""
         self._ring.clear()
-        self._steps = None
 
     def _model_tensors(self) -> list[torch.Tensor]:
         # state_dict(keep_vars=True) lists parameters and persistent buffers once each, also
@@ -229,7 +224,6 @@ class SnapshotStore:
 
         ``pin``: held on top of the ``keep`` others, so that it evicts none of the older targets
         an escalation may need; the next snapshot replaces it."""
-        self._steps = None
         # a rollback abandoned the trajectory of any snapshot at or after ``step``
         while self._ring and self._ring[-1].step >= step:
             self._spare.append(self._ring.pop())
@@ -298,7 +292,6 @@ class SnapshotStore:
 
     def drop_newest(self) -> None:
         self._spare.append(self._ring.pop())
-        self._steps = None
 
     def restore(self, snap: Snapshot, set_extra: Callable[[dict], None]) -> None:
         """Put the live state back to ``snap``: model in place, optimizer, scheduler, RNG."""

@@ -24,7 +24,7 @@ import torch
 
 from arc_dist.checkpoint import CheckpointManager, CheckpointStorageError, TrainState, scan, verify
 from arc_dist.checkpoint.catalog import CheckpointInfo
-from arc_dist.checkpoint.dcp_io import SafeReader
+from arc_dist.checkpoint.dcp_io import SafeReader, _no_zip_crc
 from arc_dist.checkpoint.manifest import (
     CONFIRMED_NAME,
     MANIFEST_NAME,
@@ -670,3 +670,25 @@ def test_console_script_exit_codes(tmp_path):
     _damage(tmp_path / "ck" / "step_1", "truncate")
     out = subprocess.run([exe, "verify", url], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "step_1: DAMAGED" in out.stdout and "truncated" in out.stdout
+
+
+def test_turning_the_zip_crc_off_in_the_writer_thread_leaves_other_threads_alone():
+    """A background checkpoint write turns torch's zip CRC32 off for its own streams only: the
+    training thread's own ``torch.save`` keeps it (torch keeps the option per thread)."""
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def writer():
+        with _no_zip_crc():
+            seen.append(torch.serialization.get_crc32_options())
+            inside.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert inside.wait(30)
+        assert seen == [False] and torch.serialization.get_crc32_options() is True
+    finally:
+        leave.set()
+        t.join(30)
+    assert torch.serialization.get_crc32_options() is True

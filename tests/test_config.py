@@ -62,6 +62,11 @@ def test_dict_round_trip_nested_and_flat():
         ({"early_warning": {"min_steps": 0}}, ValueError, ["early_warning.min_steps=0", ">= 1"]),
         ({"early_warning": {"enabled": "yes"}}, TypeError, ["early_warning.enabled", "bool"]),
         ({"early_warning": {"lr_factr": 0.5}}, ValueError, ["'lr_factr'", "'lr_factor'"]),
+        (
+            {"lr_restore": False, "early_warning": {"enabled": True, "lr_factor": 0.5}},
+            ValueError,
+            ["early_warning.lr_factor=0.5", "lr_restore=True"],
+        ),
     ],
 )
 def test_bad_keys_and_values_name_the_field(data, error, words):

@@ -209,6 +209,8 @@ def _ended(run: LaunchProc, timeout: float, code: int) -> str:
     out = run.output
     assert rc == code, out[-3000:]
     assert "[arc-zygote] ready in" in out and "[arc-warm]" not in out, out[-3000:]
+    running = next(line for line in out.splitlines() if "running: " in line)
+    assert SHIM in running, running  # torchrun ran the shim, not the script itself
     return out
 
 

@@ -33,16 +33,16 @@ def _normal_start(module: bool, target: str, args: list[str]) -> None:
 
 def _request(address: str, module: bool, target: str, args: list[str]) -> socket.socket | None:
     """Connect and hand over the request; None when no zygote listens."""
+    body = json.dumps({"module": module, "target": target, "args": args, "cwd": os.getcwd(),
+                       "env": dict(os.environ)}).encode()  # fmt: skip
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+    try:  # a zygote that goes away meanwhile is a missing one: start normally
         sock.connect("\0" + address)
+        socket.send_fds(sock, [struct.pack("!I", len(body))], [0, 1, 2])
+        sock.sendall(body)
     except OSError:
         sock.close()
         return None
-    body = json.dumps({"module": module, "target": target, "args": args, "cwd": os.getcwd(),
-                       "env": dict(os.environ)}).encode()  # fmt: skip
-    socket.send_fds(sock, [struct.pack("!I", len(body))], [0, 1, 2])
-    sock.sendall(body)
     return sock
 
 
@@ -90,11 +90,8 @@ def main() -> None:
     if status is None:  # the zygote died; its workers die with it (parent-death signal)
         sys.stderr.write(f"[arc-warm] lost the zygote while {target} ran (pid {pid})\n")
         os._exit(1)
-    sys.stdout.flush()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        for name in RELAYED:
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
         if sig not in (signal.SIGKILL, signal.SIGSTOP):  # these cannot be caught anyway
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)

@@ -48,6 +48,11 @@ class LaunchSpec:
         return int(self.nnodes.split(":")[-1])
 
 
+def _env_flag(name: str) -> bool:
+    """A boolean flag's default from ``ARC_<NAME>``/``PET_<NAME>``: set and not 0/false/no."""
+    return _env_default(name, "") not in ("", "0", "false", "no")
+
+
 def _env_default(name: str, default: Any) -> Any:
     for prefix in ("ARC_", "PET_"):
         v = os.environ.get(prefix + name)
@@ -155,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--preflight",
         action="store_true",
-        default=_env_default("PREFLIGHT", "") not in ("", "0", "false", "no"),
+        default=_env_flag("PREFLIGHT"),
         help="run python -m arc_dist.health (this node's GPUs and a local all-reduce) before "
         "torchrun; exit 13 (BAD_NODE) without starting training when it fails (ARC_PREFLIGHT=1)",
     )
@@ -169,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--warm-start",
         action="store_true",
-        default=_env_default("WARM_START", "") not in ("", "0", "false", "no"),
+        default=_env_flag("WARM_START"),
         help="start workers by forking a per-node zygote that has torch and arc-dist imported "
         "already (Linux): a restart skips the imports; falls back to a normal start whenever "
         "the zygote is unavailable; see docs/elastic.md (ARC_WARM_START=1)",

@@ -18,7 +18,6 @@ imports no torch.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shlex
 import signal
@@ -57,11 +56,7 @@ def _say(msg: str) -> None:
 
 def _set_pdeathsig() -> None:
     """In the child: get SIGTERM if the launcher dies (Linux), so torchrun never outlives it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort, not Linux
-        pass
+    warm.death_signal(signal.SIGTERM)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -232,8 +227,6 @@ class Launcher:
         if why is not None:
             _say(f"{why}: starting workers normally")
             return None
-        if "OMP_NUM_THREADS" not in env and self.spec.nproc_per_node not in ("1", "auto"):
-            env = {**env, "OMP_NUM_THREADS": "1"}  # what torchrun gives each worker
         self.zygote, address = warm.start(env, self.spec.warm_imports)
         if not warm.wait_listening(address, self.zygote):
             _say("warm start: the zygote is not listening; starting workers normally")

@@ -3,8 +3,8 @@
 A fresh worker spends most of a restart importing torch (seconds; more on a busy host). Under
 ``python -m arc_dist.launch --warm-start`` the launcher starts one zygote per node
 (``python -m arc_dist.elastic.zygote ADDRESS MODULE...``) that imports torch, arc-dist and the
-modules the user names once, starts no thread and no CUDA context, and then forks a worker for
-each request. torchrun runs the torch-free shim (``_shim.py``) as the worker entrypoint; the shim
+modules the user names once, starts no Python thread and no CUDA context (torch's own native
+threads idle at fork, as under a DataLoader's fork), and then forks a worker for each request. torchrun runs the torch-free shim (``_shim.py``) as the worker entrypoint; the shim
 hands the zygote its argv, environment, working folder and stdio descriptors over an abstract Unix
 socket (peer uid checked), relays signals to the worker and exits with the worker's status, so
 torchrun's supervision, error files, restarts and exit codes are unchanged.
@@ -58,9 +58,12 @@ def unavailable() -> str | None:
     return None
 
 
-def _death_signal(sig: int) -> None:
-    """Get ``sig`` when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))
+def death_signal(sig: int) -> None:
+    """Get ``sig`` when the parent dies (Linux prctl PR_SET_PDEATHSIG); best effort elsewhere."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))
+    except Exception:  # noqa: BLE001 - not Linux
+        pass
 
 
 # ---------------------------------------------------------------- the launcher's side
@@ -73,7 +76,7 @@ def start(env: dict[str, str], imports: list[str]) -> tuple[subprocess.Popen, st
     cmd = [sys.executable, "-u", "-m", "arc_dist.elastic.zygote", address,
            *DEFAULT_IMPORTS, *imports]  # fmt: skip
     proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, preexec_fn=lambda: _death_signal(signal.SIGTERM)
+        cmd, env=env, start_new_session=True, preexec_fn=lambda: death_signal(signal.SIGTERM)
     )
     return proc, address
 
@@ -114,15 +117,20 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
         for fd in fds:
             os.close(fd)
         raise ValueError("malformed request")
-    (size,) = struct.unpack("!I", head)
-    body = b""
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            raise ValueError("truncated request")
-        body += chunk
-    conn.settimeout(None)
-    return json.loads(body), fds
+    try:
+        (size,) = struct.unpack("!I", head)
+        body = b""
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                raise ValueError("truncated request")
+            body += chunk
+        conn.settimeout(None)
+        return json.loads(body), fds
+    except BaseException:  # the shim's stdio must not stay open in the long-lived zygote
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -233,15 +241,16 @@ class Zygote:
         """In the forked child: turn into the worker the request describes; exits."""
         code = 1
         try:
-            zygote = os.getppid()
-            os.setsid()
-            _death_signal(signal.SIGKILL)
-            if os.getppid() != zygote:  # the zygote died before the death signal was set
-                os._exit(1)
+            # the zygote's handlers first: the shim may relay a SIGTERM as soon as it has the pid
             signal.set_wakeup_fd(-1)
             for s in (signal.SIGCHLD, signal.SIGTERM):
                 signal.signal(s, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            zygote = os.getppid()
+            os.setsid()
+            death_signal(signal.SIGKILL)
+            if os.getppid() != zygote:  # the zygote died before the death signal was set
+                os._exit(1)
             self.sel.close()
             for sock in (self.listener, conn, *(c for c in self.workers.values() if c)):
                 sock.close()
@@ -340,7 +349,7 @@ def main(argv: list[str]) -> int:
             _say(f"cannot import {name} ({type(e).__name__}: {e}); workers will import it")
     import threading
 
-    if threading.active_count() > 1:  # forking a process with threads copies a broken state
+    if threading.active_count() > 1:  # forking with Python threads running copies a broken state
         _say(f"threads started by the imports ({threading.enumerate()}): workers start normally")
         return 1
     _say(f"ready in {time.monotonic() - t0:.1f} s ({len(imports)} modules imported)")
