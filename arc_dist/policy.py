@@ -100,7 +100,7 @@ class RobustWindow:
     def __init__(self, size: int):
         self.values: deque[float] = deque(maxlen=size)
         self._robust: tuple[float, float, float, bool] | None = None
-        self._recent: float | None = None
+        self._stats: WindowStats | None = None
         self._since = 0
 
     def __len__(self) -> int:
@@ -108,7 +108,7 @@ class RobustWindow:
 
     def add(self, x: float) -> None:
         self.values.append(float(x))
-        self._recent = None
+        self._stats = None
         self._since += 1
         # quantiles over ~100 values move slowly: refreshing them every few steps is enough
         if len(self.values) < self.values.maxlen or self._since >= self.REFRESH:
@@ -116,26 +116,40 @@ class RobustWindow:
 
     def clear(self) -> None:
         self.values.clear()
-        self._robust = self._recent = None
+        self._robust = self._stats = None
 
     def stats(self) -> WindowStats:
+        if self._stats is not None:
+            return self._stats
         if self._robust is None:
-            a = np.fromiter(self.values, dtype=np.float64, count=len(self.values))
-            med_raw = float(np.median(a))
-            log = bool(a.min() > 0)
-            y = np.log(a) if log else a
-            med = float(np.median(y))
-            upper = (float(np.quantile(y, 0.9)) - med) / _Q90_SCALE
-            mad = _MAD_SCALE * float(np.median(np.abs(y - med)))
+            # one sort of ~100 values gives every quantile (numpy's own definitions, without
+            # np.median/np.quantile's per-call overhead)
+            a = np.sort(np.fromiter(self.values, dtype=np.float64, count=len(self.values)))
+            log = bool(a[0] > 0)
+            y = np.log(a) if log else a  # log is monotonic: y stays sorted
+            med = _quantile(y, 0.5)
+            upper = (_quantile(y, 0.9) - med) / _Q90_SCALE
+            mad = _MAD_SCALE * _quantile(np.sort(np.abs(y - med)), 0.5)
             # a floor so that a near-constant series does not make every wiggle significant
             floor = 1e-3 if log else max(1e-3 * abs(med), 1e-12)
-            self._robust = (med_raw, max(upper, mad, floor), med, log)
+            self._robust = (_quantile(a, 0.5), max(upper, mad, floor), med, log)
             self._since = 0
-        if self._recent is None:
-            n = len(self.values)
-            self._recent = max(self.values[i] for i in range(max(0, n - self.RECENT), n))
+        n = len(self.values)
+        recent = max(self.values[i] for i in range(max(0, n - self.RECENT), n))
         med_raw, spread, center, log = self._robust
-        return WindowStats(med_raw, self._recent, spread, log, center)
+        self._stats = WindowStats(med_raw, recent, spread, log, center)
+        return self._stats
+
+
+def _quantile(s: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of the sorted ``s`` as ``np.quantile`` computes it (linear)."""
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    a, b, t = float(s[lo]), float(s[min(lo + 1, len(s) - 1)]), pos - lo
+    if q == 0.5 and len(s) % 2 == 0:
+        return (a + b) / 2  # np.median: the mean of the middle two
+    # numpy's _lerp, exact at both ends
+    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
 
 
 def _spike(x: float, window: RobustWindow, z_thr: float, ratio: float) -> tuple[bool, float]:
