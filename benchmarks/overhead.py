@@ -9,12 +9,13 @@ latency.
     torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py   # 2-rank DDP (gloo)
     torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py --paired 300 --sizes 1M,4M
 
-``--paired N`` alternates single steps of the twins (plain, Arc, Arc with ``ride_ddp=False``
-and a naive one-collective design: a per-step all-reduce of the loss and gradient norm plus its
-host sync, benchmark code only) for N pairs and reports the median and p99 of the per-pair
+``--paired N`` alternates single steps of the twins (plain, Arc, Arc with ``ride_ddp=False``,
+a naive one-collective design: a per-step all-reduce of the loss and gradient norm plus its
+host sync, and the floor: the gradient-norm pass alone; benchmark code only) for N pairs and reports the median and p99 of the per-pair
 ratios to the plain step, which stays meaningful when other jobs load the machine.
 ``--attribution N`` times the parts of the overhead over N steps of each twin (DDP's C++ hook
-against torch's and Arc's Python hooks, with and without the per-bucket norms, one fused norm
+against torch's and Arc's Python hooks, with and without the per-bucket norms, the division
+pass any comm hook adds, one fused norm
 pass, ``Arc.step`` on ordinary, deep-check and snapshot steps with and without the ride, a naive
 all-reduce + host sync, Python heap and torch ops per ``Arc.step``).
 
@@ -56,6 +57,11 @@ def mlp(width: int) -> nn.Module:
 
 
 CLIP = None  # --clip: every twin clips its gradients; Arc reuses the norm
+BUCKET_VIEW = False  # --bucket-view: DDP(gradient_as_bucket_view=True) for every twin
+
+
+def ddp(net: nn.Module) -> DDP:
+    return DDP(net, gradient_as_bucket_view=BUCKET_VIEW)
 
 
 def run(model, opt, arc, x, y, steps: int) -> float:
@@ -80,9 +86,13 @@ def run(model, opt, arc, x, y, steps: int) -> float:
     return statistics.median(times)
 
 
-def naive_step(model, opt, x, y) -> float:
+def naive_step(model, opt, x, y, agree: bool = True) -> float:
     """One step of the naive design: after backward, one small all-reduce of (loss, gradient
-    squared norm) and the host sync to read it; skip the update on a non-finite value."""
+    squared norm) and the host sync to read it; skip the update on a non-finite value.
+
+    ``agree=False`` is the floor of any design that checks the gradients: the norm pass (or the
+    loop's clipping) and reading it, nothing shared (under DDP the averaged gradients, hence
+    their norm, are the same on every rank; the ranks' losses stay unseen)."""
     t0 = time.perf_counter()
     loss = nn.functional.mse_loss(model(x), y)
     loss.backward()
@@ -92,7 +102,7 @@ def naive_step(model, opt, x, y) -> float:
     else:
         sq = torch.stack(torch._foreach_norm(grads)).square().sum()
     sig = torch.stack([loss.detach(), sq])
-    if dist.is_initialized():
+    if agree and dist.is_initialized():
         dist.all_reduce(sig)
     if all(math.isfinite(v) for v in sig.tolist()):
         opt.step()
@@ -113,20 +123,21 @@ def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -
 
     def job():
         net = mlp(width)
-        model = DDP(net) if distributed else net
+        model = ddp(net) if distributed else net
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     g = torch.Generator().manual_seed(dist.get_rank() if distributed else 0)
     x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
-    plain, with_arc, naive = job(), job(), job()
+    plain, with_arc, naive, floor = job(), job(), job(), job()
     arc = Arc(*with_arc, config=ArcConfig(snapshot_every=100), chaos="")
-    riding = job()
-    arc_ride = Arc(*riding, config=ArcConfig(snapshot_every=100, ride_ddp=False), chaos="")
+    collective = job()
+    arc_coll = Arc(*collective, config=ArcConfig(snapshot_every=100, ride_ddp=False), chaos="")
     steps = {
         "plain": lambda: run(*plain, None, x, y, 1),
         "arc": lambda: run(*with_arc, arc, x, y, 1),
-        "arc, ride_ddp=False": lambda: run(*riding, arc_ride, x, y, 1),
+        "arc, ride_ddp=False": lambda: run(*collective, arc_coll, x, y, 1),
         "naive": lambda: naive_step(*naive, x, y),
+        "floor": lambda: naive_step(*floor, x, y, agree=False),
     }
     if other:
         from arc.core.controller import Controller  # the original ARC (arc-training)
@@ -146,7 +157,7 @@ def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -
         for n in names[k:] + names[:k]:
             times[n].append(steps[n]())
     arc.close()
-    arc_ride.close()
+    arc_coll.close()
     base = times["plain"]
     out = dict(model=name, params=sum(p.numel() for p in plain[0].parameters()), pairs=pairs)
     out["plain_ms"] = 1e3 * statistics.median(base)
@@ -173,6 +184,12 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _sum_hook(pg, bucket):
+    """A Python comm hook that all-reduces without dividing (timing only: sums, not means)."""
+    fut = dist.all_reduce(bucket.buffer(), group=pg, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
 def attribution(name: str, width: int, steps: int, batch: int) -> dict:
     """Where Arc's step overhead goes: each part timed in one run, twins in alternation."""
     distributed = dist.is_initialized()
@@ -180,14 +197,18 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
         raise SystemExit("--attribution needs torchrun (2 ranks): the parts are DDP's")
 
     def job():
-        model = DDP(mlp(width))
+        model = ddp(mlp(width))
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     g = torch.Generator().manual_seed(dist.get_rank())
     x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
-    plain, hooked, hooked_nonorm, py_hook = job(), job(), job(), job()
+    plain, hooked, hooked_nonorm, py_hook, py_sum = job(), job(), job(), job(), job()
     # torch's own Python all-reduce hook: what any Python comm hook costs against DDP's C++ one
     py_hook[0].register_comm_hook(None, default_hooks.allreduce_hook)
+    # the same hook without its division pass (timing only: its gradients are sums). Without a
+    # comm hook DDP divides while copying the gradients into the buckets; with any hook it
+    # copies, and the hook divides: one more pass over the gradients
+    py_sum[0].register_comm_hook(None, _sum_hook)
     cfg = ArcConfig(snapshot_every=100, ride_ddp=False)
     ride = ArcConfig(snapshot_every=100, ride_ddp=True)
     arcs = {}  # Arc's own collective per step, and riding on DDP's all-reduce
@@ -201,7 +222,7 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
         k: []
         for k in (
             "plain_bwd", "norm", "naive_coll", "hook_bwd", "hook_nonorm_bwd", "py_hook_bwd",
-            "arc_bwd",
+            "py_sum_bwd", "arc_bwd",
             "arc_ride_bwd",
         )
     }  # fmt: skip
@@ -232,7 +253,8 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
             t["norm"].append(t1 - t0)
             t["naive_coll"].append(t2 - t1)
         for key, (model, opt) in (
-            ("hook", hooked), ("hook_nonorm", hooked_nonorm), ("py_hook", py_hook)
+            ("hook", hooked), ("hook_nonorm", hooked_nonorm), ("py_hook", py_hook),
+            ("py_sum", py_sum),
         ):  # fmt: skip
             _, dt = fwd_bwd(model)
             if key in rides:  # the norm of the reduced buckets is taken after backward
@@ -313,6 +335,7 @@ def print_attribution(rows: list[dict]) -> None:
         for label, v in (
             ("plain DDP forward+backward (C++ all-reduce hook)", r["plain_bwd"]),
             ("+ torch's Python allreduce_hook instead", r["py_hook_bwd"] - r["plain_bwd"]),
+            ("  of which its division pass", r["py_hook_bwd"] - r["py_sum_bwd"]),
             ("+ Arc's Python comm hook, no norms", r["hook_nonorm_bwd"] - r["plain_bwd"]),
             ("+ per-bucket norms of the reduced buckets", r["hook_bwd"] - r["hook_nonorm_bwd"]),
             ("ride_ddp=False twin forward+backward, minus plain", r["arc_bwd"] - r["plain_bwd"]),
@@ -355,7 +378,7 @@ def bench(
 
     def job():
         net = mlp(width)
-        model = DDP(net) if distributed else net
+        model = ddp(net) if distributed else net
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     plain_model, plain_opt = job()
@@ -443,7 +466,9 @@ def print_paired(rows: list[dict], world: int, args) -> None:
           "max ratio (no snapshot) | steps > 1.5x |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        for n in [k for k in ("arc", "arc, ride_ddp=False", "naive", "arc-training") if k in r]:
+        for n in [
+            k for k in ("arc", "arc, ride_ddp=False", "naive", "floor", "arc-training") if k in r
+        ]:
             t = r[n]
             print(
                 f"| {r['model']} | {r['params'] / 1e6:.1f}M | {n} | {r['plain_ms']:.1f} | "
@@ -464,6 +489,12 @@ def main() -> None:
         type=float,
         default=None,
         help="every twin clips gradients to this norm; Arc reuses the norm it returns",
+    )
+    ap.add_argument(
+        "--bucket-view",
+        action="store_true",
+        help="wrap every twin in DDP(gradient_as_bucket_view=True): the gradients are the "
+        "buckets, so a comm hook costs DDP no extra copy",
     )
     ap.add_argument(
         "--divergence-every",
@@ -497,8 +528,8 @@ def main() -> None:
     torch.set_num_threads(1 if dist.is_initialized() else 2)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    global CLIP
-    CLIP = args.clip
+    global CLIP, BUCKET_VIEW
+    CLIP, BUCKET_VIEW = args.clip, args.bucket_view
     divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
     if args.attribution:
         arow = [
