@@ -14,8 +14,9 @@ itself) never gets a second copy of its rank.
 What the forked worker gets: a new session, a parent-death SIGKILL (the zygote's), the shim's
 environment, folder and stdio, default signal handlers, fresh seeds for ``random`` and numpy's
 global generator, a new ``__main__``. What it shares with its siblings: modules imported once
-under the launcher's environment, and Python's string-hash seed. At exit it joins its threads and
-runs ``atexit`` handlers as the interpreter would, without the interpreter's teardown.
+under the launcher's environment (less any per-worker variable), and Python's string-hash seed.
+At exit it joins its threads and runs ``atexit`` handlers as the interpreter would, without the
+interpreter's teardown.
 
 The zygote SIGKILLs a worker whose shim is gone (torchrun killed it), and all its workers when it
 is stopped; the launcher stops it when torchrun ends and its death signal stops it when the
@@ -212,7 +213,7 @@ class Zygote:
             conn.close()
             return
         if not _shim_waits(conn):  # gone while queued; one that gives up later never says go
-            _say(f"the shim of {req['target']} gave up waiting and started it itself")
+            _say(f"the shim of {req.get('target')} gave up waiting and started it itself")
             for fd in fds:
                 os.close(fd)
             conn.close()
