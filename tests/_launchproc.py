@@ -31,7 +31,7 @@ def clean_env(tmp: Path, **extra: str) -> dict:
 
 class LaunchProc:
     def __init__(self, tmp: Path, launcher_flags: list[str], script: str | Path, script_args: list[str],
-                 name: str = "run"):  # fmt: skip
+                 name: str = "run", env: dict[str, str] | None = None):  # fmt: skip
         self.dir = tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.out_path = self.dir / "out.txt"
@@ -39,7 +39,7 @@ class LaunchProc:
         cmd = [sys.executable, "-m", "arc_dist.launch", f"--log-dir={self.dir / 'logs'}",
                *launcher_flags, str(script), *script_args]  # fmt: skip
         self.proc = subprocess.Popen(
-            cmd, cwd=self.dir, env=clean_env(self.dir), stdout=self._out,
+            cmd, cwd=self.dir, env=clean_env(self.dir, **(env or {})), stdout=self._out,
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self._tree: set[int] = set()
@@ -77,7 +77,7 @@ def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # the latter: reaped between open and read
         return False
 
 

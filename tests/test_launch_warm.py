@@ -8,10 +8,14 @@ and kills whatever is left. No timing assertions: the times are benchmarks/recov
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -97,10 +101,13 @@ time.sleep(120)
 
 @pytest.fixture
 def zygote(tmp_path):
-    """A real zygote that imports nothing heavy (json): the protocol without torch's import."""
+    """A real zygote that imports nothing heavy (json): the protocol without torch's import; its
+    stderr goes to ``zygote.err``."""
     address = f"arc-zygote-test-{uuid.uuid4().hex}"
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "arc_dist.elastic.zygote", address, "json"],
-                            env=clean_env(tmp_path), start_new_session=True)  # fmt: skip
+    with open(tmp_path / "zygote.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-u", "-m", "arc_dist.elastic.zygote", address,
+                                 "json"], env=clean_env(tmp_path), stderr=err,
+                                start_new_session=True)  # fmt: skip
     (tmp_path / "w.py").write_text(SCRIPT)
     try:
         assert wait_listening(address, proc)
@@ -110,11 +117,12 @@ def zygote(tmp_path):
         proc.wait()
 
 
-def _shim(tmp_path, address, *args, **kw) -> subprocess.Popen:
+def _shim(tmp_path, address, *args, warm_timeout: float | None = None) -> subprocess.Popen:
+    extra = {} if warm_timeout is None else {"ARC_WARM_TIMEOUT": str(warm_timeout)}
     return subprocess.Popen(
         [sys.executable, "-u", SHIM, address, "--", "w.py", *args], cwd=tmp_path,
-        env=clean_env(tmp_path, WARM_TEST="from-the-shim"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True, **kw,
+        env=clean_env(tmp_path, WARM_TEST="from-the-shim", **extra), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
 
 
@@ -186,8 +194,96 @@ def test_without_a_zygote_the_shim_starts_the_worker_normally(tmp_path):
     (tmp_path / "w.py").write_text(SCRIPT)
     shim = _shim(tmp_path, f"arc-zygote-none-{uuid.uuid4().hex}", "exit", "3")
     out, _ = shim.communicate(timeout=50)
-    assert shim.returncode == 3 and f"argv ['exit', '3'] env from-the-shim cwd {tmp_path}" in out
+    _started_normally(shim, out, tmp_path)
+
+
+def _started_normally(shim: subprocess.Popen, out: str, cwd: Path) -> None:
+    """The shim became the worker itself, ran it once, and left nothing in its session."""
+    assert shim.returncode == 3 and out.count("argv ") == 1, out
+    assert f"argv ['exit', '3'] env from-the-shim cwd {cwd}" in out
     assert f"ppid {os.getpid()}" in out  # exec'd in place of the shim: our child, no zygote
+    assert not _in_session(shim.pid), "a process of the shim's session is left"
+
+
+def _in_session(sid: int) -> list[int]:
+    members = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
+                    members.append(int(p))
+        except (OSError, ValueError, IndexError):
+            pass
+    return members
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("accepts", [True, False], ids=["accepts", "never-accepts"])
+def test_a_zygote_that_never_answers_costs_the_timeout_then_the_worker_starts_normally(
+    tmp_path, accepts
+):
+    (tmp_path / "w.py").write_text(SCRIPT)
+    address = f"arc-zygote-silent-{uuid.uuid4().hex}"
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind("\0" + address)
+    silent.listen(8)
+    silent.settimeout(30)
+    held = []
+    try:
+        shim = _shim(tmp_path, address, "exit", "3", warm_timeout=2)
+        if accepts:
+            held.append(silent.accept()[0])  # takes the connection, reads nothing, says nothing
+        assert shim.wait(50) == 3
+    finally:
+        for s in (*held, silent):  # with them go the stdio copies queued in the request
+            s.close()
+    out, err = shim.communicate(timeout=30)
+    assert "the zygote did not start w.py: starting it normally" in err, err
+    _started_normally(shim, out, tmp_path)
+
+
+@pytest.mark.timeout(90)
+def test_a_stalled_zygote_forks_nothing_for_a_shim_that_gave_up(tmp_path, zygote):
+    address, proc = zygote
+    os.kill(proc.pid, signal.SIGSTOP)  # stalled: the request queues on its socket, unanswered
+    try:
+        shim = _shim(tmp_path, address, "exit", "3", warm_timeout=2)
+        assert shim.wait(50) == 3  # it gave up and started the worker itself
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    # end of output: the zygote took the stale request and let go of its copy of the stdio
+    out, err = shim.communicate(timeout=50)
+    assert "starting it normally" in err, err
+    _started_normally(shim, out, tmp_path)  # once: no second copy of the rank printed anything
+    assert "the shim of w.py gave up waiting" in (tmp_path / "zygote.err").read_text()
+    served = _shim(tmp_path, address, "exit", "0")  # the zygote still serves the next one
+    out, _ = served.communicate(timeout=50)
+    assert served.returncode == 0 and f"ppid {proc.pid}" in out, out
+
+
+@pytest.mark.timeout(60)
+def test_a_child_forked_for_a_shim_that_then_gives_up_never_runs(tmp_path, zygote):
+    # the window a check before the fork cannot close: the shim times out just as the answer
+    # arrives, closes without the go and starts the worker itself; this client is that shim
+    address, proc = zygote
+    r, w = os.pipe()
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    body = json.dumps({"module": False, "target": "w.py", "args": ["sleep"], "cwd": str(tmp_path),
+                       "env": clean_env(tmp_path)}).encode()  # fmt: skip
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect("\0" + address)
+        socket.send_fds(sock, [struct.pack("!I", len(body))], [stdin, w, w])
+        sock.sendall(body)
+        for fd in (stdin, w):
+            os.close(fd)
+        pid = json.loads(sock.recv(4096).split(b"\n")[0])["pid"]  # forked
+        printed, _, _ = select.select([r], [], [], 3)  # a child that ran would print at once
+    with os.fdopen(r, "rb") as f:  # end of output: every copy of the write end is closed
+        out = f.read()
+    assert not printed and out == b"", out
+    assert _gone(pid)
+    assert proc.poll() is None
 
 
 # ------------------------------------------------------------ through the launcher and torchrun
@@ -267,7 +363,6 @@ def test_sigkill_of_a_forked_rank_resumes_and_finishes_with_identical_replicas(t
     try:
         ev = _wait_step(run, report, 22)
         victim = next(e["pid"] for e in ev if e["event"] == "start" and e["rank"] == 1)
-        assert _ppid(victim) == _zygote_pid(run.output)  # forked by the zygote, not torchrun
         os.kill(victim, signal.SIGKILL)
     except BaseException:
         run.cleanup()
@@ -277,6 +372,8 @@ def test_sigkill_of_a_forked_rank_resumes_and_finishes_with_identical_replicas(t
     ev = events(report)
     starts = [(e["restart"], e["rank"]) for e in ev if e["event"] == "start"]
     assert sorted(starts) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # every start, the restarted ones too, forked by the zygote (not torchrun, not the shim)
+    assert {e["ppid"] for e in ev if e["event"] == "start"} == {_zygote_pid(out)}
     resumed = next(e["step"] for e in ev if e["event"] == "start" and e["restart"] == 1)
     assert resumed >= 20  # the newest snapshot/checkpoint before the kill, not a fresh start
     done = [e for e in ev if e["event"] == "done"]
@@ -310,8 +407,9 @@ def test_sigterm_still_writes_the_final_checkpoint_and_exits_retry(tmp_path):
 def test_sigkill_of_the_launcher_leaves_no_zygote_or_worker_behind(tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
+    # as under a scheduler that gives the launcher rank variables: the zygote must not see them
     run = LaunchProc(tmp_path, ["--warm-start", "--nproc-per-node=2"], LAUNCH_WORKER,
-                     ["sleep", str(markers)])  # fmt: skip
+                     ["sleep", str(markers)], env={"RANK": "5", "LOCAL_RANK": "5"})  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while len(list(markers.glob("start-*.json"))) < 2:
@@ -321,6 +419,11 @@ def test_sigkill_of_the_launcher_leaves_no_zygote_or_worker_behind(tmp_path):
         workers = [int(p.stem.split("-")[-1]) for p in markers.glob("start-*.json")]
         zygote = _zygote_pid(run.output)
         assert all(_ppid(w) == zygote for w in workers)
+        with open(f"/proc/{zygote}/environ", "rb") as f:
+            env = dict(v.decode().split("=", 1) for v in f.read().split(b"\0") if v)
+        assert env["TMPDIR"] == str(run.dir)  # the launcher's environment...
+        leaked = {"RANK", "LOCAL_RANK", "TORCHELASTIC_ERROR_FILE"} & set(env)
+        assert not leaked, f"per-worker variables in the zygote: {leaked}"  # ...less these
         tree = _descendants(run.proc.pid)
         run.proc.kill()  # only the launcher: no chance to clean up
         run.proc.wait()

@@ -9,6 +9,11 @@ files, restarts and exit codes see a worker like any other. When the zygote cann
 does not answer, this process becomes the worker itself (``exec`` of a normal Python start), so
 a missing zygote costs time, never the run.
 
+Exactly one worker runs: the forked child waits for this process's go (one byte, sent once the
+zygote's answer arrived in time) before it runs anything, and the zygote SIGKILLs a child whose
+shim closed the connection without it. A shim that gave up and started the worker itself never
+sends it.
+
 Run by path, not imported: standard library only, so it starts in milliseconds.
 """
 
@@ -21,8 +26,11 @@ import sys
 
 #: signals torchrun (or a user) may send a worker; relayed to the forked worker
 RELAYED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
-#: seconds to wait for the zygote to fork the worker (it may still be importing at job start)
+#: seconds to wait for each step of the exchange with the zygote (connect, request, answer); it
+#: may still be importing at job start
 CONNECT_TIMEOUT = float(os.environ.get("ARC_WARM_TIMEOUT", "300"))
+#: what the shim sends once it has the worker's pid: the child may run (see the module docstring)
+GO = b"g"
 
 
 def _normal_start(module: bool, target: str, args: list[str]) -> None:
@@ -36,6 +44,7 @@ def _request(address: str, module: bool, target: str, args: list[str]) -> socket
     body = json.dumps({"module": module, "target": target, "args": args, "cwd": os.getcwd(),
                        "env": dict(os.environ)}).encode()  # fmt: skip
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CONNECT_TIMEOUT)  # a zygote that never accepts: its backlog or buffer is full
     try:  # a zygote that goes away meanwhile is a missing one: start normally
         sock.connect("\0" + address)
         socket.send_fds(sock, [struct.pack("!I", len(body))], [0, 1, 2])
@@ -68,13 +77,13 @@ def main() -> None:
     if sock is None:
         sys.stderr.write(f"[arc-warm] no zygote listening: starting {target} normally\n")
         _normal_start(module, target, args)
-    sock.settimeout(CONNECT_TIMEOUT)
     replies = _lines(sock)
     try:
         pid = next(replies)["pid"]
-    except (StopIteration, KeyError, TimeoutError, ValueError):
+        sock.sendall(GO)  # past this point the forked worker runs: no more normal start
+    except (StopIteration, KeyError, OSError, ValueError):  # OSError: TimeoutError included
         sys.stderr.write(f"[arc-warm] the zygote did not start {target}: starting it normally\n")
-        sock.close()
+        sock.close()  # a child forked meanwhile never got the go: the zygote SIGKILLs it
         _normal_start(module, target, args)
     sock.settimeout(None)
 

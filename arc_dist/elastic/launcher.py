@@ -151,8 +151,7 @@ class Launcher:
             if failed is not None:
                 _say(f"exit {int(failed.exit_code)} ({failed.exit_code.name}): {failed.reason}")
                 return failed
-        env_add = build_command(spec, agent_error_file=self.agent_error_file)[1]
-        address = self._start_zygote({**os.environ, **env_add}) if spec.warm_start else None
+        address = self._start_zygote() if spec.warm_start else None
         cmd, env_add = build_command(spec, agent_error_file=self.agent_error_file, zygote=address)
         _say(f"host {socket.gethostname()}, log dir {spec.log_dir}")
         _say(f"running: {format_command(cmd, env_add)}")
@@ -221,13 +220,13 @@ class Launcher:
         )
         return outcome
 
-    def _start_zygote(self, env: dict[str, str]) -> str | None:
+    def _start_zygote(self) -> str | None:
         """The warm-start zygote's address; None (workers start normally) where it cannot run."""
         why = warm.unavailable()
         if why is not None:
             _say(f"{why}: starting workers normally")
             return None
-        self.zygote, address = warm.start(env, self.spec.warm_imports)
+        self.zygote, address = warm.start(self.spec.warm_imports)
         if not warm.wait_listening(address, self.zygote):
             _say("warm start: the zygote is not listening; starting workers normally")
             warm.stop(self.zygote)

@@ -7,13 +7,16 @@ modules the user names once, starts no Python thread and no CUDA context (torch'
 threads idle at fork, as under a DataLoader's fork), and then forks a worker for each request. torchrun runs the torch-free shim (``_shim.py``) as the worker entrypoint; the shim
 hands the zygote its argv, environment, working folder and stdio descriptors over an abstract Unix
 socket (peer uid checked), relays signals to the worker and exits with the worker's status, so
-torchrun's supervision, error files, restarts and exit codes are unchanged.
+torchrun's supervision, error files, restarts and exit codes are unchanged. A forked child
+runs nothing until its shim says go, so a shim that gave up waiting (and started the worker
+itself) never gets a second copy of its rank.
 
 What the forked worker gets: a new session, a parent-death SIGKILL (the zygote's), the shim's
 environment, folder and stdio, default signal handlers, fresh seeds for ``random`` and numpy's
 global generator, a new ``__main__``. What it shares with its siblings: modules imported once
-under the launcher's environment, and Python's string-hash seed. At exit it joins its threads and
-runs ``atexit`` handlers as the interpreter would, without the interpreter's teardown.
+under the launcher's environment (less any per-worker variable), and Python's string-hash seed.
+At exit it joins its threads and runs ``atexit`` handlers as the interpreter would, without the
+interpreter's teardown.
 
 The zygote SIGKILLs a worker whose shim is gone (torchrun killed it), and all its workers when it
 is stopped; the launcher stops it when torchrun ends and its death signal stops it when the
@@ -69,15 +72,29 @@ def death_signal(sig: int) -> None:
 # ---------------------------------------------------------------- the launcher's side
 
 
-def start(env: dict[str, str], imports: list[str]) -> tuple[subprocess.Popen, str]:
-    """Start a zygote (not waiting for its imports: early shims queue on its socket) with the
-    environment torchrun's workers will inherit; returns the process and its address."""
+#: per-worker variables of torchrun (and those a scheduler such as Kubeflow sets for it)
+_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
+             "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE",
+             "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+_RANK_PREFIXES = ("TORCHELASTIC_", "PET_")
+
+
+def _zygote_env(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` without torchrun's per-worker variables: the zygote's imports must not see one
+    rank's values (each worker gets its own environment at fork)."""
+    return {
+        k: v for k, v in environ.items() if k not in _RANK_VARS and not k.startswith(_RANK_PREFIXES)
+    }
+
+
+def start(imports: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start a zygote (not waiting for its imports: early shims queue on its socket) with this
+    process's environment less any per-worker variable; returns the process and its address."""
     address = f"arc-zygote-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     cmd = [sys.executable, "-u", "-m", "arc_dist.elastic.zygote", address,
            *DEFAULT_IMPORTS, *imports]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, preexec_fn=lambda: death_signal(signal.SIGTERM)
-    )
+    proc = subprocess.Popen(cmd, env=_zygote_env(dict(os.environ)), start_new_session=True,
+                            preexec_fn=lambda: death_signal(signal.SIGTERM))  # fmt: skip
     return proc, address
 
 
@@ -138,6 +155,17 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
+def _shim_waits(conn: socket.socket) -> bool:
+    """The shim still waits for its answer: it sends nothing more until then, so end of stream
+    means it gave up (a request queued while the zygote was busy) and started the worker itself."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 class Zygote:
     """The server loop: accept requests, fork workers, report their exit status."""
 
@@ -146,6 +174,7 @@ class Zygote:
         self.listener.bind("\0" + address)
         self.listener.listen(256)
         self.workers: dict[int, socket.socket | None] = {}  # pid -> its shim's connection
+        self.go: dict[int, int] = {}  # pid -> the pipe that lets the child run (until released)
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
 
@@ -183,14 +212,22 @@ class Zygote:
             _say(f"request refused: {e}")
             conn.close()
             return
+        if not _shim_waits(conn):  # gone while queued; one that gives up later never says go
+            _say(f"the shim of {req.get('target')} gave up waiting and started it itself")
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
         sys.stdout.flush()
         sys.stderr.flush()
+        go_r, go_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            self._become_worker(conn, req, fds)  # never returns
-        for fd in fds:
+            os.close(go_w)
+            self._become_worker(conn, req, fds, go_r)  # never returns
+        for fd in (*fds, go_r):
             os.close(fd)
-        self.workers[pid] = conn
+        self.workers[pid], self.go[pid] = conn, go_w
         try:
             conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         except OSError:  # the shim is gone already
@@ -203,11 +240,25 @@ class Zygote:
             data = conn.recv(64)
         except OSError:
             data = b""
-        if not data:  # the shim died (torchrun SIGKILLed it): its worker goes too
+        if data:  # the shim's go: the child may run
+            self._release(pid, b"g")
+        else:  # the shim gave up or died (torchrun SIGKILLed it): its worker goes too
             self.sel.unregister(conn)
             self._orphaned(pid, conn)
 
+    def _release(self, pid: int, message: bytes = b"") -> None:
+        """Close the child's go pipe, after ``message`` (empty: the child ends without running)."""
+        fd = self.go.pop(pid, None)
+        if fd is not None:
+            try:
+                if message:
+                    os.write(fd, message)
+            except OSError:  # the child is gone already
+                pass
+            os.close(fd)
+
     def _orphaned(self, pid: int, conn: socket.socket) -> None:
+        self._release(pid)
         conn.close()
         self.workers[pid] = None
         try:
@@ -228,6 +279,7 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            self._release(pid)
             conn = self.workers.pop(pid, None)
             if conn is not None:
                 self.sel.unregister(conn)
@@ -237,8 +289,9 @@ class Zygote:
                     pass
                 conn.close()
 
-    def _become_worker(self, conn: socket.socket, req: dict, fds: list[int]) -> None:
-        """In the forked child: turn into the worker the request describes; exits."""
+    def _become_worker(self, conn: socket.socket, req: dict, fds: list[int], go: int) -> None:
+        """In the forked child: turn into the worker the request describes once ``go`` says so
+        (the pipe closes without a word when the shim gave up); exits."""
         code = 1
         try:
             # the zygote's handlers first: the shim may relay a SIGTERM as soon as it has the pid
@@ -254,8 +307,8 @@ class Zygote:
             self.sel.close()
             for sock in (self.listener, conn, *(c for c in self.workers.values() if c)):
                 sock.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
+            for fd in (self.wake_r, self.wake_w, *self.go.values()):
+                os.close(fd)
             for target, fd in enumerate(fds):
                 os.dup2(fd, target)
                 os.close(fd)
@@ -263,6 +316,9 @@ class Zygote:
             os.environ.clear()
             os.environ.update(req["env"])
             _refresh_process_state()
+            if os.read(go, 1) != b"g":  # the shim did not take this worker: run nothing
+                os._exit(1)
+            os.close(go)
             code = run_main(req["module"], req["target"], req["args"])
         except BaseException:  # noqa: BLE001 - the child must never return into the loop
             import traceback

@@ -3,7 +3,7 @@
 ``python -m arc_dist.launch ... tests/workers/train_worker.py [--fsdp] [example flags]
 [--report FILE] [--throttle S] [--chaos-on-restart]`` runs ``train_ddp.train`` (with FSDP2's
 wrapping under ``--fsdp``) unchanged, with an :class:`~arc_dist.Arc` subclass that appends JSON
-events to ``--report`` (per rank: ``start`` with the pid, ``first_step``; rank 0: ``step`` every
+events to ``--report`` (per rank: ``start`` with the pid and parent pid, ``first_step``; rank 0: ``step`` every
 ``--log-every`` steps and ``done`` with the mean loss of the last 20 updates; per rank at the
 end, ``params`` with the sum of the model's parameters; ``start`` also
 carries the wall-clock times this process was created, ran its first line, finished its imports,
@@ -74,8 +74,8 @@ def reporting_arc(args) -> type[Arc]:
         def resume(self) -> int:
             STAMPS["t_resume"] = time.time()
             self._resumed_from = start = super().resume()
-            report(args.report, event="start", pid=os.getpid(), step=start, **STAMPS,
-                   **self._event)  # fmt: skip
+            report(args.report, event="start", pid=os.getpid(), ppid=os.getppid(), step=start,
+                   **STAMPS, **self._event)  # fmt: skip
             return start
 
         def step(self, loss, **kw):
