@@ -164,8 +164,8 @@ class Arc:
         self._forecast = Forecaster(self.config.early_warning)  # off by default
         self._last: Action | None = None
 
-        if isinstance(chaos, str):
-            chaos = chaos_mod.Chaos.from_spec(chaos)
+        if isinstance(chaos, str):  # "" turns ARC_CHAOS off: no plan, no forward hook
+            chaos = chaos_mod.Chaos.from_spec(chaos) if chaos.strip() else None
         elif chaos is None:
             chaos = chaos_mod.Chaos.from_env()
         self.chaos: chaos_mod.Chaos | None = chaos
