@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ from arc_dist.elastic.launcher import _descendants, sigkill_all
 REPO = Path(__file__).resolve().parent.parent
 #: examples/train_ddp.py's run with the events tests read (``--report``) and ``--throttle``
 TRAIN_WORKER = REPO / "tests" / "workers" / "train_worker.py"
+#: torchrun's agent logging the first failure of a worker group (any exit code, any rank)
+AGENT_SAW_A_FAILURE = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")
 
 
 def clean_env(tmp: Path, **extra: str) -> dict:
