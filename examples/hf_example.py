@@ -145,6 +145,7 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     out = main(cli.steps, cli.chaos)
+    chaos = out["trainer"].arc.chaos  # None without a fault plan
     s = out["stats"]
     if cli.json:
         print(
@@ -158,7 +159,7 @@ if __name__ == "__main__":
                     "failures": s["failures"],
                     "fast_steps": s["fast_steps"],
                     "final_loss": out["final_loss"],
-                    "fired": [list(f) for f in out["trainer"].arc.chaos.fired],
+                    "fired": [list(f) for f in (chaos.fired if chaos else [])],
                     "weights": replica_digest(out["model"]),
                 }
             ),

@@ -144,7 +144,8 @@ if __name__ == "__main__":
     out = main(args.steps, args.chaos, devices=args.devices)
     s = out["stats"]
     if args.json:
-        fired = out["callback"].arc.chaos.fired
+        chaos = out["callback"].arc.chaos  # None without a fault plan
+        fired = chaos.fired if chaos else []
         print(
             "RESULT "
             + json.dumps(
