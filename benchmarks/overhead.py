@@ -9,15 +9,16 @@ latency.
     torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py   # 2-rank DDP (gloo)
     torchrun --standalone --nproc-per-node 2 benchmarks/overhead.py --paired 300 --sizes 1M,4M
 
-``--paired N`` alternates single steps of the twins (plain, Arc, Arc with ``ride_ddp=False``,
-a naive one-collective design: a per-step all-reduce of the loss and gradient norm plus its
-host sync, and the floor: the gradient-norm pass alone; benchmark code only) for N pairs and reports the median and p99 of the per-pair
-ratios to the plain step, which stays meaningful when other jobs load the machine.
+``--paired N`` alternates single steps of the twins for N pairs and reports the median and p99
+of the per-pair ratios to the plain step, which stays meaningful when other jobs load the
+machine. The twins: plain, Arc, Arc with ``ride_ddp=False``, and benchmark code only: a naive
+one-collective design (a per-step all-reduce of the loss and gradient norm plus its host sync),
+the floor (its gradient-norm pass alone, nothing shared) and an overlap sketch (:class:`Overlap`).
 ``--attribution N`` times the parts of the overhead over N steps of each twin (DDP's C++ hook
 against torch's and Arc's Python hooks, with and without the per-bucket norms, the division
-pass any comm hook adds, one fused norm
-pass, ``Arc.step`` on ordinary, deep-check and snapshot steps with and without the ride, a naive
-all-reduce + host sync, Python heap and torch ops per ``Arc.step``).
+pass any comm hook adds, one fused norm pass, ``Arc.step`` on ordinary, deep-check and snapshot
+steps with and without the ride, a naive all-reduce + host sync, Python heap and torch ops per
+``Arc.step``). ``--bucket-view`` wraps every twin in ``DDP(gradient_as_bucket_view=True)``.
 
 With the original single-process ARC installed (``pip install arc-training scipy``: AGPL,
 used here as a benchmark baseline only, never a dependency), ``--with-arc-training`` adds a

@@ -4,12 +4,13 @@ A fresh worker spends most of a restart importing torch (seconds; more on a busy
 ``python -m arc_dist.launch --warm-start`` the launcher starts one zygote per node
 (``python -m arc_dist.elastic.zygote ADDRESS MODULE...``) that imports torch, arc-dist and the
 modules the user names once, starts no Python thread and no CUDA context (torch's own native
-threads idle at fork, as under a DataLoader's fork), and then forks a worker for each request. torchrun runs the torch-free shim (``_shim.py``) as the worker entrypoint; the shim
-hands the zygote its argv, environment, working folder and stdio descriptors over an abstract Unix
-socket (peer uid checked), relays signals to the worker and exits with the worker's status, so
-torchrun's supervision, error files, restarts and exit codes are unchanged. A forked child
-runs nothing until its shim says go, so a shim that gave up waiting (and started the worker
-itself) never gets a second copy of its rank.
+threads idle at fork, as under a DataLoader's fork), and then forks a worker for each request.
+torchrun runs the torch-free shim (``_shim.py``) as the worker entrypoint; the shim hands the
+zygote its argv, environment, working folder and stdio descriptors over an abstract Unix socket
+(peer uid checked), relays signals to the worker and exits with the worker's status, so
+torchrun's supervision, error files, restarts and exit codes are unchanged. A forked child runs
+nothing until its shim says go, so a shim that gave up waiting (and started the worker itself)
+never gets a second copy of its rank.
 
 What the forked worker gets: a new session, a parent-death SIGKILL (the zygote's), the shim's
 environment, folder and stdio, default signal handlers, fresh seeds for ``random`` and numpy's
