@@ -287,17 +287,18 @@ class Saving:
                     self._stats["checkpoint_failures"] += 1
                     final = attempt > self.max_retries or not retriable(e)
                     self._emit("checkpoint_failure", job.step, attempts_failed=1, abandoned=final)
+                    # said before it is counted: whoever sees the count can read why
                     if final:
                         job.error = e
+                        if self.rank == 0:
+                            self.log.error("%s", self._failure_message(job.step, e, attempt))
                         self._stats["checkpoints_abandoned"] += 1
                         with self._lock:
                             self._lifecycle.abandoned(job.step)
                         if self.rank == 0:
-                            self.log.error("%s", self._failure_message(job.step, e, attempt))
                             self._try_cleanup(job.step)
                         return
                     delay = self.retry_backoff * 2 ** (attempt - 1)
-                    self._stats["checkpoint_retries"] += 1
                     if self.rank == 0:
                         self.log.warning(
                             "arc_dist: checkpoint step_%d attempt %d failed (%s); retrying in %.1fs",
@@ -306,6 +307,7 @@ class Saving:
                             describe(e),
                             delay,
                         )
+                    self._stats["checkpoint_retries"] += 1
                     time.sleep(delay)
             elapsed = time.perf_counter() - t0
             self._after_commit(job, status, nbytes, elapsed)
