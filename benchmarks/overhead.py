@@ -18,7 +18,7 @@ the floor (its gradient-norm pass alone, nothing shared) and an overlap sketch (
 against torch's and Arc's Python hooks, with and without the per-bucket norms, the division
 pass any comm hook adds, one fused norm pass, ``Arc.step`` on ordinary, deep-check and snapshot
 steps with and without the ride, a naive all-reduce + host sync, Python heap and torch ops per
-``Arc.step``). ``--bucket-view`` wraps every twin in ``DDP(gradient_as_bucket_view=True)``.
+``Arc.step``).
 
 With the original single-process ARC installed (``pip install arc-training scipy``: AGPL,
 used here as a benchmark baseline only, never a dependency), ``--with-arc-training`` adds a
@@ -58,11 +58,6 @@ def mlp(width: int) -> nn.Module:
 
 
 CLIP = None  # --clip: every twin clips its gradients; Arc reuses the norm
-BUCKET_VIEW = False  # --bucket-view: DDP(gradient_as_bucket_view=True) for every twin
-
-
-def ddp(net: nn.Module) -> DDP:
-    return DDP(net, gradient_as_bucket_view=BUCKET_VIEW)
 
 
 def run(model, opt, arc, x, y, steps: int) -> float:
@@ -165,7 +160,7 @@ def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -
 
     def job():
         net = mlp(width)
-        model = ddp(net) if distributed else net
+        model = DDP(net) if distributed else net
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     g = torch.Generator().manual_seed(dist.get_rank() if distributed else 0)
@@ -241,7 +236,7 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
         raise SystemExit("--attribution needs torchrun (2 ranks): the parts are DDP's")
 
     def job():
-        model = ddp(mlp(width))
+        model = DDP(mlp(width))
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     g = torch.Generator().manual_seed(dist.get_rank())
@@ -422,7 +417,7 @@ def bench(
 
     def job():
         net = mlp(width)
-        model = ddp(net) if distributed else net
+        model = DDP(net) if distributed else net
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     plain_model, plain_opt = job()
@@ -537,12 +532,6 @@ def main() -> None:
         help="every twin clips gradients to this norm; Arc reuses the norm it returns",
     )
     ap.add_argument(
-        "--bucket-view",
-        action="store_true",
-        help="wrap every twin in DDP(gradient_as_bucket_view=True): the gradients are the "
-        "buckets, so a comm hook costs DDP no extra copy",
-    )
-    ap.add_argument(
         "--divergence-every",
         default="",
         help="comma-separated divergence-check intervals to time as extra Arc twins "
@@ -574,8 +563,8 @@ def main() -> None:
     torch.set_num_threads(1 if dist.is_initialized() else 2)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    global CLIP, BUCKET_VIEW
-    CLIP, BUCKET_VIEW = args.clip, args.bucket_view
+    global CLIP
+    CLIP = args.clip
     divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
     if args.attribution:
         arow = [
