@@ -28,7 +28,7 @@ import pytest
 from arc_dist.checkpoint import Storage, scan
 from arc_dist.elastic.command import build_command, parse_args
 from arc_dist.elastic.launcher import _descendants, sigkill_all
-from arc_dist.elastic.zygote import SHIM, wait_listening
+from arc_dist.elastic.zygote import REQUEST_WAIT, SHIM, wait_listening
 from arc_dist.errors import ExitCode
 
 from ._launchproc import (
@@ -268,6 +268,26 @@ def test_a_stalled_zygote_forks_nothing_for_a_shim_that_gave_up(tmp_path, zygote
     served = _shim(tmp_path, address, "exit", "0")  # the zygote still serves the next one
     out, _ = served.communicate(timeout=50)
     assert served.returncode == 0 and f"ppid {proc.pid}" in out, out
+
+
+@pytest.mark.timeout(90)
+def test_a_client_that_connects_and_says_nothing_holds_up_no_one(tmp_path, zygote):
+    address, proc = zygote
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect("\0" + address)
+        served = _shim(tmp_path, address, "exit", "0")  # queued behind the silent connection
+        out, _ = served.communicate(timeout=50)
+        assert served.returncode == 0 and f"ppid {proc.pid}" in out, out  # forked, not cold
+        # ... while the zygote still held the silent connection open, waiting for its request
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent.recv(1)
+        silent.settimeout(REQUEST_WAIT + 30)
+        assert silent.recv(1) == b""  # then dropped, and the zygote goes on serving
+    assert "nothing sent within" in (tmp_path / "zygote.err").read_text()
+    again = _shim(tmp_path, address, "exit", "0")
+    out, _ = again.communicate(timeout=50)
+    assert again.returncode == 0 and f"ppid {proc.pid}" in out, out
 
 
 @pytest.mark.timeout(60)

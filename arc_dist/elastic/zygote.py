@@ -48,6 +48,9 @@ DEFAULT_IMPORTS = ("torch", "torch.distributed", "torch.nn.parallel", "torch._dy
                    "torch.distributed.checkpoint", "arc_dist", "arc_dist.controller")  # fmt: skip
 
 _PREFIX = "[arc-zygote]"
+#: seconds a connected client has to send its request (a shim sends it at once); until then
+#: the zygote serves the others
+REQUEST_WAIT = 10.0
 
 
 def _say(msg: str) -> None:
@@ -129,7 +132,8 @@ def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
-    conn.settimeout(30)  # a client that connects and says nothing must not block the zygote
+    """Read a request from a readable connection; the rest of it must follow promptly."""
+    conn.settimeout(2.0)
     head, fds, _, _ = socket.recv_fds(conn, 4, 3)
     if len(head) != 4 or len(fds) != 3:
         for fd in fds:
@@ -176,6 +180,8 @@ class Zygote:
         self.listener.listen(256)
         self.workers: dict[int, socket.socket | None] = {}  # pid -> its shim's connection
         self.go: dict[int, int] = {}  # pid -> the pipe that lets the child run (until released)
+        #: connections whose request has not arrived yet -> when the zygote drops them
+        self.pending: dict[socket.socket, float] = {}
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()
 
@@ -189,13 +195,19 @@ class Zygote:
         self.sel.register(self.wake_r, selectors.EVENT_READ, "child")
         try:
             while True:
-                for key, _ in self.sel.select():
+                wait = None
+                if self.pending:
+                    wait = max(0.0, min(self.pending.values()) - time.monotonic())
+                for key, _ in self.sel.select(wait):
                     if key.data == "accept":
                         self._accept()
+                    elif key.data == "request":
+                        self._request(key.fileobj)
                     elif key.data == "child":
                         self._reap()
                     else:
                         self._shim_readable(key.fileobj, key.data)
+                self._drop_silent()
         finally:
             for pid in self.workers:
                 try:
@@ -204,10 +216,31 @@ class Zygote:
                     pass
 
     def _accept(self) -> None:
+        """Take a connection; its request is read once it arrives (:meth:`_request`), so a
+        client that connects and says nothing holds up no one."""
         conn, _ = self.listener.accept()
         try:
             if _peer_uid(conn) != os.getuid():
                 raise PermissionError("request from another user")
+        except OSError as e:
+            _say(f"request refused: {e}")
+            conn.close()
+            return
+        self.pending[conn] = time.monotonic() + REQUEST_WAIT
+        self.sel.register(conn, selectors.EVENT_READ, "request")
+
+    def _drop_silent(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c, deadline in self.pending.items() if deadline <= now]:
+            _say(f"request refused: nothing sent within {REQUEST_WAIT:g} s of connecting")
+            self.sel.unregister(conn)
+            del self.pending[conn]
+            conn.close()
+
+    def _request(self, conn: socket.socket) -> None:
+        self.sel.unregister(conn)
+        del self.pending[conn]
+        try:
             req, fds = _recv_request(conn)
         except (OSError, ValueError) as e:
             _say(f"request refused: {e}")
@@ -306,7 +339,8 @@ class Zygote:
             if os.getppid() != zygote:  # the zygote died before the death signal was set
                 os._exit(1)
             self.sel.close()
-            for sock in (self.listener, conn, *(c for c in self.workers.values() if c)):
+            for sock in (self.listener, conn, *self.pending,
+                         *(c for c in self.workers.values() if c)):  # fmt: skip
                 sock.close()
             for fd in (self.wake_r, self.wake_w, *self.go.values()):
                 os.close(fd)
