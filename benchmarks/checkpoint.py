@@ -18,6 +18,7 @@ For each model size (an MLP with AdamW, so the checkpoint holds ~3x the paramete
 
     python benchmarks/checkpoint.py                       # sizes 5M,25M params, 9 rounds
     python benchmarks/checkpoint.py --sizes 5M --rounds 3 --dir /mnt/nvme/tmp --json out.json
+    python benchmarks/checkpoint.py --device cuda        # the state on the GPU (pinned staging)
 
 Targets: sync save throughput >= 80% of the raw write; async stall <= 5% of the sync save.
 The Arc stall is paired with the sync save of the same round.
@@ -41,13 +42,14 @@ from arc_dist import Arc, ArcConfig
 from arc_dist.checkpoint import CheckpointManager, TrainState
 
 SIZES = {"5M": 1120, "25M": 2500, "50M": 3536}  # hidden width of a 4-layer square MLP
+DEVICE = torch.device("cpu")  # --device
 
 
 def make(width: int, seed: int = 0):
     torch.manual_seed(seed)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(4)])
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(4)]).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model(torch.randn(2, width)).sum().backward()
+    model(torch.randn(2, width, device=DEVICE)).sum().backward()
     opt.step()  # optimizer state exists, as in a real run
     opt.zero_grad(set_to_none=True)
     return model, opt
@@ -69,7 +71,7 @@ def arc_step_times(width: int, rounds: int, url: str) -> tuple[list[float], list
         local_snapshots=False,
     )  # fmt: skip
     arc = Arc(model, opt, checkpoint_dir=url, config=cfg)
-    x = torch.randn(2, width)
+    x = torch.randn(2, width, device=DEVICE)
     plain, ckpt = [], []
     while len(ckpt) < rounds:
         step = arc.global_step
@@ -178,7 +180,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the model and optimizer state live")  # fmt: skip
     args = ap.parse_args()
+    global DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible (torch.cuda.is_available() is False)")
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     root = tempfile.mkdtemp(prefix="arc-ckpt-bench-", dir=args.dir)
     try:
@@ -187,7 +195,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs (load average {load}), medians of "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs (load average {load}), state on "
+        f"{args.device}, medians of "
         f"{args.rounds} rounds, dir {args.dir or tempfile.gettempdir()}"
     )
     print(

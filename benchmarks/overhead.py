@@ -25,6 +25,10 @@ used here as a benchmark baseline only, never a dependency), ``--with-arc-traini
 third twin under its ``arc.core.controller.Controller`` on the same loop.
 ``--divergence-every 0,10,100`` adds Arc twins with those replica-divergence intervals (the
 check only runs under DDP).
+
+``--device cuda`` runs the models on the GPU (one per rank under torchrun, NCCL when there is
+one per rank, else gloo); every twin's timed step then ends with a device synchronisation, so
+a step's time includes its kernels (``--attribution`` stays CPU-only).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from arc_dist import Arc, ArcConfig
 
-SIZES = {"1M": 512, "4M": 1024, "25M": 2560}  # hidden width of a 4-layer MLP
+SIZES = {"1M": 512, "4M": 1024, "25M": 2560, "80M": 5120}  # hidden width of a 5-layer MLP
 
 
 def mlp(width: int) -> nn.Module:
@@ -58,6 +62,28 @@ def mlp(width: int) -> nn.Module:
 
 
 CLIP = None  # --clip: every twin clips its gradients; Arc reuses the norm
+DEVICE = torch.device("cpu")  # --device
+
+
+def sync() -> None:
+    """End of a timed step: the device's queued kernels are done (nothing to do on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def wrap(net: nn.Module) -> nn.Module:
+    """``net`` on the benchmark's device, under DDP when torch.distributed is initialized."""
+    net = net.to(DEVICE)
+    if not dist.is_initialized():
+        return net
+    return DDP(net, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None)
+
+
+def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's fixed batch, on the device."""
+    g = torch.Generator().manual_seed(dist.get_rank() if dist.is_initialized() else 0)
+    x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
+    return x.to(DEVICE), y.to(DEVICE)
 
 
 def run(model, opt, arc, x, y, steps: int) -> float:
@@ -78,6 +104,7 @@ def run(model, opt, arc, x, y, steps: int) -> float:
         if not skip:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -103,6 +130,7 @@ def naive_step(model, opt, x, y, agree: bool = True) -> float:
     if all(math.isfinite(v) for v in sig.tolist()):
         opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -139,11 +167,12 @@ class Overlap:
             sq = torch.stack(torch._foreach_norm(grads)).square().sum()
         for w in work:
             w.wait()
-        vals = torch.cat([self.sig, sq.reshape(1), loss.detach().reshape(1)]).tolist()
+        vals = self.sig.tolist() + torch.stack([sq, loss.detach().reshape(())]).tolist()
         if all(math.isfinite(v) for v in vals):
             self.opt.step()
         self.prev_loss = vals[-1]
         self.opt.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - t0
 
 
@@ -156,15 +185,12 @@ def pct(values: list[float], q: float) -> float:
 def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -> dict:
     """Single steps of plain, Arc, naive (and the original ARC) twins in alternation; per-pair
     ratios to the plain step. The twins' order rotates so no twin always follows another."""
-    distributed = dist.is_initialized()
 
     def job():
-        net = mlp(width)
-        model = DDP(net) if distributed else net
+        model = wrap(mlp(width))
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    g = torch.Generator().manual_seed(dist.get_rank() if distributed else 0)
-    x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
+    x, y = inputs(batch)
     plain, with_arc, naive, floor = job(), job(), job(), job()
     overlap = Overlap(*job())
     arc = Arc(*with_arc, config=ArcConfig(snapshot_every=100), chaos="")
@@ -231,9 +257,10 @@ def _sum_hook(pg, bucket):
 
 def attribution(name: str, width: int, steps: int, batch: int) -> dict:
     """Where Arc's step overhead goes: each part timed in one run, twins in alternation."""
-    distributed = dist.is_initialized()
-    if not distributed:
+    if not dist.is_initialized():
         raise SystemExit("--attribution needs torchrun (2 ranks): the parts are DDP's")
+    if DEVICE.type != "cpu":
+        raise SystemExit("--attribution times CPU steps without device synchronisation: CPU only")
 
     def job():
         model = DDP(mlp(width))
@@ -413,18 +440,15 @@ def bench(
     divergence: tuple[int, ...] = (),
 ) -> dict:
     """Two identical replicas of the job, one plain and one under Arc, trained in alternation."""
-    distributed = dist.is_initialized()
 
     def job():
-        net = mlp(width)
-        model = DDP(net) if distributed else net
+        model = wrap(mlp(width))
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     plain_model, plain_opt = job()
     model, opt = job()
     nparams = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(dist.get_rank() if distributed else 0)
-    x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
+    x, y = inputs(batch)
     arc = Arc(model, opt, config=ArcConfig(snapshot_every=100), chaos="")
     twins = [(plain_model, plain_opt, None), (model, opt, arc)]
     if other:
@@ -454,23 +478,29 @@ def bench(
         for v in s.values()
         if isinstance(v, torch.Tensor) and v.dim() > 0
     ]
-    dst = [torch.empty_like(t) for t in tensors]
+    # a snapshot lives in host memory: the memcpy it is compared with goes there too (pinned)
+    pin = DEVICE.type == "cuda"
+    dst = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in tensors]
     for _ in range(5):
         t0 = time.perf_counter()
         arc._take_snapshot()
+        sync()
         snap_t.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for d, s in zip(dst, tensors):
-            d.copy_(s)
+            d.copy_(s, non_blocking=pin)
+        sync()
         copy_t.append(time.perf_counter() - t0)
-    # rollback latency: a NaN loss forces one
-    loss = nn.functional.mse_loss(model(x), y) * float("nan")
-    loss.backward()
-    t0 = time.perf_counter()
-    action = arc.step(loss)
-    rollback = time.perf_counter() - t0
-    assert action.rolled_back
-    opt.zero_grad(set_to_none=True)
+    # rollback latency: NaN losses are skipped up to max_skips times, the next one rolls back
+    for _ in range(arc.config.max_skips + 1):
+        loss = nn.functional.mse_loss(model(x), y) * float("nan")
+        loss.backward()
+        t0 = time.perf_counter()
+        action = arc.step(loss)
+        sync()
+        rollback = time.perf_counter() - t0
+        opt.zero_grad(set_to_none=True)
+    assert action.rolled_back, action
     arc.close()
     p, a = statistics.median(plain), statistics.median(with_arc)
     extra = {}
@@ -500,7 +530,8 @@ def print_paired(rows: list[dict], world: int, args) -> None:
     if args.json:
         print(json.dumps(rows))
     clip = f", every twin clips to {args.clip} (Arc reuses the norm)" if args.clip else ""
-    print(f"world size {world}, batch {args.batch}/rank, {args.paired} pairs of single steps{clip}")
+    print(f"world size {world}, {args.device}, batch {args.batch}/rank, {args.paired} pairs of "
+          f"single steps{clip}")  # fmt: skip
     print("| model | params | twin | plain ms | twin ms | median ratio | p99 ratio | "
           "max ratio (no snapshot) | steps > 1.5x |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
@@ -525,6 +556,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the models train (cuda: one GPU per rank, NCCL when each rank "
+                    "has its own GPU, else gloo)")  # fmt: skip
     ap.add_argument(
         "--clip",
         type=float,
@@ -558,12 +592,24 @@ def main() -> None:
         help="time the parts of the overhead over N steps of each twin (2-rank torchrun)",
     )
     args = ap.parse_args()
-    if "RANK" in __import__("os").environ:
-        dist.init_process_group("gloo")
+    global CLIP, DEVICE
+    env = __import__("os").environ
+    backend = "gloo"
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "--device cuda: no GPU is visible (torch.cuda.is_available() is False)"
+            )
+        local, local_world = int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1))
+        DEVICE = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(DEVICE)
+        if torch.cuda.device_count() >= local_world:
+            backend = "nccl"
+    if "RANK" in env:
+        dist.init_process_group(backend)
     torch.set_num_threads(1 if dist.is_initialized() else 2)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    global CLIP
     CLIP = args.clip
     divergence = tuple(int(v) for v in args.divergence_every.split(",") if v.strip())
     if args.attribution:
@@ -595,7 +641,7 @@ def main() -> None:
             print(json.dumps(rows))
         clip = f", all twins clip to {args.clip} (Arc reuses the norm)" if args.clip else ""
         print(
-            f"world size {world}, batch {args.batch}/rank, median of {args.rounds} rounds x {args.steps} steps{clip}"
+            f"world size {world}, {args.device}, batch {args.batch}/rank, median of {args.rounds} rounds x {args.steps} steps{clip}"
         )
         print(
             "| model | params | plain ms/step | Arc ms/step | overhead | collectives/step | host syncs/step | snapshot ms | memcpy ms | rollback ms |"

@@ -45,7 +45,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, outdir: str, args: tuple) -> None:
+def _entry(fn: Callable, rank: int, world_size: int, port: int, outdir: str, args: tuple,
+           backend: str = "gloo") -> None:  # fmt: skip
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -55,7 +56,7 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, outdir: str, arg
             WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         )  # fmt: skip
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -82,10 +83,12 @@ def run_ranks(
     expect_death: bool = False,
     grace: float = 3.0,
     distributed: bool = True,
+    backend: str = "gloo",
 ) -> list:
     """``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; results in rank order.
 
-    ``distributed=False`` (world size 1 only) runs without a process group. Raises when a rank
+    ``distributed=False`` (world size 1 only) runs without a process group; ``backend``: the
+    process group's (``"nccl"`` needs a GPU per rank; ``fn`` sets its device). Raises when a rank
     raised, hung past ``timeout`` or died while ``expect_death`` is False; with it, a rank that
     died or raised has the result None.
     """
@@ -95,7 +98,7 @@ def run_ranks(
         os.chmod(outdir, 0o777)  # ranks may drop privileges (permission tests)
         n = world_size if distributed else 0
         procs = [
-            ctx.Process(target=_entry, args=(fn, r, n, port, outdir, args))
+            ctx.Process(target=_entry, args=(fn, r, n, port, outdir, args, backend))
             for r in range(world_size)
         ]
         for p in procs:
