@@ -1,11 +1,11 @@
 """On a GPU: the paths written for CUDA that the CPU suite cannot reach.
 
-Skipped without CUDA. ``ARC_TEST_DEVICE=cpu`` runs the device-generic ones on the CPU, to check
-the tests themselves where there is no GPU. One command runs them with the GPU benchmarks:
+Without a GPU the device-generic tests run on the CPU (so they keep working where CI runs) and
+the CUDA-only ones are skipped. One command runs them on a GPU machine with the GPU benchmarks:
 ``bash benchmarks/gpu_check.sh``.
 
-What they cover: snapshots' non-blocking device-to-host copies and their restore (exact state
-after a rollback), the fault kinds recovering as on the CPU, durable checkpoints of device
+What they cover there: snapshots' non-blocking device-to-host copies and their restore (exact
+state after a rollback), the fault kinds recovering as on the CPU, durable checkpoints of device
 tensors through the pinned staging buffers and their resume (CUDA RNG state included), fp16
 autocast with a ``GradScaler`` (overflow skips, no false failure), DDP with the ride on device
 buckets (gloo on one GPU; NCCL with a GPU per rank), the CUDA preflight checks, and a real
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -34,19 +33,14 @@ from ._dist import run_ranks
 from ._launchproc import clean_env
 from ._workload import Data, make_model, params_digest
 
-_FORCED = os.environ.get("ARC_TEST_DEVICE")
 _CUDA = torch.cuda.is_available()
-pytestmark = [
-    pytest.mark.skipif(
-        not _CUDA and _FORCED != "cpu", reason="needs a GPU (or ARC_TEST_DEVICE=cpu)"
-    ),
-    pytest.mark.timeout(300),
-]
+pytestmark = pytest.mark.timeout(300)
 needs_cuda = pytest.mark.skipif(not _CUDA, reason="needs a GPU: the CUDA-only path itself")
 
 
 def _device(rank: int = 0) -> torch.device:
-    if _FORCED == "cpu" or not _CUDA:
+    """This rank's GPU, or the CPU where there is none."""
+    if not _CUDA:
         return torch.device("cpu")
     return torch.device("cuda", rank % torch.cuda.device_count())
 
