@@ -193,9 +193,19 @@ def _standouts(values) -> tuple[int, ...]:
     return tuple(int(r) for r in np.nonzero(values >= med + 0.5 * (top - med))[0])
 
 
+#: the columns :meth:`HealthPolicy.judge` reads as lists (the deep checks read the matrix)
+_JUDGED_COLS = [Col.GRAD_SQ, Col.LOCAL_GRAD_SQ, Col.LOSS, Col.LOSS_VALID, Col.LR_RATIO, Col.LR,
+                Col.LATE_LOSS, Col.LATE_VALID, Col.LOSS_JUDGED]  # fmt: skip
+#: ``x > 0`` as a C-level callable, for ``map`` over a column (NaN: False)
+_positive = (0.0).__lt__
+
+
 def _odd_lrs(lrs, limit: float) -> tuple[int, ...]:
     """Ranks whose LR is more than ``limit`` times off the (lower) median rank's: ranks that run
     one model set the same LR, whatever schedule the loop follows."""
+    first = lrs[0]
+    if lrs.count(first) == len(lrs):  # the usual case, one LR: the test below for that value
+        return tuple(range(len(lrs))) if first > limit * first else ()
     ref = sorted(lrs)[(len(lrs) - 1) // 2]
     return tuple(r for r, x in enumerate(lrs) if x > limit * ref or ref > limit * x)
 
@@ -238,9 +248,10 @@ class HealthPolicy:
 
     def judge(self, m: np.ndarray, *, amp: bool = False) -> Verdict:
         # every step runs this on a [world, NUM_COLS] matrix: plain Python over its columns is
-        # several times cheaper than numpy calls on arrays this small
+        # several times cheaper than numpy calls on arrays this small; only the columns read
+        # here become lists (their cost grows with the world size)
         t = self.t
-        cols = m.T.tolist()
+        cols = dict(zip(_JUDGED_COLS, m[:, _JUDGED_COLS].T.tolist()))
         gsq, own = cols[Col.GRAD_SQ], cols[Col.LOCAL_GRAD_SQ]
         finite_grads = all(map(math.isfinite, gsq)) and all(map(math.isfinite, own))
         grad_norm = math.sqrt(self.combine_grad_sq(gsq)) if finite_grads else math.nan
@@ -260,7 +271,9 @@ class HealthPolicy:
             if bad:
                 return fail("replica_divergence", bad, fingerprints=m[:, Col.FINGERPRINT].tolist())
         ratio = cols[Col.LR_RATIO]
-        bad = [r for r, x in enumerate(ratio) if not x <= t.lr_ratio_fail]  # NaN included
+        limit, bad = float(t.lr_ratio_fail), []
+        if not all(map(limit.__ge__, ratio)):
+            bad = [r for r, x in enumerate(ratio) if not x <= limit]  # NaN included
         if not bad and self.layout != Layout.INDEPENDENT and len(ratio) > 1:
             bad = _odd_lrs(cols[Col.LR], t.lr_ratio_fail)
         if bad:
@@ -271,7 +284,7 @@ class HealthPolicy:
         # a skip-level anomaly there counts towards the streak and a lesser one is reported.
         late = self._judge_late(cols)
         streak = self.streak + (late is not None and late.skip)
-        judged = any(x > 0 for x in cols[Col.LOSS_JUDGED])  # reported only
+        judged = any(map(_positive, cols[Col.LOSS_JUDGED]))  # reported only
         v = None if judged else self._judge_loss(losses, loss)
         if v is not None and v.skip:
             return self._escalate(v, base, streak)
@@ -295,9 +308,12 @@ class HealthPolicy:
     def _losses(
         self, cols, col: int = Col.LOSS, valid: int = Col.LOSS_VALID
     ) -> tuple[list[float], float]:
-        losses = [x if v > 0 else 0.0 for x, v in zip(cols[col], cols[valid])]
-        has_loss = all(v > 0 for v in cols[valid])
-        return (losses if has_loss else []), (sum(losses) / len(losses) if has_loss else math.nan)
+        """Every rank's loss in ``col`` and their mean, or ``([], nan)`` unless every rank's
+        ``valid`` flag is set."""
+        if not all(map(_positive, cols[valid])):
+            return [], math.nan
+        losses = cols[col]
+        return losses, sum(losses) / len(losses)
 
     def _judge_late(self, cols) -> Verdict | None:
         losses, loss = self._losses(cols, Col.LATE_LOSS, Col.LATE_VALID)
@@ -307,8 +323,8 @@ class HealthPolicy:
     def _judge_loss(self, losses: list[float], loss: float) -> Verdict | None:
         if not losses:
             return None
-        bad = [r for r, x in enumerate(losses) if not math.isfinite(x)]
-        if bad:
+        if not all(map(math.isfinite, losses)):
+            bad = [r for r, x in enumerate(losses) if not math.isfinite(x)]
             return Verdict(
                 WARNING, "nonfinite_loss", tuple(bad), skip=True, details={"losses": losses}
             )
@@ -404,10 +420,11 @@ class HealthPolicy:
         """Learn from a judged step. Only applied updates teach the windows what is normal
         (a warning's values included: the upper tail is part of the distribution, so is a late
         loss short of a skip); a skip extends the streak (by two after a skip-level late loss)."""
-        cols = m.T.tolist()
+        # the columns it reads, not the whole matrix (its cost grows with the world size)
+        cols = {c: m[:, c].tolist() for c in (Col.LATE_LOSS, Col.LATE_VALID)}
         late = self._judge_late(cols)
         late_skip = late is not None and late.skip
-        if not late_skip and cols[Col.LATE_VALID][0] > 0:
+        if not late_skip and m[0, Col.LATE_VALID] > 0:
             late_loss = self._losses(cols, Col.LATE_LOSS, Col.LATE_VALID)[1]
             if math.isfinite(late_loss):
                 self.loss.add(late_loss)
@@ -415,7 +432,7 @@ class HealthPolicy:
             self.streak += 1 + late_skip
         elif applied:
             self.streak = 0
-            if math.isfinite(verdict.loss) and not cols[Col.LOSS_JUDGED][0] > 0:
+            if math.isfinite(verdict.loss) and not m[0, Col.LOSS_JUDGED] > 0:
                 self.loss.add(verdict.loss)
             if math.isfinite(verdict.grad_norm):
                 self.grad.add(verdict.grad_norm)

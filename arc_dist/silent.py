@@ -102,13 +102,17 @@ class DivergenceTracker:
 class StragglerTracker:
     """Flags ranks persistently slower than the others (shared history: same on every rank).
 
-    Runs after every step's collective, so it keeps its window in a preallocated ring (a median
-    does not depend on the rows' order) and takes medians with one partition each."""
+    Runs after every step's collective, so its cost per step does not grow with the window: the
+    window is a preallocated ring (a median does not depend on the rows' order) beside a count,
+    per rank, of the ring's ratios above ``ratio``. A median is above ``ratio`` exactly when more
+    than half the window is (for an even window, when exactly half is, the two middle values
+    decide: only those ranks' medians are taken)."""
 
     def __init__(self, world_size: int, ratio: float, window: int, rank: int = 0):
         self.world_size, self.ratio, self.rank = world_size, ratio, rank
         self.window = window
         self._ring = np.empty((window, world_size))
+        self._above = np.zeros(world_size, dtype=np.int64)  # ring entries above ``ratio``
         self._count = 0  # steps added so far; the ring holds the last ``window`` of them
         self.flagged: set[int] = set()
 
@@ -126,12 +130,21 @@ class StragglerTracker:
         rel = self.relative(times)
         if rel is None:
             return [], []
-        self._ring[self._count % self.window] = rel
+        slot = self._count % self.window
+        if self._count >= self.window:  # the oldest step leaves the window
+            self._above -= self._ring[slot] > self.ratio
+        self._ring[slot] = rel
+        self._above += rel > self.ratio
         self._count += 1
         if self._count < self.window:
             return [], []
-        persistent = _median0(self._ring)
-        now = {int(r) for r in np.nonzero(persistent > self.ratio)[0]}
+        half = self.window // 2
+        slow = self._above > half
+        if self.window % 2 == 0:
+            tied = np.nonzero(self._above == half)[0]
+            if tied.size:
+                slow[tied[_median0(self._ring[:, tied]) > self.ratio]] = True
+        now = {int(r) for r in np.nonzero(slow)[0]}
         new, cleared = sorted(now - self.flagged), sorted(self.flagged - now)
         self.flagged = now
         return new, cleared

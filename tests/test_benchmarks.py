@@ -40,3 +40,9 @@ def test_checkpoint_benchmark_reports_its_ratios(tmp_path):
                "--dir", str(tmp_path))  # fmt: skip
     row = next(line for line in out.splitlines() if line.split()[:1] == ["5M"])
     assert "%" in row and len(row.split()) == 14, row
+
+
+def test_world_scale_benchmark_reports_every_world_size(tmp_path):
+    out = _run(tmp_path, str(BENCH / "world_scale.py"), "--worlds", "2,64", "--steps", "5")
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["2", "64"], out  # the header, then one row per world size

@@ -53,6 +53,25 @@ def test_straggler_tracker_flags_persistent_slowness_not_jitter():
     assert not any(out)
 
 
+def test_straggler_tracker_flags_exactly_the_ranks_whose_window_median_is_above_the_ratio():
+    # the tracker counts instead of taking every rank's median every step: it must agree with
+    # the definition on every step, ties at the ratio and at the middle of even windows included
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        world, window = int(rng.choice([2, 3, 5, 8])), int(rng.integers(3, 10))
+        tr, seen = StragglerTracker(world, 2.0, window), []
+        for _ in range(30):
+            t = 1.0 + rng.integers(0, 3, world) * 0.5  # coarse values: many exact ties
+            if rng.random() < 0.4:
+                t[rng.integers(world)] *= 2.0  # exactly at the ratio (against the others' 1.0)
+            rel = tr.relative(t)
+            tr.update(t)
+            seen.append(rel)
+            if len(seen) >= window:
+                medians = np.median(np.array(seen[-window:]), axis=0)
+                assert tr.flagged == {int(r) for r in np.nonzero(medians > 2.0)[0]}
+
+
 def _divergence(rank, world, spec: str, cfg: dict) -> dict:
     model = DDP(make_model("mlp"))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
