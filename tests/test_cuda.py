@@ -266,13 +266,23 @@ def test_ddp_on_the_device_rides_and_recovers_with_identical_replicas(backend):
 def test_the_preflight_passes_on_a_healthy_gpu_and_finds_an_injected_fault(monkeypatch):
     from arc_dist.health import preflight
 
-    report = preflight(devices=[_device()])
+    report = preflight(devices=[_device()], nvml=False)
     assert report.ok, report
     ran = {c.name: c.status for c in report.checks}
     assert all(ran[name] == "passed" for name in ("device_count", "alloc", "matmul")), ran
     monkeypatch.setenv("ARC_CHAOS_PREFLIGHT", "matmul/0")
     report = preflight(devices=[_device()], raise_on_failure=False)
     assert not report.ok
+
+
+@needs_cuda
+def test_nvml_reads_the_gpu():
+    pytest.importorskip("pynvml")  # the [nvml] extra (nvidia-ml-py)
+    from arc_dist.health import preflight
+
+    report = preflight(devices=[_device()])
+    nvml = [c for c in report.checks if c.name == "nvml"]
+    assert nvml and nvml[0].status == "passed", report
 
 
 @needs_cuda
