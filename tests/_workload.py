@@ -10,6 +10,22 @@ from torch import nn
 
 from arc_dist.silent import replica_digest as params_digest  # noqa: F401 - re-exported for the tests
 
+#: one of every step fault a single process meets (an LR spike needs an attached scheduler)
+EVERY_FAULT = (
+    "nan_loss@30 grad_explosion@50 lr_spike@70 nan_weights@80 optimizer_reset@95 loss_spike@105"
+)
+#: what ``train`` reports for it, as (status, reason, rolled back): one-step anomalies skip their
+#: update; damaged state (an LR the scheduler does not explain, NaN weights, a reset optimizer)
+#: rolls back
+EVERY_FAULT_EVENTS = [
+    ("warning", "nonfinite_loss", False),
+    ("warning", "grad_explosion", False),
+    ("failure", "lr_spike", True),
+    ("failure", "nonfinite_weights", True),
+    ("failure", "optimizer_state", True),
+    ("warning", "loss_spike", False),
+]
+
 
 def make_model(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

@@ -31,7 +31,7 @@ from arc_dist.errors import ExitCode
 
 from ._dist import run_ranks
 from ._launchproc import clean_env
-from ._workload import Data, make_model, params_digest
+from ._workload import EVERY_FAULT, EVERY_FAULT_EVENTS, Data, make_model, params_digest, train
 
 _CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.timeout(300)
@@ -57,28 +57,6 @@ class DeviceData(Data):
         return tuple(t.to(self.device) for t in super().next())
 
 
-def _loop(model, opt, arc, data, steps, *, max_calls=None, sched=None, before=None):
-    """The contract's loop; the non-healthy actions as (step, status, reason, rolled back).
-    ``before(arc)`` runs before each step."""
-    events, calls = [], 0
-    while arc.global_step < steps:
-        if before is not None:
-            before(arc)
-        calls += 1
-        assert max_calls is None or calls <= max_calls, f"{steps} steps not reached: {events}"
-        loss = data.loss(model, data.next())
-        loss.backward()
-        action = arc.step(loss)
-        if action.status != "healthy":
-            events.append((action.step, action.status, action.reason, action.rolled_back))
-        if not action.should_skip:
-            opt.step()
-            if sched is not None:
-                sched.step()
-        opt.zero_grad(set_to_none=True)
-    return events
-
-
 def _eval(model, data) -> float:
     with torch.no_grad():
         return float(data.loss(model, data.eval))
@@ -95,21 +73,10 @@ def _setup(device, chaos="", **cfg):
 def test_every_fault_kind_recovers_on_the_device():
     device = _device()
     ref_model, ref_opt, ref_sched, ref_arc, ref_data = _setup(device)
-    assert _loop(ref_model, ref_opt, ref_arc, ref_data, 120, sched=ref_sched) == []
-    model, opt, sched, arc, data = _setup(
-        device,
-        "nan_loss@30 grad_explosion@50 lr_spike@70 nan_weights@80 optimizer_reset@95 "
-        "loss_spike@105",
-    )
-    events = _loop(model, opt, arc, data, 120, max_calls=400, sched=sched)
-    assert [(e[1], e[2], e[3]) for e in events] == [
-        ("warning", "nonfinite_loss", False),
-        ("warning", "grad_explosion", False),
-        ("failure", "lr_spike", True),
-        ("failure", "nonfinite_weights", True),
-        ("failure", "optimizer_state", True),
-        ("warning", "loss_spike", False),
-    ]
+    assert train(ref_model, ref_opt, ref_arc, ref_data, 120, sched=ref_sched) == []
+    model, opt, sched, arc, data = _setup(device, EVERY_FAULT)
+    events = train(model, opt, arc, data, 120, max_calls=400, sched=sched)
+    assert [(e[1], e[2], e[4]) for e in events] == EVERY_FAULT_EVENTS
     assert arc.global_step == 120 and arc.stats()["rollbacks"] == 3
     assert all(p.device == device for p in model.parameters())
     assert math.isfinite(_eval(model, data))
@@ -121,7 +88,7 @@ def test_every_fault_kind_recovers_on_the_device():
 def test_a_rollback_restores_the_exact_device_state():
     device = _device()
     model, opt, _, arc, data = _setup(device, max_skips=0)
-    _loop(model, opt, arc, data, 10)
+    train(model, opt, arc, data, 10)
     loss = data.loss(model, data.next())
     loss.backward()
     assert arc.step(loss).status == "healthy"  # snapshots step 10 (copied off the device)
@@ -148,11 +115,11 @@ def test_device_checkpoints_resume_exactly_with_their_rng_state(tmp_path):
     arc = Arc(model, opt, sched, checkpoint_dir=url, config=ArcConfig(checkpoint_every=10),
               chaos="")  # fmt: skip
 
-    def settle(arc):  # the previous background write ends before the next save is due
-        if (arc.global_step + 1) % 10 == 0:
+    def settle(step):  # the previous background write ends before the next save is due
+        if (step + 1) % 10 == 0:
             arc._durability.manager.wait()
 
-    _loop(model, opt, arc, data, 25, sched=sched, before=settle)  # background saves: 10, 20
+    train(model, opt, arc, data, 25, sched=sched, before_step=settle)  # background saves: 10, 20
     torch.rand(3, device=device)  # the streams move on past their seeded start
     arc.save(blocking=True)  # step 25, as the state is now
     saved_params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -176,7 +143,7 @@ def test_device_checkpoints_resume_exactly_with_their_rng_state(tmp_path):
     if saved_cuda is not None:
         assert torch.equal(torch.cuda.get_rng_state(device), saved_cuda)
     # and training goes on from there
-    assert _loop(fresh, fresh_opt, again, data, 35, sched=fresh_sched) == []
+    assert train(fresh, fresh_opt, again, data, 35, sched=fresh_sched) == []
     again.close()
 
 
@@ -223,7 +190,7 @@ def _ddp_worker(rank, world, chaos):
     opt = torch.optim.Adam(ddp.parameters(), lr=3e-3)
     arc = Arc(ddp, opt, config=ArcConfig(snapshot_every=10), chaos=chaos)
     data = DeviceData("mlp", rank, device)
-    events = _loop(ddp, opt, arc, data, 60, max_calls=200)
+    events = train(ddp, opt, arc, data, 60, max_calls=200)
     out = dict(events=events, digest=params_digest(model), fast=arc._ride.fast_steps,
                backend=str(dist.get_backend()), eval=_eval(ddp, data))  # fmt: skip
     arc.close()
@@ -253,7 +220,7 @@ def test_ddp_on_the_device_rides_and_recovers_with_identical_replicas(backend):
         assert r0["digest"] == r1["digest"]  # identical replicas
         assert r0["fast"] > 0 and r0["backend"] == backend  # most steps judged from the ride
     assert clean[0]["events"] == []
-    assert [(e[2], e[3]) for e in faulty[0]["events"]] == [
+    assert [(e[2], e[4]) for e in faulty[0]["events"]] == [
         ("nonfinite_loss", False),
         ("grad_explosion", False),
         ("nonfinite_loss", False),  # NaN weights: first a NaN loss, skipped; the step after a

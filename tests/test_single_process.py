@@ -11,7 +11,15 @@ from torch import nn
 
 from arc_dist import Arc, ArcConfig, UnrecoverableError
 
-from ._workload import Data, eval_loss, make_model, params_digest, train
+from ._workload import (
+    EVERY_FAULT,
+    EVERY_FAULT_EVENTS,
+    Data,
+    eval_loss,
+    make_model,
+    params_digest,
+    train,
+)
 from .checkpoint_helpers import Position
 
 
@@ -29,19 +37,11 @@ def test_single_process_recovers_from_every_step_fault():
     ref_model, ref_opt, ref_arc, ref_data = _setup()
     assert train(ref_model, ref_opt, ref_arc, ref_data, 120) == []
     model, opt, arc, data = _setup(
-        "nan_loss@30 grad_explosion@50 lr_spike@70 nan_weights@80 optimizer_reset@95 "
-        "loss_spike@105",
+        EVERY_FAULT,
         constant_schedule=True,  # an LR spike is evidence against an attached scheduler
     )
     events = train(model, opt, arc, data, 120, max_calls=400, sched=arc.scheduler)
-    assert [(e[1], e[2], e[4]) for e in events] == [
-        ("warning", "nonfinite_loss", False),
-        ("warning", "grad_explosion", False),
-        ("failure", "lr_spike", True),
-        ("failure", "nonfinite_weights", True),
-        ("failure", "optimizer_state", True),
-        ("warning", "loss_spike", False),
-    ]
+    assert [(e[1], e[2], e[4]) for e in events] == EVERY_FAULT_EVENTS
     assert arc.global_step == 120 and arc.stats()["rollbacks"] == 3 and arc.stats()["skips"] == 3
     assert arc.stats()["collectives"] == 0 and arc.stats()["host_syncs"] == arc._calls
     assert math.isfinite(eval_loss(model, data))
