@@ -1,7 +1,10 @@
-"""The benchmarks still run: each one's cheapest mode, a few steps, its table printed.
+"""The quick benchmarks still run: the step-overhead, checkpoint and world-size ones, each in
+its cheapest mode for a few steps, its table printed.
 
 Their figures are not checked (no timing assertion belongs in a test); what is checked is that
-they run to the end on the current code and report every row they promise.
+they run to the end on the current code and report every row they promise. The crash soak and
+the early-warning harness have tests of their own; the recovery, Ray and false-positive
+benchmarks take minutes and are not run here.
 """
 
 from __future__ import annotations
