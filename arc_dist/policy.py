@@ -194,8 +194,9 @@ def _standouts(values) -> tuple[int, ...]:
 
 
 #: the columns :meth:`HealthPolicy.judge` reads as lists (the deep checks read the matrix)
-_JUDGED_COLS = [Col.GRAD_SQ, Col.LOCAL_GRAD_SQ, Col.LOSS, Col.LOSS_VALID, Col.LR_RATIO, Col.LR,
-                Col.LATE_LOSS, Col.LATE_VALID, Col.LOSS_JUDGED]  # fmt: skip
+_JUDGED_COLS = (Col.GRAD_SQ, Col.LOCAL_GRAD_SQ, Col.LOSS, Col.LOSS_VALID, Col.LR_RATIO, Col.LR,
+                Col.LATE_LOSS, Col.LATE_VALID, Col.LOSS_JUDGED)  # fmt: skip
+_JUDGED_IDX = np.array(_JUDGED_COLS)  # the index, built once
 #: ``x > 0`` as a C-level callable, for ``map`` over a column (NaN: False)
 _positive = (0.0).__lt__
 
@@ -251,7 +252,7 @@ class HealthPolicy:
         # several times cheaper than numpy calls on arrays this small; only the columns read
         # here become lists (their cost grows with the world size)
         t = self.t
-        cols = dict(zip(_JUDGED_COLS, m[:, _JUDGED_COLS].T.tolist()))
+        cols = dict(zip(_JUDGED_COLS, m[:, _JUDGED_IDX].T.tolist()))
         gsq, own = cols[Col.GRAD_SQ], cols[Col.LOCAL_GRAD_SQ]
         finite_grads = all(map(math.isfinite, gsq)) and all(map(math.isfinite, own))
         grad_norm = math.sqrt(self.combine_grad_sq(gsq)) if finite_grads else math.nan

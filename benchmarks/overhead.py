@@ -79,6 +79,12 @@ def wrap(net: nn.Module) -> nn.Module:
     return DDP(net, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None)
 
 
+def job(width: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """One twin: the MLP of ``width`` (see :func:`wrap`) and its AdamW."""
+    model = wrap(mlp(width))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
 def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's fixed batch, on the device."""
     g = torch.Generator().manual_seed(dist.get_rank() if dist.is_initialized() else 0)
@@ -185,16 +191,11 @@ def pct(values: list[float], q: float) -> float:
 def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -> dict:
     """Single steps of plain, Arc, naive (and the original ARC) twins in alternation; per-pair
     ratios to the plain step. The twins' order rotates so no twin always follows another."""
-
-    def job():
-        model = wrap(mlp(width))
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
-
     x, y = inputs(batch)
-    plain, with_arc, naive, floor = job(), job(), job(), job()
-    overlap = Overlap(*job())
+    plain, with_arc, naive, floor = (job(width) for _ in range(4))
+    overlap = Overlap(*job(width))
     arc = Arc(*with_arc, config=ArcConfig(snapshot_every=100), chaos="")
-    collective = job()
+    collective = job(width)
     arc_coll = Arc(*collective, config=ArcConfig(snapshot_every=100, ride_ddp=False), chaos="")
     steps = {
         "plain": lambda: run(*plain, None, x, y, 1),
@@ -207,7 +208,7 @@ def paired(name: str, width: int, pairs: int, batch: int, other: bool = False) -
     if other:
         from arc.core.controller import Controller  # the original ARC (arc-training)
 
-        o_model, o_opt = job()
+        o_model, o_opt = job(width)
         ctrl = Controller(o_model, o_opt)
         steps["arc-training"] = lambda: run(o_model, o_opt, ctrl, x, y, 1)
     for _ in range(5):  # warm-up (and Arc's first snapshot)
@@ -262,13 +263,8 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
     if DEVICE.type != "cpu":
         raise SystemExit("--attribution times CPU steps without device synchronisation: CPU only")
 
-    def job():
-        model = DDP(mlp(width))
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    g = torch.Generator().manual_seed(dist.get_rank())
-    x, y = torch.randn(batch, 256, generator=g), torch.randn(batch, 256, generator=g)
-    plain, hooked, hooked_nonorm, py_hook, py_sum = job(), job(), job(), job(), job()
+    x, y = inputs(batch)
+    plain, hooked, hooked_nonorm, py_hook, py_sum = (job(width) for _ in range(5))
     # torch's own Python all-reduce hook: what any Python comm hook costs against DDP's C++ one
     py_hook[0].register_comm_hook(None, default_hooks.allreduce_hook)
     # the same hook without its division pass (timing only: its gradients are sums). Without a
@@ -279,7 +275,7 @@ def attribution(name: str, width: int, steps: int, batch: int) -> dict:
     ride = ArcConfig(snapshot_every=100, ride_ddp=True)
     arcs = {}  # Arc's own collective per step, and riding on DDP's all-reduce
     for key, c in (("arc", cfg), ("arc_ride", ride)):
-        m_, o_ = job()
+        m_, o_ = job(width)
         arcs[key] = (m_, o_, Arc(m_, o_, config=c, chaos=""))
     rides = {}
     for key, twin in (("hook", hooked), ("hook_nonorm", hooked_nonorm)):
@@ -440,13 +436,8 @@ def bench(
     divergence: tuple[int, ...] = (),
 ) -> dict:
     """Two identical replicas of the job, one plain and one under Arc, trained in alternation."""
-
-    def job():
-        model = wrap(mlp(width))
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    plain_model, plain_opt = job()
-    model, opt = job()
+    plain_model, plain_opt = job(width)
+    model, opt = job(width)
     nparams = sum(p.numel() for p in model.parameters())
     x, y = inputs(batch)
     arc = Arc(model, opt, config=ArcConfig(snapshot_every=100), chaos="")
@@ -454,10 +445,10 @@ def bench(
     if other:
         from arc.core.controller import Controller  # the original ARC (arc-training)
 
-        other_model, other_opt = job()
+        other_model, other_opt = job(width)
         twins.append((other_model, other_opt, Controller(other_model, other_opt)))
     for every in divergence:  # the same job under Arc with other divergence-check intervals
-        m_, o_ = job()
+        m_, o_ = job(width)
         cfg = ArcConfig(snapshot_every=100, divergence_every=every)
         twins.append((m_, o_, Arc(m_, o_, config=cfg, chaos="")))
     for m_, o_, c_ in twins:

@@ -51,6 +51,8 @@ _PREFIX = "[arc-zygote]"
 #: seconds a connected client has to send its request (a shim sends it at once); until then
 #: the zygote serves the others
 REQUEST_WAIT = 10.0
+#: the byte that lets a forked child run, written to its pipe on its shim's go
+_GO = b"g"
 
 
 def _say(msg: str) -> None:
@@ -275,7 +277,7 @@ class Zygote:
         except OSError:
             data = b""
         if data:  # the shim's go: the child may run
-            self._release(pid, b"g")
+            self._release(pid, _GO)
         else:  # the shim gave up or died (torchrun SIGKILLed it): its worker goes too
             self.sel.unregister(conn)
             self._orphaned(pid, conn)
@@ -351,7 +353,7 @@ class Zygote:
             os.environ.clear()
             os.environ.update(req["env"])
             _refresh_process_state()
-            if os.read(go, 1) != b"g":  # the shim did not take this worker: run nothing
+            if os.read(go, 1) != _GO:  # the shim did not take this worker: run nothing
                 os._exit(1)
             os.close(go)
             code = run_main(req["module"], req["target"], req["args"])
